@@ -1,0 +1,310 @@
+"""Async client of one cache node over the binary protocol.
+
+A small pool of connections per node; each connection pipelines any number
+of requests, matching replies to requests by request id. Every call is bounded
+by a timeout. Failures raise ``NodeUnavailable`` (``NodeTimeout`` for a
+timeout) or ``NodeReplyError`` for an error status; a miss is not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+from cachenode.errors import NodeReplyError, NodeTimeout, NodeUnavailable, ProtocolError
+from cachenode.protocol import (
+    DEFAULT_KEYS_COUNT,
+    MAGIC_REQUEST,
+    MAGIC_RESPONSE,
+    MAX_REQUEST_ID,
+    Frame,
+    FrameDecoder,
+    Opcode,
+    OversizedFrame,
+    decode_keys_entries,
+    encode_header,
+)
+from cachenode.status import Status
+
+# Values up to this size are copied behind their header into one write.
+_COALESCE_LIMIT = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CachedItem:
+    value: bytes
+    flags: int
+    version: int
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection with its in-flight requests."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._decoder = FrameDecoder(MAGIC_RESPONSE)
+        self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._next_id = 1
+        self._transport: asyncio.Transport | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_all(NodeUnavailable(f"connection to {self._address} lost"))
+        self._writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        try:
+            while (frame := self._decoder.next_frame()) is not None:
+                if isinstance(frame, OversizedFrame):  # cannot happen: no limit is set
+                    raise ProtocolError("oversized response")
+                if frame.status == Status.MALFORMED:
+                    # The node could not parse what we sent and is closing.
+                    self._fail_all(
+                        NodeReplyError(Status.MALFORMED, frame.value.decode("utf-8", "replace"))
+                    )
+                    self.close()
+                    return
+                future = self._pending.pop(frame.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(frame)
+        except ProtocolError as error:
+            self._fail_all(NodeUnavailable(f"bad reply from {self._address}: {error}"))
+            self.close()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def request(
+        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int
+    ) -> asyncio.Future[Frame]:
+        """Send one request; the returned future resolves to its reply frame."""
+        if not self._writable.is_set():
+            await self._writable.wait()
+        if self.closed or self._transport is None or self._transport.is_closing():
+            raise NodeUnavailable(f"connection to {self._address} is closed")
+        request_id = self._next_id
+        self._next_id = request_id + 1 if request_id < MAX_REQUEST_ID else 1
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        header = encode_header(
+            MAGIC_REQUEST, opcode, request_id, key, len(value), 0, flags, version
+        )
+        if len(value) <= _COALESCE_LIMIT:
+            self._transport.write(header + value)
+        else:
+            self._transport.writelines((header, value))
+        return future
+
+    def forget(self, future: asyncio.Future[Frame]) -> None:
+        for request_id, pending in self._pending.items():
+            if pending is future:
+                del self._pending[request_id]
+                return
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def _fail_all(self, error: Exception) -> None:
+        self.closed = True
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+
+class NodeClient:
+    """Talks to the node at ``host:port``; use as ``async with`` or call ``close``."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        pool_size: int = 2,
+        timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+    ) -> None:
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        self.host = host
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._pool_size = pool_size
+        self._connections: list[_Connection] = []
+        self._connecting: asyncio.Task[_Connection] | None = None
+
+    async def __aenter__(self) -> NodeClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        for connection in self._connections:
+            connection.close()
+        self._connections.clear()
+
+    # -- operations ---------------------------------------------------------
+
+    async def get(self, key: bytes) -> bytes | None:
+        """The value under ``key``, or None on a miss."""
+        item = await self.get_item(key)
+        return None if item is None else item.value
+
+    async def get_item(self, key: bytes) -> CachedItem | None:
+        """The value with its flags and version, or None on a miss."""
+        frame = await self._call(Opcode.GET, key, accept=(Status.NOT_FOUND,))
+        if frame.status == Status.NOT_FOUND:
+            return None
+        return CachedItem(frame.value, frame.flags, frame.version)
+
+    async def set(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> None:
+        """Store ``value``; raises NodeReplyError(TOO_LARGE) for one the node refuses."""
+        await self._call(Opcode.SET, key, value, flags=flags, version=version)
+
+    async def add(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
+        """Store only if absent; False when the key already holds a value."""
+        frame = await self._call(
+            Opcode.ADD, key, value, flags=flags, version=version, accept=(Status.NOT_STORED,)
+        )
+        return frame.status == Status.OK
+
+    async def delete(self, key: bytes) -> bool:
+        """Remove ``key``; False when it was not there."""
+        frame = await self._call(Opcode.DELETE, key, accept=(Status.NOT_FOUND,))
+        return frame.status == Status.OK
+
+    async def clear(self) -> None:
+        await self._call(Opcode.CLEAR)
+
+    async def stats(self) -> dict[str, Any]:
+        frame = await self._call(Opcode.STATS)
+        return cast(dict[str, Any], json.loads(frame.value))
+
+    async def config(
+        self,
+        *,
+        capacity_mb: float | None = None,
+        policy: str | None = None,
+        max_item_mb: float | None = None,
+    ) -> dict[str, Any]:
+        """Change any of the given settings (none: just read them); returns those in force."""
+        settings = {
+            name: value
+            for name, value in (
+                ("capacity_mb", capacity_mb),
+                ("policy", policy),
+                ("max_item_mb", max_item_mb),
+            )
+            if value is not None
+        }
+        body = json.dumps(settings).encode() if settings else b""
+        frame = await self._call(Opcode.CONFIG, value=body)
+        return cast(dict[str, Any], json.loads(frame.value))
+
+    async def ping(self) -> str:
+        """The node's version; raises NodeUnavailable when it does not answer."""
+        frame = await self._call(Opcode.PING)
+        return frame.value.decode()
+
+    async def keys(
+        self, cursor: bytes = b"", count: int = DEFAULT_KEYS_COUNT
+    ) -> tuple[list[tuple[bytes, int]], bytes]:
+        """One batch of (key, counted size) and the cursor of the next; b"" when done."""
+        frame = await self._call(Opcode.KEYS, cursor, flags=count)
+        return decode_keys_entries(frame.value), frame.key
+
+    async def iter_keys(self, count: int = DEFAULT_KEYS_COUNT) -> AsyncIterator[tuple[bytes, int]]:
+        """Every key of the node, in batches; keys present throughout appear at least once."""
+        cursor = b""
+        while True:
+            batch, cursor = await self.keys(cursor, count)
+            for entry in batch:
+                yield entry
+            if not cursor:
+                return
+
+    # -- plumbing -----------------------------------------------------------
+
+    async def _call(
+        self,
+        opcode: Opcode,
+        key: bytes = b"",
+        value: bytes = b"",
+        *,
+        flags: int = 0,
+        version: int = 0,
+        accept: tuple[Status, ...] = (),
+    ) -> Frame:
+        try:
+            async with asyncio.timeout(self.timeout):
+                connection = await self._connection()
+                future = await connection.request(opcode, key, value, flags, version)
+                try:
+                    frame = await future
+                except asyncio.CancelledError:
+                    connection.forget(future)
+                    raise
+        except TimeoutError:
+            raise NodeTimeout(f"{self.address} did not answer within {self.timeout} s") from None
+        if frame.status != Status.OK and frame.status not in accept:
+            raise NodeReplyError(_status(frame.status), frame.value.decode("utf-8", "replace"))
+        return frame
+
+    async def _connection(self) -> _Connection:
+        self._connections = [c for c in self._connections if not c.closed]
+        idle = min(self._connections, key=lambda c: c.in_flight, default=None)
+        if idle is not None and (idle.in_flight == 0 or len(self._connections) >= self._pool_size):
+            return idle
+        # Open one more connection, shared by every caller that wants one now.
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(self._opened)
+        if idle is not None:
+            return idle
+        return await asyncio.shield(self._connecting)
+
+    def _opened(self, task: asyncio.Task[_Connection]) -> None:
+        self._connecting = None
+        if not task.cancelled() and task.exception() is None:
+            self._connections.append(task.result())
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self.address), self.host, self.port
+                )
+        except (OSError, TimeoutError) as error:
+            raise NodeUnavailable(f"cannot connect to {self.address}: {error}") from error
+        return connection
+
+
+def _status(code: int) -> Status:
+    try:
+        return Status(code)
+    except ValueError:
+        return Status.INTERNAL_ERROR

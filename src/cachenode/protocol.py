@@ -1,0 +1,225 @@
+"""The node's binary protocol as a pure codec (docs/protocol.md): bytes in, frames out.
+
+No I/O here. ``FrameDecoder.feed`` takes bytes as they arrive;
+``FrameDecoder.next_frame`` returns the next whole frame, ``None`` when it
+needs more bytes, and raises ``ProtocolError`` (nothing else) when the bytes
+cannot be a frame. The encoders return the bytes to send.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from cachenode.errors import ProtocolError
+from cachenode.status import Status
+
+MAGIC_REQUEST = 0xCA
+MAGIC_RESPONSE = 0xCB
+# magic, opcode, status, key length, reserved, value length, request id, flags, version
+HEADER = struct.Struct(">BBHHHIIIQ")
+HEADER_SIZE = HEADER.size  # 28
+MAX_KEY_LENGTH = 250
+# A frame may never declare more; a node refuses values above its own maximum
+# item size (default 16 MiB) with TOO_LARGE and skips them without buffering.
+MAX_VALUE_LENGTH = 1 << 30
+MAX_REQUEST_ID = (1 << 32) - 1
+KEYS_ENTRY = struct.Struct(">HI")  # key length, counted size; then the key
+DEFAULT_KEYS_COUNT = 1000
+MAX_KEYS_COUNT = 10_000
+
+
+class Opcode(IntEnum):
+    GET = 0x01
+    SET = 0x02
+    ADD = 0x03
+    DELETE = 0x04
+    CLEAR = 0x05
+    STATS = 0x06
+    CONFIG = 0x07
+    PING = 0x08
+    KEYS = 0x09
+
+
+@dataclass(slots=True)
+class Frame:
+    """One request or response. ``opcode`` is a plain int so unknown ones can be answered."""
+
+    opcode: int
+    request_id: int
+    key: bytes = b""
+    value: bytes = b""
+    status: int = Status.OK
+    flags: int = 0
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedFrame:
+    """A well-formed frame whose value exceeds the decoder's limit; its body is skipped."""
+
+    opcode: int
+    request_id: int
+    key: bytes
+    value_length: int
+
+
+def encode_frame(
+    magic: int,
+    opcode: int,
+    request_id: int,
+    key: bytes = b"",
+    value: bytes = b"",
+    *,
+    status: int = Status.OK,
+    flags: int = 0,
+    version: int = 0,
+) -> bytes:
+    """Header, key and value as one bytes object.
+
+    For big values use ``encode_header`` and send the value as its own buffer.
+    """
+    return encode_header(magic, opcode, request_id, key, len(value), status, flags, version) + value
+
+
+def encode_header(
+    magic: int,
+    opcode: int,
+    request_id: int,
+    key: bytes,
+    value_length: int,
+    status: int = Status.OK,
+    flags: int = 0,
+    version: int = 0,
+) -> bytes:
+    """Header and key of a frame whose value the caller sends right after."""
+    return (
+        HEADER.pack(magic, opcode, status, len(key), 0, value_length, request_id, flags, version)
+        + key
+    )
+
+
+def encode_request(
+    opcode: int,
+    request_id: int,
+    key: bytes = b"",
+    value: bytes = b"",
+    *,
+    flags: int = 0,
+    version: int = 0,
+) -> bytes:
+    return encode_frame(MAGIC_REQUEST, opcode, request_id, key, value, flags=flags, version=version)
+
+
+def encode_response(
+    opcode: int,
+    request_id: int,
+    status: int = Status.OK,
+    value: bytes = b"",
+    *,
+    key: bytes = b"",
+    flags: int = 0,
+    version: int = 0,
+) -> bytes:
+    return encode_frame(
+        MAGIC_RESPONSE, opcode, request_id, key, value, status=status, flags=flags, version=version
+    )
+
+
+def encode_keys_entries(entries: list[tuple[bytes, int]]) -> bytes:
+    """The value of a KEYS response: each entry is key length, counted size, key."""
+    pack = KEYS_ENTRY.pack
+    return b"".join(pack(len(key), size) + key for key, size in entries)
+
+
+def decode_keys_entries(value: bytes) -> list[tuple[bytes, int]]:
+    """Inverse of ``encode_keys_entries``; raises ProtocolError on a truncated value."""
+    entries = []
+    pos = 0
+    while pos < len(value):
+        if pos + KEYS_ENTRY.size > len(value):
+            raise ProtocolError("truncated KEYS entry header")
+        key_length, size = KEYS_ENTRY.unpack_from(value, pos)
+        pos += KEYS_ENTRY.size
+        if pos + key_length > len(value):
+            raise ProtocolError("truncated KEYS entry key")
+        entries.append((value[pos : pos + key_length], size))
+        pos += key_length
+    return entries
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames of one direction (requests or responses).
+
+    ``max_value_length`` is the largest value to buffer; a bigger but legal
+    frame comes out as ``OversizedFrame`` and its body is skipped as it
+    arrives, so an oversized SET costs no memory and keeps the connection.
+    """
+
+    def __init__(self, magic: int, max_value_length: int = MAX_VALUE_LENGTH) -> None:
+        self._magic = magic
+        self.max_value_length = max_value_length  # may change between feeds
+        # Unconsumed input starts at _pos. While everything fed so far has been
+        # consumed, _data is the last fed chunk itself, so whole frames in one
+        # chunk are decoded without copying them into a buffer first.
+        self._data: bytes | bytearray = b""
+        self._pos = 0
+        self._skip = 0  # body bytes of an oversized frame still to discard
+
+    def feed(self, data: bytes) -> None:
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+        if self._pos >= len(self._data):
+            self._data = data
+            self._pos = 0
+        elif isinstance(self._data, bytearray):
+            del self._data[: self._pos]
+            self._data += data
+            self._pos = 0
+        else:
+            self._data = bytearray(memoryview(self._data)[self._pos :])
+            self._data += data
+            self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._data) - self._pos
+
+    def next_frame(self) -> Frame | OversizedFrame | None:
+        data = self._data
+        pos = self._pos
+        if self._skip or len(data) - pos < HEADER_SIZE:
+            return None
+        magic, opcode, status, key_length, reserved, value_length, request_id, flags, version = (
+            HEADER.unpack_from(data, pos)
+        )
+        if magic != self._magic:
+            raise ProtocolError(f"bad magic byte 0x{magic:02x}, expected 0x{self._magic:02x}")
+        if reserved:
+            raise ProtocolError("reserved header field is not zero")
+        if key_length > MAX_KEY_LENGTH:
+            raise ProtocolError(f"key length {key_length} exceeds {MAX_KEY_LENGTH}")
+        if value_length > MAX_VALUE_LENGTH:
+            raise ProtocolError(f"value length {value_length} exceeds {MAX_VALUE_LENGTH}")
+        key_start = pos + HEADER_SIZE
+        value_start = key_start + key_length
+        if value_length > self.max_value_length:
+            if len(data) < value_start:
+                return None
+            key = bytes(data[key_start:value_start])
+            available = len(data) - value_start
+            self._skip = max(0, value_length - available)
+            self._pos = value_start + min(value_length, available)
+            return OversizedFrame(opcode, request_id, key, value_length)
+        end = value_start + value_length
+        if len(data) < end:
+            return None
+        with memoryview(data) as view:
+            key = bytes(view[key_start:value_start])
+            value = bytes(view[value_start:end])
+        self._pos = end
+        return Frame(opcode, request_id, key, value, status, flags, version)

@@ -1,0 +1,149 @@
+"""The cache node's TCP server: feeds each connection's bytes to its session.
+
+All protocol work happens in ``cachenode.sessions``; this module only moves
+bytes, applies back-pressure and manages the listening socket's lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import cast
+
+from cachenode.node import Node
+from cachenode.sessions import Session, session_for
+from cachenode.store import DEFAULT_MAX_ITEM_SIZE, MIB, Policy, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 11311
+    capacity_mb: float = 64
+    policy: Policy = Policy.LRU
+    max_item_mb: float = DEFAULT_MAX_ITEM_SIZE / MIB
+
+    def make_node(self) -> Node:
+        store = Store(
+            int(self.capacity_mb * MIB),
+            self.policy,
+            max_item_size=int(self.max_item_mb * MIB),
+        )
+        return Node(store)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection; the protocol is chosen by its first byte."""
+
+    def __init__(self, node: Node, connections: set[Connection]) -> None:
+        self._node = node
+        self._connections = connections
+        self._session: Session | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._connections.add(self)
+        self._node.current_connections += 1
+        self._node.total_connections += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        self._node.current_connections -= 1
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        session = self._session
+        if session is None:
+            session = self._session = session_for(data[0], self._node)
+        replies = session.receive(data)
+        if len(replies) == 1:
+            transport.write(replies[0])
+        elif replies:
+            transport.writelines(replies)
+        if session.closing:
+            transport.close()
+
+    # A client that pipelines requests without reading the replies must not
+    # make the node buffer without bound: stop reading until it catches up.
+    def pause_writing(self) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.transport is not None
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+class NodeServer:
+    """A listening node; ``start`` binds (port 0 picks a free port), ``stop`` closes all."""
+
+    def __init__(self, config: NodeConfig, node: Node | None = None) -> None:
+        self.config = config
+        self.node = node or config.make_node()
+        self._connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None, "server not started"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Connection(self.node, self._connections),
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for connection in list(self._connections):
+            if connection.transport is not None:
+                connection.transport.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> NodeServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+async def serve(config: NodeConfig) -> None:
+    """Run a node until SIGTERM or SIGINT, then close every connection and return."""
+    server = NodeServer(config)
+    await server.start()
+    host, port = server.address
+    store = server.node.store
+    # The manager and the tests read this line to learn the port (with --port 0).
+    print(f"cachenode listening on {host}:{port}", flush=True)
+    log.info(
+        "capacity %.1f MB, policy %s, max item %.1f MB",
+        store.capacity / MIB,
+        store.policy.value,
+        store.max_item_size / MIB,
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        await server.stop()
+        log.info("cachenode on %s:%d stopped", host, port)

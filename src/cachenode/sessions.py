@@ -1,0 +1,305 @@
+"""One connection's conversation with the node, in either protocol, without I/O.
+
+A session takes the bytes a connection received and returns the buffers to
+send back, in request order; ``closing`` turns true when the connection must
+close once those are sent (a malformed stream, or ``quit``). The server picks
+the session class by the first byte a connection sends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from cachenode import textprotocol as text
+from cachenode.errors import CacheNodeError, InvalidConfig, ProtocolError, StoreError
+from cachenode.node import Node
+from cachenode.protocol import (
+    DEFAULT_KEYS_COUNT,
+    HEADER,
+    MAGIC_REQUEST,
+    MAGIC_RESPONSE,
+    MAX_KEYS_COUNT,
+    Frame,
+    FrameDecoder,
+    Opcode,
+    OversizedFrame,
+    encode_keys_entries,
+    encode_response,
+)
+from cachenode.status import Status
+from cachenode.store import MIB, Policy
+
+log = logging.getLogger(__name__)
+
+# Values up to this size are sent in one buffer with their header; bigger
+# ones go out as a separate buffer so they are never copied.
+_COALESCE_LIMIT = 16 * 1024
+
+
+class Session(Protocol):
+    closing: bool
+
+    def receive(self, data: bytes) -> list[bytes]: ...
+
+
+def session_for(first_byte: int, node: Node) -> Session:
+    """The session that speaks the protocol a connection's first byte announces."""
+    if first_byte == MAGIC_REQUEST:
+        return BinarySession(node)
+    return TextSession(node)
+
+
+class BinarySession:
+    """Requests of the binary protocol (docs/protocol.md), answered in order."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._decoder = FrameDecoder(MAGIC_REQUEST, node.store.max_item_size)
+        self.closing = False
+        self._handlers: dict[int, Callable[[Frame], list[bytes]]] = {
+            Opcode.GET: self._get,
+            Opcode.SET: self._set,
+            Opcode.ADD: self._add,
+            Opcode.DELETE: self._delete,
+            Opcode.CLEAR: self._clear,
+            Opcode.STATS: self._stats,
+            Opcode.CONFIG: self._config,
+            Opcode.PING: self._ping,
+            Opcode.KEYS: self._keys,
+        }
+
+    def receive(self, data: bytes) -> list[bytes]:
+        decoder = self._decoder
+        decoder.max_value_length = self._node.store.max_item_size
+        decoder.feed(data)
+        out: list[bytes] = []
+        try:
+            while (frame := decoder.next_frame()) is not None:
+                if isinstance(frame, OversizedFrame):
+                    message = (
+                        f"value of {frame.value_length} bytes exceeds the maximum item size "
+                        f"of {self._node.store.max_item_size} bytes"
+                    )
+                    out.append(_error(frame.opcode, frame.request_id, Status.TOO_LARGE, message))
+                    continue
+                handler = self._handlers.get(frame.opcode)
+                if handler is None:
+                    message = f"unknown opcode 0x{frame.opcode:02x}"
+                    out.append(
+                        _error(frame.opcode, frame.request_id, Status.UNKNOWN_OPCODE, message)
+                    )
+                    continue
+                try:
+                    out += handler(frame)
+                except CacheNodeError as error:
+                    out.append(_error(frame.opcode, frame.request_id, error.status, str(error)))
+        except ProtocolError as error:
+            log.warning("malformed binary request, closing the connection: %s", error)
+            out.append(_error(0, 0, Status.MALFORMED, str(error)))
+            self.closing = True
+        return out
+
+    def _get(self, frame: Frame) -> list[bytes]:
+        item = self._node.store.get(frame.key)
+        if item is None:
+            return [encode_response(Opcode.GET, frame.request_id, Status.NOT_FOUND)]
+        value = item.value
+        header = HEADER.pack(
+            MAGIC_RESPONSE,
+            Opcode.GET,
+            Status.OK,
+            0,
+            0,
+            len(value),
+            frame.request_id,
+            item.flags,
+            item.version,
+        )
+        if len(value) <= _COALESCE_LIMIT:
+            return [header + value]
+        return [header, value]
+
+    def _set(self, frame: Frame) -> list[bytes]:
+        item = self._node.store.set(
+            frame.key, frame.value, flags=frame.flags, version=frame.version
+        )
+        return [encode_response(Opcode.SET, frame.request_id, version=item.version)]
+
+    def _add(self, frame: Frame) -> list[bytes]:
+        item = self._node.store.add(
+            frame.key, frame.value, flags=frame.flags, version=frame.version
+        )
+        if item is None:
+            return [encode_response(Opcode.ADD, frame.request_id, Status.NOT_STORED)]
+        return [encode_response(Opcode.ADD, frame.request_id, version=item.version)]
+
+    def _delete(self, frame: Frame) -> list[bytes]:
+        found = self._node.store.delete(frame.key)
+        status = Status.OK if found else Status.NOT_FOUND
+        return [encode_response(Opcode.DELETE, frame.request_id, status)]
+
+    def _clear(self, frame: Frame) -> list[bytes]:
+        self._node.store.clear()
+        return [encode_response(Opcode.CLEAR, frame.request_id)]
+
+    def _stats(self, frame: Frame) -> list[bytes]:
+        body = json.dumps(self._node.stats()).encode()
+        return [encode_response(Opcode.STATS, frame.request_id, value=body)]
+
+    def _config(self, frame: Frame) -> list[bytes]:
+        if frame.value:
+            apply_config(self._node, frame.value)
+        return [encode_response(Opcode.CONFIG, frame.request_id, value=current_config(self._node))]
+
+    def _ping(self, frame: Frame) -> list[bytes]:
+        return [encode_response(Opcode.PING, frame.request_id, value=self._node.version.encode())]
+
+    def _keys(self, frame: Frame) -> list[bytes]:
+        try:
+            cursor = int(frame.key) if frame.key else None
+        except ValueError:
+            raise InvalidConfig(f"bad KEYS cursor {frame.key!r}") from None
+        count = min(frame.flags or DEFAULT_KEYS_COUNT, MAX_KEYS_COUNT)
+        entries, next_cursor = self._node.store.scan(cursor, count)
+        resume = str(next_cursor).encode() if next_cursor else b""
+        return [
+            encode_response(
+                Opcode.KEYS, frame.request_id, value=encode_keys_entries(entries), key=resume
+            )
+        ]
+
+
+def apply_config(node: Node, body: bytes) -> None:
+    """Apply a CONFIG body: a JSON object with any of capacity_mb, policy, max_item_mb.
+
+    Raises InvalidConfig, changing nothing, when any part of it is invalid.
+    """
+    try:
+        settings = json.loads(body)
+    except ValueError:
+        raise InvalidConfig("CONFIG body is not JSON") from None
+    if not isinstance(settings, dict):
+        raise InvalidConfig("CONFIG body must be a JSON object")
+    unknown = set(settings) - {"capacity_mb", "policy", "max_item_mb"}
+    if unknown:
+        raise InvalidConfig(f"unknown settings: {', '.join(sorted(unknown))}")
+    capacity = _megabytes(settings, "capacity_mb")
+    max_item_size = _megabytes(settings, "max_item_mb")
+    policy = settings.get("policy")
+    if policy is not None and policy not in tuple(Policy):
+        raise InvalidConfig(f"policy must be 'lru' or 'random', not {policy!r}")
+    node.store.configure(
+        capacity=capacity,
+        policy=Policy(policy) if policy is not None else None,
+        max_item_size=max_item_size,
+    )
+
+
+def current_config(node: Node) -> bytes:
+    store = node.store
+    return json.dumps(
+        {
+            "capacity_mb": store.capacity / MIB,
+            "policy": store.policy.value,
+            "max_item_mb": store.max_item_size / MIB,
+        }
+    ).encode()
+
+
+def _megabytes(settings: dict[str, object], name: str) -> int | None:
+    value = settings.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidConfig(f"{name} must be a positive number, not {value!r}")
+    return int(value * MIB)
+
+
+def _error(opcode: int, request_id: int, status: Status, message: str) -> bytes:
+    return encode_response(opcode, request_id, status, value=message.encode())
+
+
+class TextSession:
+    """Commands of the memcached text protocol subset, answered in order."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._decoder = text.TextDecoder(node.store.max_item_size)
+        self.closing = False
+
+    def receive(self, data: bytes) -> list[bytes]:
+        decoder = self._decoder
+        decoder.max_value_length = self._node.store.max_item_size
+        decoder.feed(data)
+        out: list[bytes] = []
+        try:
+            while not self.closing and (command := decoder.next_command()) is not None:
+                self._apply(command, out)
+        except ProtocolError as error:
+            log.warning("malformed text command, closing the connection: %s", error)
+            out.append(text.client_error(str(error)))
+            self.closing = True
+        return out
+
+    def _apply(self, command: text.TextCommand, out: list[bytes]) -> None:
+        store = self._node.store
+        match command:
+            case text.Retrieve(keys, with_cas):
+                for key in keys:
+                    item = store.get(key)
+                    if item is not None:
+                        cas = item.version if with_cas else None
+                        out.append(text.value_header(key, item.flags, len(item.value), cas))
+                        out.append(item.value)
+                        out.append(text.CRLF)
+                out.append(text.END)
+            case text.StoreCommand(only_if_absent, key, flags, exptime, value, noreply):
+                reply = self._store(only_if_absent, key, flags, exptime, value)
+                if not noreply:
+                    out.append(reply)
+            case text.OversizedStore(_, _, noreply):
+                if not noreply:
+                    out.append(text.TOO_LARGE)
+            case text.Delete(key, noreply):
+                found = store.delete(key)
+                if not noreply:
+                    out.append(text.DELETED if found else text.NOT_FOUND)
+            case text.FlushAll(delay, noreply):
+                if delay:
+                    out.append(text.client_error("flush_all with a delay is not supported"))
+                    return
+                store.clear()
+                if not noreply:
+                    out.append(text.OK)
+            case text.Stats(group):
+                if group:
+                    out.append(text.ERROR)
+                    return
+                for stat_name, stat_value in self._node.memcached_stats():
+                    out.append(f"STAT {stat_name} {stat_value}\r\n".encode())
+                out.append(text.END)
+            case text.Version():
+                out.append(b"VERSION " + self._node.version.encode() + text.CRLF)
+            case text.Quit():
+                self.closing = True
+            case text.BadCommand(reply):
+                out.append(reply)
+
+    def _store(
+        self, only_if_absent: bool, key: bytes, flags: int, exptime: int, value: bytes
+    ) -> bytes:
+        store = self._node.store
+        expires_at = self._node.expiry_time(exptime)
+        try:
+            if only_if_absent:
+                stored = store.add(key, value, flags=flags, expires_at=expires_at)
+                return text.STORED if stored is not None else text.NOT_STORED
+            store.set(key, value, flags=flags, expires_at=expires_at)
+            return text.STORED
+        except StoreError as error:
+            if error.status is Status.TOO_LARGE:
+                return text.TOO_LARGE
+            return text.client_error(str(error))

@@ -1,0 +1,305 @@
+"""The item store of one cache node: byte-accurate capacity, LRU or Random eviction.
+
+Pure: no I/O and no clock of its own (expiry times are on the caller's clock).
+
+Every item counts ``len(key) + len(value) + ITEM_OVERHEAD`` bytes, and the sum
+over all items never exceeds the capacity. Both eviction policies are O(1):
+the items live in an insertion-ordered map (touched items move to its end, so
+its head is the least recently used) and their keys also sit in a dense array
+(for picking a uniformly random victim without copying the key list). Both
+structures are always kept, so the policy can change at any time.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from cachenode.errors import InvalidConfig, InvalidKey, ItemTooLarge
+
+MIB = 1 << 20
+# Bytes counted per item beside its key and value. It approximates what an
+# item really costs in this process (item record, map entry, order link, array
+# slot, object headers) so that capacity tracks memory use; see docs/node.md.
+ITEM_OVERHEAD = 256
+MAX_KEY_LENGTH = 250
+DEFAULT_MAX_ITEM_SIZE = 16 * MIB
+
+
+class Policy(StrEnum):
+    LRU = "lru"
+    RANDOM = "random"
+
+
+class Item:
+    """One stored value with what the protocols carry beside it."""
+
+    __slots__ = ("expires_at", "flags", "size", "slot", "value", "version")
+
+    def __init__(
+        self, value: bytes, flags: int, version: int, expires_at: float, size: int, slot: int
+    ) -> None:
+        self.value = value
+        self.flags = flags
+        self.version = version
+        self.expires_at = expires_at  # 0 means never
+        self.size = size  # counted bytes
+        self.slot = slot  # index of the key in Store._keys
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    lookups: int
+    hits: int
+    misses: int
+    sets: int
+    deletes: int
+    evictions: int
+    expirations: int
+    items: int
+    bytes: int
+    capacity: int
+    max_item_size: int
+    policy: str
+    uptime: float
+
+
+def counted_size(key: bytes, value: bytes) -> int:
+    """The bytes an item of this key and value counts against the capacity."""
+    return len(key) + len(value) + ITEM_OVERHEAD
+
+
+class Store:
+    """Items by key within a capacity in bytes.
+
+    Raises ``ItemTooLarge``, ``InvalidKey`` or ``InvalidConfig`` for refused
+    operations, which leave the store as it was.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        policy: Policy = Policy.LRU,
+        *,
+        max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        _check_capacity(capacity)
+        _check_max_item_size(max_item_size)
+        self._capacity = capacity
+        self._max_item_size = max_item_size
+        self._policy = policy
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._started = clock()
+        self._items: OrderedDict[bytes, Item] = OrderedDict()
+        self._keys: list[bytes] = []
+        self._used = 0
+        self.lookups = self.hits = self.misses = 0
+        self.sets = self.deletes = self.evictions = self.expirations = 0
+
+    # -- reading ------------------------------------------------------------
+
+    def get(self, key: bytes) -> Item | None:
+        """The live item of ``key`` (marking it recently used), or None."""
+        self.lookups += 1
+        item = self._items.get(key)
+        if item is not None and item.expires_at and item.expires_at <= self._clock():
+            self._remove(key, item)
+            self.expirations += 1
+            item = None
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item
+
+    def __contains__(self, key: bytes) -> bool:
+        item = self._items.get(key)
+        return item is not None and not (item.expires_at and item.expires_at <= self._clock())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def used(self) -> int:
+        """Counted bytes of all items."""
+        return self._used
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def max_item_size(self) -> int:
+        return self._max_item_size
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock that expiry times are measured on."""
+        return self._clock
+
+    def scan(self, cursor: int | None, count: int) -> tuple[list[tuple[bytes, int]], int]:
+        """Up to ``count`` (key, counted size) pairs and the cursor that resumes.
+
+        Start with ``cursor=None``; a returned cursor of 0 means done. Every key
+        present for the whole scan is returned at least once, whatever else
+        changes meanwhile: the scan walks the key array from the top down, and
+        a removal only ever moves the array's last key into the hole, that is
+        from the visited part into either part, or within the unvisited part.
+        """
+        if count < 1:
+            raise InvalidKey("scan count must be at least 1")
+        top = len(self._keys) if cursor is None else min(cursor, len(self._keys))
+        bottom = max(0, top - count)
+        now = self._clock()
+        batch = []
+        for index in range(top - 1, bottom - 1, -1):
+            key = self._keys[index]
+            item = self._items[key]
+            if not (item.expires_at and item.expires_at <= now):
+                batch.append((key, item.size))
+        return batch, bottom
+
+    # -- writing ------------------------------------------------------------
+
+    def set(
+        self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0, expires_at: float = 0
+    ) -> Item:
+        """Store ``value`` under ``key``, evicting others as needed; returns the item."""
+        size = self._check_item(key, value)
+        old = self._items.get(key)
+        if old is not None:
+            self._remove(key, old)
+        self._make_room(size)
+        item = Item(value, flags, version, expires_at, size, len(self._keys))
+        self._items[key] = item
+        self._keys.append(key)
+        self._used += size
+        self.sets += 1
+        return item
+
+    def add(
+        self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0, expires_at: float = 0
+    ) -> Item | None:
+        """Store only if ``key`` holds no live item; None when it does."""
+        self._check_item(key, value)
+        if key in self:
+            return None
+        return self.set(key, value, flags=flags, version=version, expires_at=expires_at)
+
+    def delete(self, key: bytes) -> bool:
+        """Remove ``key``; False when it held no live item."""
+        _check_key(key)
+        item = self._items.get(key)
+        if item is None:
+            return False
+        self._remove(key, item)
+        if item.expires_at and item.expires_at <= self._clock():
+            self.expirations += 1
+            return False
+        self.deletes += 1
+        return True
+
+    def clear(self) -> None:
+        """Remove every item (counters are kept: they are lifetime totals)."""
+        self._items.clear()
+        self._keys.clear()
+        self._used = 0
+
+    def configure(
+        self,
+        *,
+        capacity: int | None = None,
+        policy: Policy | None = None,
+        max_item_size: int | None = None,
+    ) -> None:
+        """Change settings at run time; a smaller capacity evicts down to it at once."""
+        if capacity is not None:
+            _check_capacity(capacity)
+        if max_item_size is not None:
+            _check_max_item_size(max_item_size)
+        if policy is not None:
+            self._policy = Policy(policy)
+        if max_item_size is not None:
+            self._max_item_size = max_item_size
+        if capacity is not None:
+            self._capacity = capacity
+            self._make_room(0)
+
+    def stats(self) -> StoreStats:
+        return StoreStats(
+            lookups=self.lookups,
+            hits=self.hits,
+            misses=self.misses,
+            sets=self.sets,
+            deletes=self.deletes,
+            evictions=self.evictions,
+            expirations=self.expirations,
+            items=len(self._items),
+            bytes=self._used,
+            capacity=self._capacity,
+            max_item_size=self._max_item_size,
+            policy=self._policy.value,
+            uptime=self._clock() - self._started,
+        )
+
+    # -- internals ----------------------------------------------------------
+
+    def _check_item(self, key: bytes, value: bytes) -> int:
+        _check_key(key)
+        size = counted_size(key, value)
+        if len(value) > self._max_item_size:
+            raise ItemTooLarge(
+                f"value of {len(value)} bytes exceeds the maximum item size of "
+                f"{self._max_item_size} bytes"
+            )
+        if size > self._capacity:
+            raise ItemTooLarge(
+                f"item of {size} counted bytes exceeds the capacity of {self._capacity} bytes"
+            )
+        return size
+
+    def _make_room(self, size: int) -> None:
+        while self._used + size > self._capacity:
+            if self._policy is Policy.LRU:
+                key = next(iter(self._items))
+            else:
+                key = self._keys[self._rng.randrange(len(self._keys))]
+            self._remove(key, self._items[key])
+            self.evictions += 1
+
+    def _remove(self, key: bytes, item: Item) -> None:
+        del self._items[key]
+        last = self._keys.pop()
+        if item.slot < len(self._keys):
+            self._keys[item.slot] = last
+            self._items[last].slot = item.slot
+        self._used -= item.size
+
+
+def _check_key(key: bytes) -> None:
+    if not key:
+        raise InvalidKey("key is empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKey(f"key of {len(key)} bytes exceeds {MAX_KEY_LENGTH} bytes")
+
+
+def _check_capacity(capacity: int) -> None:
+    if capacity < 1:
+        raise InvalidConfig(f"capacity must be positive, not {capacity}")
+
+
+def _check_max_item_size(max_item_size: int) -> None:
+    if max_item_size < 1:
+        raise InvalidConfig(f"maximum item size must be positive, not {max_item_size}")

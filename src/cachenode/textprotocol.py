@@ -1,0 +1,231 @@
+"""The memcached text protocol subset as a pure codec: bytes in, commands out.
+
+Supported: get, gets (several keys), set, add, delete, flush_all, stats,
+version, quit; see docs/protocol.md. ``TextDecoder.next_command`` returns a
+command, ``None`` when it needs more bytes, and raises ``ProtocolError`` only
+when the stream can no longer be parsed (a line without end, a data block
+without its CRLF); a well-framed but invalid line comes out as ``BadCommand``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cachenode.errors import ProtocolError
+from cachenode.protocol import MAX_KEY_LENGTH
+
+MAX_LINE_LENGTH = 2048
+MAX_FLAGS = (1 << 32) - 1
+CRLF = b"\r\n"
+
+STORED = b"STORED\r\n"
+NOT_STORED = b"NOT_STORED\r\n"
+DELETED = b"DELETED\r\n"
+NOT_FOUND = b"NOT_FOUND\r\n"
+END = b"END\r\n"
+OK = b"OK\r\n"
+ERROR = b"ERROR\r\n"
+TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieve:
+    keys: list[bytes]
+    with_cas: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCommand:
+    only_if_absent: bool  # add rather than set
+    key: bytes
+    flags: int
+    exptime: int
+    value: bytes
+    noreply: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedStore:
+    """A set/add whose data block exceeds the decoder's limit; the block is skipped."""
+
+    key: bytes
+    length: int
+    noreply: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: bytes
+    noreply: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FlushAll:
+    delay: int
+    noreply: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    group: bytes  # empty for the general statistics
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class BadCommand:
+    """A complete line that is not a valid command; ``reply`` is what memcached answers."""
+
+    reply: bytes
+
+
+TextCommand = (
+    Retrieve
+    | StoreCommand
+    | OversizedStore
+    | Delete
+    | FlushAll
+    | Stats
+    | Version
+    | Quit
+    | BadCommand
+)
+
+
+def value_header(key: bytes, flags: int, length: int, cas: int | None = None) -> bytes:
+    """The ``VALUE`` line that precedes a value's data block in a get reply."""
+    if cas is None:
+        return b"VALUE %s %d %d\r\n" % (key, flags, length)
+    return b"VALUE %s %d %d %d\r\n" % (key, flags, length, cas)
+
+
+def client_error(message: str) -> bytes:
+    return b"CLIENT_ERROR " + message.encode() + CRLF
+
+
+def server_error(message: str) -> bytes:
+    return b"SERVER_ERROR " + message.encode() + CRLF
+
+
+class TextDecoder:
+    """Splits a byte stream of memcached text commands into command objects."""
+
+    def __init__(self, max_value_length: int) -> None:
+        self.max_value_length = max_value_length  # may change between feeds
+        self._buffer = bytearray()
+        self._skip = 0  # bytes of an oversized data block still to discard
+
+    def feed(self, data: bytes) -> None:
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+        self._buffer += data
+
+    def next_command(self) -> TextCommand | None:
+        if self._skip:
+            return None
+        buffer = self._buffer
+        newline = buffer.find(b"\n", 0, MAX_LINE_LENGTH + 1)
+        if newline < 0:
+            if len(buffer) > MAX_LINE_LENGTH:
+                raise ProtocolError("line too long")
+            return None
+        line_end = newline + 1
+        parts = bytes(buffer[:newline]).split()
+        name = parts[0] if parts else b""
+        if name == b"set" or name == b"add":
+            return self._storage_command(parts, line_end)
+        del buffer[:line_end]
+        if name == b"get" or name == b"gets":
+            return _retrieve(parts)
+        if name == b"delete":
+            return _delete(parts)
+        if name == b"flush_all":
+            return _flush_all(parts)
+        if name == b"stats":
+            return Stats(b" ".join(parts[1:]))
+        if name == b"version" and len(parts) == 1:
+            return Version()
+        if name == b"quit" and len(parts) == 1:
+            return Quit()
+        return BadCommand(ERROR)
+
+    def _storage_command(self, parts: list[bytes], line_end: int) -> TextCommand | None:
+        buffer = self._buffer
+        fields = _storage_fields(parts)
+        if fields is None:
+            del buffer[:line_end]
+            return BadCommand(BAD_FORMAT)
+        key, flags, exptime, length, noreply = fields
+        if length > self.max_value_length or len(key) > MAX_KEY_LENGTH:
+            block = length + len(CRLF)
+            available = len(buffer) - line_end
+            self._skip = max(0, block - available)
+            del buffer[: line_end + min(block, available)]
+            if len(key) > MAX_KEY_LENGTH:
+                return BadCommand(BAD_FORMAT)
+            return OversizedStore(key, length, noreply)
+        end = line_end + length
+        if len(buffer) < end + len(CRLF):
+            return None
+        if buffer[end : end + len(CRLF)] != CRLF:
+            raise ProtocolError("bad data chunk")
+        with memoryview(buffer) as view:
+            value = bytes(view[line_end:end])
+        del buffer[: end + len(CRLF)]
+        return StoreCommand(parts[0] == b"add", key, flags, exptime, value, noreply)
+
+
+def _retrieve(parts: list[bytes]) -> TextCommand:
+    keys = parts[1:]
+    if not keys:
+        return BadCommand(ERROR)
+    if any(len(key) > MAX_KEY_LENGTH for key in keys):
+        return BadCommand(BAD_FORMAT)
+    return Retrieve(keys, parts[0] == b"gets")
+
+
+def _storage_fields(parts: list[bytes]) -> tuple[bytes, int, int, int, bool] | None:
+    """key, flags, exptime, length, noreply of a set/add line; None when malformed."""
+    if len(parts) not in (5, 6) or (len(parts) == 6 and parts[5] != b"noreply"):
+        return None
+    try:
+        flags, exptime, length = int(parts[2]), int(parts[3]), int(parts[4])
+    except ValueError:
+        return None
+    if not 0 <= flags <= MAX_FLAGS or length < 0:
+        return None
+    return parts[1], flags, exptime, length, len(parts) == 6
+
+
+def _delete(parts: list[bytes]) -> TextCommand:
+    # memcached still accepts a legacy time argument of 0: "delete <key> 0".
+    noreply = parts[-1] == b"noreply"
+    arguments = parts[1:-1] if noreply else parts[1:]
+    if not arguments or len(arguments) > 2 or (len(arguments) == 2 and arguments[1] != b"0"):
+        return BadCommand(BAD_FORMAT)
+    if len(arguments[0]) > MAX_KEY_LENGTH:
+        return BadCommand(BAD_FORMAT)
+    return Delete(arguments[0], noreply)
+
+
+def _flush_all(parts: list[bytes]) -> TextCommand:
+    noreply = parts[-1] == b"noreply"
+    arguments = parts[1:-1] if noreply else parts[1:]
+    if len(arguments) > 1:
+        return BadCommand(BAD_FORMAT)
+    try:
+        delay = int(arguments[0]) if arguments else 0
+    except ValueError:
+        return BadCommand(BAD_FORMAT)
+    return FlushAll(delay, noreply)

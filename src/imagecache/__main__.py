@@ -1,0 +1,5 @@
+import sys
+
+from imagecache.cli import main
+
+sys.exit(main())

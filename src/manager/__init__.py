@@ -1,0 +1,1 @@
+"""The manager: the pool of cache nodes, its configuration, statistics and autoscaler."""
