@@ -52,6 +52,7 @@ class _Connection(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.closed = False
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
     def in_flight(self) -> int:
@@ -63,6 +64,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail_all(NodeUnavailable(f"connection to {self._address} lost"))
         self._writable.set()
+        self.lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self._decoder.feed(data)
@@ -162,9 +164,12 @@ class NodeClient:
     async def close(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
-        for connection in self._connections:
+        connections, self._connections = self._connections, []
+        for connection in connections:
             connection.close()
-        self._connections.clear()
+        # Transports finish closing on a later loop iteration; wait for them.
+        if connections:
+            await asyncio.wait([c.lost for c in connections], timeout=5)
 
     # -- operations ---------------------------------------------------------
 

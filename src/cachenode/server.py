@@ -44,6 +44,7 @@ class Connection(asyncio.Protocol):
         self._connections = connections
         self._session: Session | None = None
         self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -54,6 +55,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
         self._node.current_connections -= 1
+        self.lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
@@ -110,9 +112,14 @@ class NodeServer:
         if self._server is None:
             return
         self._server.close()
-        for connection in list(self._connections):
+        connections = list(self._connections)
+        for connection in connections:
             if connection.transport is not None:
                 connection.transport.close()
+        # Closing completes on a later loop iteration; wait so that no socket
+        # outlives the server.
+        if connections:
+            await asyncio.wait([c.lost for c in connections], timeout=5)
         await self._server.wait_closed()
         self._server = None
 
