@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="largest value accepted, in MiB",
     )
 
+    up = commands.add_parser("up", help="run the whole system on the embedded default")
+    up.add_argument("--host", default="127.0.0.1", help="address to listen on")
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -45,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_item_mb=args.max_item_mb,
         )
         run(serve(config))
+    elif args.command == "up":
+        print("imagecache: starting one cache node on the embedded default; Ctrl-C stops it.")
+        print(f"Talk to it with any memcached client at {args.host}:11311.", flush=True)
+        run(serve(NodeConfig(host=args.host)))
     return 0
 
 
