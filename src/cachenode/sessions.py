@@ -34,6 +34,8 @@ from cachenode.store import MIB, Policy
 
 log = logging.getLogger(__name__)
 
+MAX_CONFIG_MB = 1 << 20
+
 # Values up to this size are sent in one buffer with their header; bigger
 # ones go out as a separate buffer so they are never copied.
 _COALESCE_LIMIT = 16 * 1024
@@ -179,7 +181,7 @@ def apply_config(node: Node, body: bytes) -> None:
     """
     try:
         settings = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # json's RecursionError: absurdly deep nesting
         raise InvalidConfig("CONFIG body is not JSON") from None
     if not isinstance(settings, dict):
         raise InvalidConfig("CONFIG body must be a JSON object")
@@ -215,6 +217,8 @@ def _megabytes(settings: dict[str, object], name: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise InvalidConfig(f"{name} must be a positive number, not {value!r}")
+    if value > MAX_CONFIG_MB:  # also refuses Infinity, which json accepts
+        raise InvalidConfig(f"{name} must be at most {MAX_CONFIG_MB} (1 TiB), not {value!r}")
     return int(value * MIB)
 
 

@@ -180,11 +180,18 @@ class Store:
         size = self._check_item(key, value)
         old = self._items.get(key)
         if old is not None:
-            self._remove(key, old)
-        self._make_room(size)
-        item = Item(value, flags, version, expires_at, size, len(self._keys))
-        self._items[key] = item
-        self._keys.append(key)
+            # Replace in place: the key keeps its slot in _keys, so that a scan
+            # under way still returns it, and becomes the most recently used.
+            self._used -= old.size
+            self._items.move_to_end(key)
+            self._make_room(size, keep=key)
+            item = Item(value, flags, version, expires_at, size, old.slot)
+            self._items[key] = item
+        else:
+            self._make_room(size)
+            item = Item(value, flags, version, expires_at, size, len(self._keys))
+            self._items[key] = item
+            self._keys.append(key)
         self._used += size
         self.sets += 1
         return item
@@ -230,7 +237,11 @@ class Store:
         if max_item_size is not None:
             _check_max_item_size(max_item_size)
         if policy is not None:
-            self._policy = Policy(policy)
+            try:
+                policy = Policy(policy)
+            except ValueError:
+                raise InvalidConfig(f"policy must be 'lru' or 'random', not {policy!r}") from None
+            self._policy = policy
         if max_item_size is not None:
             self._max_item_size = max_item_size
         if capacity is not None:
@@ -270,12 +281,16 @@ class Store:
             )
         return size
 
-    def _make_room(self, size: int) -> None:
+    def _make_room(self, size: int, keep: bytes | None = None) -> None:
+        # ``keep`` (an item being replaced, its bytes already uncounted) is never
+        # the victim: under LRU it is the most recent, and it is skipped under Random.
         while self._used + size > self._capacity:
             if self._policy is Policy.LRU:
                 key = next(iter(self._items))
             else:
                 key = self._keys[self._rng.randrange(len(self._keys))]
+                if key == keep:
+                    continue
             self._remove(key, self._items[key])
             self.evictions += 1
 

@@ -199,9 +199,8 @@ def _storage_fields(parts: list[bytes]) -> tuple[bytes, int, int, int, bool] | N
     """key, flags, exptime, length, noreply of a set/add line; None when malformed."""
     if len(parts) not in (5, 6) or (len(parts) == 6 and parts[5] != b"noreply"):
         return None
-    try:
-        flags, exptime, length = int(parts[2]), int(parts[3]), int(parts[4])
-    except ValueError:
+    flags, exptime, length = _integer(parts[2]), _integer(parts[3]), _integer(parts[4])
+    if flags is None or exptime is None or length is None:
         return None
     if not 0 <= flags <= MAX_FLAGS or length < 0:
         return None
@@ -224,8 +223,15 @@ def _flush_all(parts: list[bytes]) -> TextCommand:
     arguments = parts[1:-1] if noreply else parts[1:]
     if len(arguments) > 1:
         return BadCommand(BAD_FORMAT)
-    try:
-        delay = int(arguments[0]) if arguments else 0
-    except ValueError:
+    delay = _integer(arguments[0]) if arguments else 0
+    if delay is None:
         return BadCommand(BAD_FORMAT)
     return FlushAll(delay, noreply)
+
+
+def _integer(field: bytes) -> int | None:
+    """A decimal integer as memcached reads it (no '+', '_' or spaces, unlike int())."""
+    digits = field[1:] if field.startswith(b"-") else field
+    if not digits.isdigit() or len(digits) > 20:
+        return None
+    return int(field)

@@ -1,0 +1,746 @@
+"""Tests of the protocol sessions (cachenode.sessions): request bytes in, reply bytes out."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cachenode import __version__
+from cachenode.node import Node
+from cachenode.protocol import (
+    HEADER,
+    MAGIC_REQUEST,
+    MAGIC_RESPONSE,
+    MAX_KEYS_COUNT,
+    Frame,
+    FrameDecoder,
+    Opcode,
+    decode_keys_entries,
+    encode_header,
+    encode_request,
+)
+from cachenode.sessions import BinarySession, TextSession, session_for
+from cachenode.status import Status
+from cachenode.store import MIB, Policy, Store, counted_size
+
+WALL_TIME = 1_700_000_000.0
+
+# -- helpers -----------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float = 500.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_node(
+    capacity: int = MIB,
+    *,
+    max_item_size: int = 64 * 1024,
+    policy: Policy = Policy.LRU,
+    clock: FakeClock | None = None,
+) -> Node:
+    store = Store(
+        capacity,
+        policy,
+        max_item_size=max_item_size,
+        clock=clock or FakeClock(),
+        rng=random.Random(0),
+    )
+    return Node(store, wall_clock=lambda: WALL_TIME)
+
+
+def decode_replies(out: list[bytes]) -> list[Frame]:
+    decoder = FrameDecoder(MAGIC_RESPONSE)
+    decoder.feed(b"".join(out))
+    frames: list[Frame] = []
+    while (frame := decoder.next_frame()) is not None:
+        assert isinstance(frame, Frame)
+        frames.append(frame)
+    assert decoder.buffered == 0, "a reply is cut short"
+    return frames
+
+
+def exchange(session: BinarySession, data: bytes) -> list[Frame]:
+    return decode_replies(session.receive(data))
+
+
+def call(
+    session: BinarySession,
+    opcode: int,
+    key: bytes = b"",
+    value: bytes = b"",
+    *,
+    request_id: int = 1,
+    flags: int = 0,
+    version: int = 0,
+) -> Frame:
+    """Send one request and return its one reply."""
+    replies = exchange(
+        session, encode_request(opcode, request_id, key, value, flags=flags, version=version)
+    )
+    assert len(replies) == 1
+    reply = replies[0]
+    assert reply.opcode == opcode
+    assert reply.request_id == request_id
+    return reply
+
+
+def store_contents(node: Node) -> list[tuple[bytes, bytes]]:
+    """(key, value) of every item, in recency order, without touching recency."""
+    return [(key, item.value) for key, item in node.store._items.items()]
+
+
+def config_of(session: BinarySession) -> dict[str, object]:
+    reply = call(session, Opcode.CONFIG)
+    assert reply.status == Status.OK
+    config = json.loads(reply.value)
+    assert isinstance(config, dict)
+    return config
+
+
+def text(session: TextSession, data: bytes) -> bytes:
+    return b"".join(session.receive(data))
+
+
+# -- choosing the protocol -------------------------------------------------------
+
+
+def test_session_is_chosen_by_first_byte() -> None:
+    node = make_node()
+    assert isinstance(session_for(MAGIC_REQUEST, node), BinarySession)
+    assert isinstance(session_for(ord("g"), node), TextSession)
+
+
+# -- binary: basic operations ------------------------------------------------------
+
+
+def test_ping_replies_with_the_node_version() -> None:
+    session = BinarySession(make_node())
+    reply = call(session, Opcode.PING, request_id=42)
+    assert reply.status == Status.OK
+    assert reply.value == __version__.encode()
+    assert not session.closing
+
+
+def test_get_of_missing_key_is_not_found() -> None:
+    session = BinarySession(make_node())
+    reply = call(session, Opcode.GET, b"missing")
+    assert reply.status == Status.NOT_FOUND
+    assert reply.value == b""
+
+
+def test_set_then_get_round_trips_value_flags_and_version() -> None:
+    node = make_node()
+    session = BinarySession(node)
+    reply = call(
+        session, Opcode.SET, b"k", b"value", request_id=7, flags=0xCAFEBABE, version=(1 << 64) - 2
+    )
+    assert reply.status == Status.OK
+    assert reply.version == (1 << 64) - 2
+    reply = call(session, Opcode.GET, b"k", request_id=8)
+    assert reply == Frame(
+        Opcode.GET, 8, b"", b"value", Status.OK, flags=0xCAFEBABE, version=(1 << 64) - 2
+    )
+    assert node.store.used == counted_size(b"k", b"value")
+
+
+def test_set_overwrites() -> None:
+    session = BinarySession(make_node())
+    call(session, Opcode.SET, b"k", b"one", flags=1, version=1)
+    call(session, Opcode.SET, b"k", b"two", flags=2, version=2)
+    reply = call(session, Opcode.GET, b"k")
+    assert (reply.value, reply.flags, reply.version) == (b"two", 2, 2)
+
+
+def test_large_value_is_returned_whole() -> None:
+    session = BinarySession(make_node())
+    value = bytes(range(256)) * 100  # 25.6 KB: sent as header and value buffers
+    assert call(session, Opcode.SET, b"big", value).status == Status.OK
+    out = session.receive(encode_request(Opcode.GET, 3, b"big"))
+    assert b"".join(out)[HEADER.size :] == value
+    (reply,) = decode_replies(out)
+    assert reply.status == Status.OK
+    assert reply.value == value
+
+
+def test_add_stores_only_when_absent() -> None:
+    session = BinarySession(make_node())
+    reply = call(session, Opcode.ADD, b"k", b"first", version=5)
+    assert reply.status == Status.OK
+    assert reply.version == 5
+    reply = call(session, Opcode.ADD, b"k", b"second")
+    assert reply.status == Status.NOT_STORED
+    assert call(session, Opcode.GET, b"k").value == b"first"
+
+
+def test_delete_then_not_found() -> None:
+    session = BinarySession(make_node())
+    call(session, Opcode.SET, b"k", b"v")
+    assert call(session, Opcode.DELETE, b"k").status == Status.OK
+    assert call(session, Opcode.DELETE, b"k").status == Status.NOT_FOUND
+    assert call(session, Opcode.GET, b"k").status == Status.NOT_FOUND
+
+
+def test_clear_removes_every_item() -> None:
+    node = make_node()
+    session = BinarySession(node)
+    for index in range(5):
+        call(session, Opcode.SET, b"k%d" % index, b"v")
+    assert call(session, Opcode.CLEAR).status == Status.OK
+    assert len(node.store) == 0
+    assert node.store.used == 0
+    assert call(session, Opcode.GET, b"k1").status == Status.NOT_FOUND
+
+
+def test_stats_reports_store_counters_as_json() -> None:
+    node = make_node(capacity=2 * MIB)
+    session = BinarySession(node)
+    call(session, Opcode.SET, b"a", b"xyz")
+    call(session, Opcode.GET, b"a")
+    call(session, Opcode.GET, b"b")
+    reply = call(session, Opcode.STATS)
+    assert reply.status == Status.OK
+    stats = json.loads(reply.value)
+    assert stats["items"] == 1
+    assert stats["bytes"] == counted_size(b"a", b"xyz")
+    assert (stats["lookups"], stats["hits"], stats["misses"], stats["sets"]) == (2, 1, 1, 1)
+    assert stats["capacity"] == 2 * MIB
+    assert stats["capacity_mb"] == 2.0
+    assert stats["policy"] == "lru"
+    assert stats["version"] == __version__
+
+
+def test_empty_key_is_an_invalid_argument_and_the_session_goes_on() -> None:
+    node = make_node()
+    session = BinarySession(node)
+    reply = call(session, Opcode.SET, b"", b"v")
+    assert reply.status == Status.INVALID_ARGUMENT
+    assert reply.value  # a message
+    assert len(node.store) == 0
+    assert not session.closing
+    assert call(session, Opcode.PING).status == Status.OK
+
+
+def test_item_larger_than_capacity_is_too_large() -> None:
+    node = make_node(capacity=4096, max_item_size=64 * 1024)
+    session = BinarySession(node)
+    call(session, Opcode.SET, b"small", b"v")
+    reply = call(session, Opcode.SET, b"k", b"x" * 5000)
+    assert reply.status == Status.TOO_LARGE
+    assert store_contents(node) == [(b"small", b"v")]
+    assert not session.closing
+
+
+# -- binary: CONFIG ---------------------------------------------------------------------
+
+
+def test_config_without_body_reports_the_current_settings() -> None:
+    session = BinarySession(make_node(capacity=2 * MIB, max_item_size=MIB // 2))
+    assert config_of(session) == {"capacity_mb": 2.0, "policy": "lru", "max_item_mb": 0.5}
+
+
+def test_config_changes_settings_at_run_time() -> None:
+    node = make_node(capacity=2 * MIB, max_item_size=MIB // 2)
+    session = BinarySession(node)
+    body = b'{"capacity_mb": 1, "policy": "random", "max_item_mb": 0.25}'
+    reply = call(session, Opcode.CONFIG, value=body)
+    assert reply.status == Status.OK
+    assert json.loads(reply.value) == {"capacity_mb": 1.0, "policy": "random", "max_item_mb": 0.25}
+    assert node.store.capacity == MIB
+    assert node.store.policy is Policy.RANDOM
+    assert node.store.max_item_size == MIB // 4
+
+
+def test_config_shrinking_capacity_evicts_at_once() -> None:
+    node = make_node(capacity=2 * MIB, max_item_size=MIB)
+    session = BinarySession(node)
+    for index in range(6):
+        call(session, Opcode.SET, b"k%d" % index, b"x" * (300 * 1024))
+    assert len(node.store) == 6
+    call(session, Opcode.CONFIG, value=b'{"capacity_mb": 1}')
+    assert node.store.used <= MIB
+    assert [key for key, _ in store_contents(node)] == [b"k3", b"k4", b"k5"]
+
+
+def test_lowering_max_item_size_makes_bigger_sets_too_large() -> None:
+    node = make_node(capacity=4 * MIB, max_item_size=MIB)
+    session = BinarySession(node)
+    call(session, Opcode.CONFIG, value=b'{"max_item_mb": 0.001}')
+    reply = call(session, Opcode.SET, b"k", b"x" * 2000)
+    assert reply.status == Status.TOO_LARGE
+    assert call(session, Opcode.SET, b"k", b"x" * 1000).status == Status.OK
+
+
+def test_raising_max_item_size_admits_bigger_sets_at_once() -> None:
+    node = make_node(capacity=4 * MIB, max_item_size=1000)
+    session = BinarySession(node)
+    assert call(session, Opcode.SET, b"k", b"x" * 5000).status == Status.TOO_LARGE
+    call(session, Opcode.CONFIG, value=b'{"max_item_mb": 0.01}')
+    reply = call(session, Opcode.SET, b"k", b"x" * 5000)
+    assert reply.status == Status.OK
+    assert call(session, Opcode.GET, b"k").value == b"x" * 5000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"not json", id="not-json"),
+        pytest.param(b"\x80\x81", id="not-utf8"),
+        pytest.param(b"[1, 2]", id="list"),
+        pytest.param(b'"lru"', id="string"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b'{"bogus": 1}', id="unknown-setting"),
+        pytest.param(b'{"capacity_mb": 1, "bogus": 1}', id="unknown-beside-valid"),
+        pytest.param(b'{"policy": "lfu"}', id="bad-policy"),
+        pytest.param(b'{"policy": 1}', id="policy-number"),
+        pytest.param(b'{"policy": ["lru"]}', id="policy-list"),
+        pytest.param(b'{"capacity_mb": -1}', id="negative-capacity"),
+        pytest.param(b'{"capacity_mb": 0}', id="zero-capacity"),
+        pytest.param(b'{"capacity_mb": 1e-9}', id="capacity-below-one-byte"),
+        pytest.param(b'{"capacity_mb": "2"}', id="capacity-string"),
+        pytest.param(b'{"capacity_mb": true}', id="capacity-bool"),
+        pytest.param(b'{"capacity_mb": NaN}', id="capacity-nan"),
+        pytest.param(b'{"max_item_mb": -5}', id="negative-max-item"),
+        pytest.param(b'{"max_item_mb": 0}', id="zero-max-item"),
+        pytest.param(b'{"capacity_mb": 1, "policy": "bogus"}', id="valid-capacity-bad-policy"),
+        pytest.param(b'{"capacity_mb": 1, "max_item_mb": -1}', id="valid-capacity-bad-max-item"),
+        pytest.param(b'{"policy": "random", "capacity_mb": -1}', id="valid-policy-bad-capacity"),
+        pytest.param(b'{"capacity_mb": 1e308}', id="capacity-overflows"),
+        pytest.param(b'{"capacity_mb": Infinity}', id="capacity-infinity"),
+        pytest.param(b"[" * 100_000, id="deeply-nested"),
+    ],
+)
+def test_bad_config_is_an_invalid_argument_and_changes_nothing(body: bytes) -> None:
+    node = make_node(capacity=2 * MIB, max_item_size=MIB // 2)
+    session = BinarySession(node)
+    for index in range(10):
+        call(session, Opcode.SET, b"k%d" % index, b"x" * 100_000)
+    before = (config_of(session), store_contents(node), node.store.used, node.store.evictions)
+    replies = exchange(
+        session, encode_request(Opcode.CONFIG, 9, value=body) + encode_request(Opcode.PING, 10)
+    )
+    assert [(reply.opcode, reply.request_id, reply.status) for reply in replies] == [
+        (Opcode.CONFIG, 9, Status.INVALID_ARGUMENT),
+        (Opcode.PING, 10, Status.OK),
+    ]
+    assert replies[0].value  # a message saying what is wrong
+    after = (config_of(session), store_contents(node), node.store.used, node.store.evictions)
+    assert after == before
+    assert not session.closing
+
+
+# -- binary: oversized, unknown and malformed requests ---------------------------------------------
+
+
+def test_oversized_set_is_too_large_and_the_session_keeps_working() -> None:
+    node = make_node(max_item_size=1000)
+    session = BinarySession(node)
+    data = (
+        encode_request(Opcode.SET, 1, b"big", b"x" * 1001)
+        + encode_request(Opcode.SET, 2, b"small", b"ok")
+        + encode_request(Opcode.GET, 3, b"small")
+    )
+    replies = exchange(session, data)
+    assert [(reply.opcode, reply.request_id, reply.status) for reply in replies] == [
+        (Opcode.SET, 1, Status.TOO_LARGE),
+        (Opcode.SET, 2, Status.OK),
+        (Opcode.GET, 3, Status.OK),
+    ]
+    assert replies[0].value  # a message
+    assert replies[2].value == b"ok"
+    assert store_contents(node) == [(b"small", b"ok")]
+    assert not session.closing
+
+
+def test_oversized_set_split_across_receives() -> None:
+    node = make_node(max_item_size=1000)
+    session = BinarySession(node)
+    header = encode_header(MAGIC_REQUEST, Opcode.SET, 1, b"big", 50_000)
+    replies = exchange(session, header)
+    assert [(reply.request_id, reply.status) for reply in replies] == [(1, Status.TOO_LARGE)]
+    for _ in range(4):
+        assert exchange(session, b"y" * 10_000) == []
+    replies = exchange(session, b"y" * 10_000 + encode_request(Opcode.PING, 2))
+    assert [(reply.request_id, reply.status) for reply in replies] == [(2, Status.OK)]
+    assert len(node.store) == 0
+    assert not session.closing
+
+
+def test_unknown_opcode_and_the_session_keeps_working() -> None:
+    session = BinarySession(make_node())
+    data = encode_request(0x42, 5, b"k", b"v") + encode_request(Opcode.PING, 6)
+    replies = exchange(session, data)
+    assert [(reply.opcode, reply.request_id, reply.status) for reply in replies] == [
+        (0x42, 5, Status.UNKNOWN_OPCODE),
+        (Opcode.PING, 6, Status.OK),
+    ]
+    assert not session.closing
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(encode_request(Opcode.PING, 1)[1:], id="bad-magic"),
+        pytest.param(
+            HEADER.pack(MAGIC_REQUEST, Opcode.GET, 0, 1, 1, 0, 2, 0, 0) + b"k", id="reserved"
+        ),
+        pytest.param(encode_request(Opcode.GET, 3, b"k" * 251), id="key-too-long"),
+        pytest.param(
+            HEADER.pack(MAGIC_REQUEST, Opcode.SET, 0, 1, 0, (1 << 30) + 1, 4, 0, 0), id="huge-value"
+        ),
+        pytest.param(encode_request(Opcode.PING, 5).replace(b"\xca", b"\xcb", 1), id="response"),
+    ],
+)
+def test_malformed_frame_gives_malformed_reply_and_closes(bad: bytes) -> None:
+    node = make_node()
+    session = BinarySession(node)
+    data = (
+        encode_request(Opcode.SET, 1, b"k", b"v")
+        + bad
+        + encode_request(Opcode.SET, 2, b"after", b"v")
+    )
+    replies = exchange(session, data)
+    assert [(reply.opcode, reply.request_id, reply.status) for reply in replies] == [
+        (Opcode.SET, 1, Status.OK),
+        (0, 0, Status.MALFORMED),
+    ]
+    assert replies[1].value  # a message
+    assert session.closing
+    assert b"after" not in node.store
+
+
+# -- binary: pipelining ----------------------------------------------------------------------------
+
+
+def pipeline() -> tuple[bytes, list[tuple[int, int, int]]]:
+    """Requests and the (opcode, request id, status) of their replies, in order."""
+    requests = [
+        (encode_request(Opcode.SET, 100, b"a", b"1"), (Opcode.SET, 100, Status.OK)),
+        (encode_request(Opcode.GET, 7, b"a"), (Opcode.GET, 7, Status.OK)),
+        (encode_request(Opcode.ADD, 0xFFFFFFFF, b"a", b"2"), (Opcode.ADD, 0xFFFFFFFF, 2)),
+        (encode_request(Opcode.GET, 0, b"zz"), (Opcode.GET, 0, Status.NOT_FOUND)),
+        (encode_request(Opcode.PING, 3), (Opcode.PING, 3, Status.OK)),
+        (encode_request(0x77, 4), (0x77, 4, Status.UNKNOWN_OPCODE)),
+        (encode_request(Opcode.DELETE, 5, b"a"), (Opcode.DELETE, 5, Status.OK)),
+        (encode_request(Opcode.STATS, 6), (Opcode.STATS, 6, Status.OK)),
+        (encode_request(Opcode.KEYS, 8), (Opcode.KEYS, 8, Status.OK)),
+        (encode_request(Opcode.CLEAR, 9), (Opcode.CLEAR, 9, Status.OK)),
+    ]
+    return b"".join(data for data, _ in requests), [reply for _, reply in requests]
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    session = BinarySession(make_node())
+    data, expected = pipeline()
+    replies = exchange(session, data)
+    assert [(reply.opcode, reply.request_id, reply.status) for reply in replies] == expected
+
+
+def test_pipelined_requests_fed_one_byte_at_a_time() -> None:
+    session = BinarySession(make_node())
+    data, expected = pipeline()
+    out: list[bytes] = []
+    for index in range(len(data)):
+        out += session.receive(data[index : index + 1])
+    replies = decode_replies(out)
+    assert [(reply.opcode, reply.request_id, reply.status) for reply in replies] == expected
+
+
+# -- binary: KEYS ----------------------------------------------------------------------------------
+
+
+def test_keys_pagination_lists_every_key() -> None:
+    node = make_node(capacity=4 * MIB)
+    session = BinarySession(node)
+    values = {b"key-%03d" % index: b"v" * index for index in range(57)}
+    for key, value in values.items():
+        call(session, Opcode.SET, key, value)
+    listed: dict[bytes, int] = {}
+    cursor = b""
+    pages = 0
+    while True:
+        reply = call(session, Opcode.KEYS, cursor, flags=10, request_id=pages)
+        assert reply.status == Status.OK
+        entries = decode_keys_entries(reply.value)
+        assert len(entries) <= 10
+        for key, size in entries:
+            assert key not in listed
+            listed[key] = size
+        pages += 1
+        cursor = reply.key
+        if not cursor:
+            break
+        assert int(cursor) > 0
+    assert pages == 6
+    assert listed == {key: counted_size(key, value) for key, value in values.items()}
+
+
+def test_keys_default_count_returns_everything_in_one_page() -> None:
+    session = BinarySession(make_node())
+    for index in range(30):
+        call(session, Opcode.SET, b"k%d" % index, b"v")
+    reply = call(session, Opcode.KEYS)
+    assert reply.key == b""
+    assert sorted(key for key, _ in decode_keys_entries(reply.value)) == sorted(
+        b"k%d" % index for index in range(30)
+    )
+
+
+def test_keys_count_is_capped() -> None:
+    node = make_node(capacity=16 * MIB)
+    for index in range(MAX_KEYS_COUNT + 50):
+        node.store.set(b"k%d" % index, b"")
+    session = BinarySession(node)
+    reply = call(session, Opcode.KEYS, flags=0xFFFFFFFF)
+    assert len(decode_keys_entries(reply.value)) == MAX_KEYS_COUNT
+    assert reply.key == b"50"
+
+
+def test_keys_of_empty_store() -> None:
+    reply = call(BinarySession(make_node()), Opcode.KEYS)
+    assert (reply.status, reply.key, reply.value) == (Status.OK, b"", b"")
+
+
+def test_keys_with_bad_cursor_is_an_invalid_argument() -> None:
+    session = BinarySession(make_node())
+    reply = call(session, Opcode.KEYS, b"not-a-number")
+    assert reply.status == Status.INVALID_ARGUMENT
+    assert not session.closing
+
+
+# -- text protocol ---------------------------------------------------------------------------------
+
+
+def test_text_set_and_get() -> None:
+    node = make_node()
+    session = TextSession(node)
+    assert text(session, b"set foo 5 0 5\r\nhello\r\n") == b"STORED\r\n"
+    assert text(session, b"get foo\r\n") == b"VALUE foo 5 5\r\nhello\r\nEND\r\n"
+    assert text(session, b"get missing\r\n") == b"END\r\n"
+    item = node.store.get(b"foo")
+    assert item is not None
+    assert (item.value, item.flags) == (b"hello", 5)
+
+
+def test_text_get_of_several_keys_lists_present_ones_in_order() -> None:
+    session = TextSession(make_node())
+    text(session, b"set a 1 0 1\r\nA\r\nset c 3 0 3\r\nCCC\r\n")
+    assert text(session, b"get c b a\r\n") == (b"VALUE c 3 3\r\nCCC\r\nVALUE a 1 1\r\nA\r\nEND\r\n")
+
+
+def test_text_gets_returns_the_version_as_cas() -> None:
+    node = make_node()
+    node.store.set(b"k", b"value", flags=2, version=424242)
+    session = TextSession(node)
+    assert text(session, b"gets k\r\n") == b"VALUE k 2 5 424242\r\nvalue\r\nEND\r\n"
+    assert text(session, b"get k\r\n") == b"VALUE k 2 5\r\nvalue\r\nEND\r\n"
+
+
+def test_binary_set_is_visible_to_text_get() -> None:
+    node = make_node()
+    call(BinarySession(node), Opcode.SET, b"k", b"bin", flags=9, version=3)
+    assert text(TextSession(node), b"gets k\r\n") == b"VALUE k 9 3 3\r\nbin\r\nEND\r\n"
+
+
+def test_text_add() -> None:
+    session = TextSession(make_node())
+    assert text(session, b"add k 0 0 1\r\na\r\n") == b"STORED\r\n"
+    assert text(session, b"add k 0 0 1\r\nb\r\n") == b"NOT_STORED\r\n"
+    assert text(session, b"get k\r\n") == b"VALUE k 0 1\r\na\r\nEND\r\n"
+
+
+def test_text_noreply_stores_silently() -> None:
+    node = make_node()
+    session = TextSession(node)
+    assert text(session, b"set k 0 0 1 noreply\r\na\r\n") == b""
+    assert text(session, b"add k 0 0 1 noreply\r\nb\r\n") == b""
+    assert text(session, b"add j 0 0 1 noreply\r\nb\r\n") == b""
+    assert sorted(store_contents(node)) == [(b"j", b"b"), (b"k", b"a")]
+
+
+def test_text_delete() -> None:
+    node = make_node()
+    session = TextSession(node)
+    text(session, b"set a 0 0 1\r\n1\r\nset b 0 0 1\r\n2\r\nset c 0 0 1\r\n3\r\n")
+    assert text(session, b"delete a\r\n") == b"DELETED\r\n"
+    assert text(session, b"delete a\r\n") == b"NOT_FOUND\r\n"
+    assert text(session, b"delete b 0\r\n") == b"DELETED\r\n"
+    assert text(session, b"delete c noreply\r\n") == b""
+    assert text(session, b"delete c noreply\r\n") == b""
+    assert len(node.store) == 0
+
+
+def test_text_flush_all() -> None:
+    node = make_node()
+    session = TextSession(node)
+    text(session, b"set a 0 0 1\r\n1\r\n")
+    assert text(session, b"flush_all\r\n") == b"OK\r\n"
+    assert len(node.store) == 0
+    text(session, b"set a 0 0 1\r\n1\r\n")
+    assert text(session, b"flush_all noreply\r\n") == b""
+    assert len(node.store) == 0
+
+
+def test_text_flush_all_with_delay_is_refused_and_clears_nothing() -> None:
+    node = make_node()
+    session = TextSession(node)
+    text(session, b"set a 0 0 1\r\n1\r\n")
+    assert text(session, b"flush_all 10\r\n").startswith(b"CLIENT_ERROR ")
+    assert len(node.store) == 1
+
+
+def test_text_stats() -> None:
+    clock = FakeClock(100.0)
+    node = make_node(capacity=2 * MIB, max_item_size=4096, clock=clock)
+    session = TextSession(node)
+    text(session, b"set a 0 0 3\r\nabc\r\nget a b\r\ndelete a\r\n")
+    clock.advance(61.7)
+    reply = text(session, b"stats\r\n")
+    assert reply.endswith(b"\r\nEND\r\n")
+    lines = reply.split(b"\r\n")
+    assert lines[-2:] == [b"END", b""]
+    stats: dict[str, str] = {}
+    for line in lines[:-2]:
+        word, name, value = line.decode().split(" ", 2)
+        assert word == "STAT"
+        stats[name] = value
+    assert stats["version"] == __version__
+    assert stats["uptime"] == "61"
+    assert stats["time"] == str(int(WALL_TIME))
+    assert (stats["cmd_get"], stats["get_hits"], stats["get_misses"]) == ("2", "1", "1")
+    assert (stats["cmd_set"], stats["delete_hits"]) == ("1", "1")
+    assert (stats["curr_items"], stats["bytes"]) == ("0", "0")
+    assert stats["limit_maxbytes"] == str(2 * MIB)
+    assert stats["item_size_max"] == "4096"
+    assert stats["eviction_policy"] == "lru"
+
+
+def test_text_stats_group_is_an_error() -> None:
+    assert text(TextSession(make_node()), b"stats items\r\n") == b"ERROR\r\n"
+
+
+def test_text_version() -> None:
+    assert text(TextSession(make_node()), b"version\r\n") == b"VERSION " + __version__.encode() + (
+        b"\r\n"
+    )
+
+
+def test_text_quit_closes_and_ignores_what_follows() -> None:
+    node = make_node()
+    session = TextSession(node)
+    assert text(session, b"version\r\nquit\r\nset k 0 0 1\r\nv\r\n") == (
+        b"VERSION " + __version__.encode() + b"\r\n"
+    )
+    assert session.closing
+    assert len(node.store) == 0
+
+
+def test_text_bad_command_replies_and_goes_on() -> None:
+    session = TextSession(make_node())
+    assert text(session, b"bogus\r\nset k x 0 1\r\nv\r\nget k\r\n") == (
+        b"ERROR\r\nCLIENT_ERROR bad command line format\r\n"
+        # The refused set's data line is then read as a command line, as in memcached.
+        b"ERROR\r\nEND\r\n"
+    )
+    assert not session.closing
+
+
+def test_text_oversized_set_is_too_large_and_the_session_goes_on() -> None:
+    node = make_node(max_item_size=100)
+    session = TextSession(node)
+    data = b"set big 0 0 101\r\n" + b"x" * 101 + b"\r\nset k 0 0 2\r\nok\r\nget k big\r\n"
+    assert text(session, data) == (
+        b"SERVER_ERROR object too large for cache\r\nSTORED\r\nVALUE k 0 2\r\nok\r\nEND\r\n"
+    )
+    assert text(session, b"set big 0 0 101 noreply\r\n" + b"x" * 101 + b"\r\n") == b""
+    assert not session.closing
+
+
+def test_text_item_over_capacity_is_too_large() -> None:
+    node = make_node(capacity=1000, max_item_size=4096)
+    session = TextSession(node)
+    assert text(session, b"set k 0 0 2000\r\n" + b"x" * 2000 + b"\r\n") == (
+        b"SERVER_ERROR object too large for cache\r\n"
+    )
+    assert len(node.store) == 0
+
+
+def test_text_malformed_data_block_closes() -> None:
+    session = TextSession(make_node())
+    reply = text(session, b"set k 0 0 2\r\nabcd\r\nversion\r\n")
+    assert reply.startswith(b"CLIENT_ERROR ")
+    assert reply.endswith(b"\r\n")
+    assert session.closing
+
+
+def test_text_overlong_line_closes() -> None:
+    session = TextSession(make_node())
+    assert text(session, b"x" * 3000).startswith(b"CLIENT_ERROR ")
+    assert session.closing
+
+
+def test_text_replies_fed_one_byte_at_a_time() -> None:
+    session = TextSession(make_node())
+    data = b"set a 1 0 3\r\nabc\r\nget a\r\ndelete a\r\nget a\r\n"
+    out = b"".join(text(session, data[index : index + 1]) for index in range(len(data)))
+    assert out == b"STORED\r\nVALUE a 1 3\r\nabc\r\nEND\r\nDELETED\r\nEND\r\n"
+
+
+# -- text protocol: expiry ------------------------------------------------------------------------
+
+
+def test_text_exptime_in_seconds_uses_the_store_clock() -> None:
+    clock = FakeClock()
+    node = make_node(clock=clock)
+    session = TextSession(node)
+    assert text(session, b"set k 0 10 1\r\nv\r\n") == b"STORED\r\n"
+    clock.advance(9.9)
+    assert text(session, b"get k\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"
+    clock.advance(0.1)
+    assert text(session, b"get k\r\n") == b"END\r\n"
+    assert text(session, b"add k 0 0 1\r\nw\r\n") == b"STORED\r\n"
+
+
+def test_text_exptime_zero_never_expires() -> None:
+    clock = FakeClock()
+    session = TextSession(make_node(clock=clock))
+    text(session, b"set k 0 0 1\r\nv\r\n")
+    clock.advance(10**9)
+    assert text(session, b"get k\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"
+
+
+def test_text_negative_exptime_expires_at_once() -> None:
+    session = TextSession(make_node())
+    assert text(session, b"set k 0 -1 1\r\nv\r\n") == b"STORED\r\n"
+    assert text(session, b"get k\r\n") == b"END\r\n"
+
+
+def test_text_exptime_over_30_days_is_a_unix_time() -> None:
+    clock = FakeClock()
+    session = TextSession(make_node(clock=clock))
+    exptime = int(WALL_TIME) + 100
+    assert text(session, b"set k 0 %d 1\r\nv\r\n" % exptime) == b"STORED\r\n"
+    clock.advance(99)
+    assert text(session, b"get k\r\n") == b"VALUE k 0 1\r\nv\r\nEND\r\n"
+    clock.advance(1)
+    assert text(session, b"get k\r\n") == b"END\r\n"
+
+
+def test_text_exptime_of_30_days_is_relative() -> None:
+    clock = FakeClock()
+    session = TextSession(make_node(clock=clock))
+    thirty_days = 30 * 24 * 3600
+    text(session, b"set k 0 %d 1\r\nv\r\n" % thirty_days)
+    clock.advance(thirty_days - 1)
+    assert text(session, b"get k\r\n") != b"END\r\n"
+    clock.advance(1)
+    assert text(session, b"get k\r\n") == b"END\r\n"
