@@ -25,6 +25,8 @@ MAX_KEY_LENGTH = 250
 # item size (default 16 MiB) with TOO_LARGE and skips them without buffering.
 MAX_VALUE_LENGTH = 1 << 30
 MAX_REQUEST_ID = (1 << 32) - 1
+# Values at least this large are collected in parts when they span reads.
+_COLLECT_THRESHOLD = 64 * 1024
 KEYS_ENTRY = struct.Struct(">HI")  # key length, counted size; then the key
 DEFAULT_KEYS_COUNT = 1000
 MAX_KEYS_COUNT = 10_000
@@ -166,12 +168,26 @@ class FrameDecoder:
         self._data: bytes | bytearray = b""
         self._pos = 0
         self._skip = 0  # body bytes of an oversized frame still to discard
+        # A large value that spans reads is kept as the chunks it arrived in
+        # and joined once when complete: one copy, where growing a buffer
+        # would copy it again at every read.
+        self._partial: Frame | None = None  # the frame whose value is being collected
+        self._parts: list[bytes | memoryview] = []
+        self._missing = 0
 
     def feed(self, data: bytes) -> None:
         if self._skip:
             skipped = min(self._skip, len(data))
             self._skip -= skipped
             data = data[skipped:]
+        if self._missing:
+            if len(data) <= self._missing:
+                self._parts.append(data)
+                self._missing -= len(data)
+                return
+            self._parts.append(memoryview(data)[: self._missing])
+            data = data[self._missing :]
+            self._missing = 0
         if self._pos >= len(self._data):
             self._data = data
             self._pos = 0
@@ -187,9 +203,17 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as frames."""
-        return len(self._data) - self._pos
+        collected = sum(len(part) for part in self._parts)
+        return collected + len(self._data) - self._pos
 
     def next_frame(self) -> Frame | OversizedFrame | None:
+        if self._partial is not None:
+            if self._missing:
+                return None
+            frame, self._partial = self._partial, None
+            frame.value = b"".join(self._parts)
+            self._parts = []
+            return frame
         data = self._data
         pos = self._pos
         if self._skip or len(data) - pos < HEADER_SIZE:
@@ -197,14 +221,13 @@ class FrameDecoder:
         magic, opcode, status, key_length, reserved, value_length, request_id, flags, version = (
             HEADER.unpack_from(data, pos)
         )
-        if magic != self._magic:
-            raise ProtocolError(f"bad magic byte 0x{magic:02x}, expected 0x{self._magic:02x}")
-        if reserved:
-            raise ProtocolError("reserved header field is not zero")
-        if key_length > MAX_KEY_LENGTH:
-            raise ProtocolError(f"key length {key_length} exceeds {MAX_KEY_LENGTH}")
-        if value_length > MAX_VALUE_LENGTH:
-            raise ProtocolError(f"value length {value_length} exceeds {MAX_VALUE_LENGTH}")
+        if (
+            magic != self._magic
+            or reserved
+            or key_length > MAX_KEY_LENGTH
+            or value_length > MAX_VALUE_LENGTH
+        ):
+            raise _header_error(self._magic, magic, reserved, key_length, value_length)
         key_start = pos + HEADER_SIZE
         value_start = key_start + key_length
         if value_length > self.max_value_length:
@@ -217,9 +240,29 @@ class FrameDecoder:
             return OversizedFrame(opcode, request_id, key, value_length)
         end = value_start + value_length
         if len(data) < end:
+            if value_length >= _COLLECT_THRESHOLD and len(data) >= value_start:
+                key = bytes(data[key_start:value_start])
+                self._partial = Frame(opcode, request_id, key, b"", status, flags, version)
+                self._parts = [bytes(memoryview(data)[value_start:])]
+                self._missing = end - len(data)
+                self._data = b""
+                self._pos = 0
             return None
         with memoryview(data) as view:
             key = bytes(view[key_start:value_start])
             value = bytes(view[value_start:end])
         self._pos = end
         return Frame(opcode, request_id, key, value, status, flags, version)
+
+
+def _header_error(
+    expected_magic: int, magic: int, reserved: int, key_length: int, value_length: int
+) -> ProtocolError:
+    """What is wrong with a header that failed validation."""
+    if magic != expected_magic:
+        return ProtocolError(f"bad magic byte 0x{magic:02x}, expected 0x{expected_magic:02x}")
+    if reserved:
+        return ProtocolError("reserved header field is not zero")
+    if key_length > MAX_KEY_LENGTH:
+        return ProtocolError(f"key length {key_length} exceeds {MAX_KEY_LENGTH}")
+    return ProtocolError(f"value length {value_length} exceeds {MAX_VALUE_LENGTH}")

@@ -190,7 +190,7 @@ def _retrieve(parts: list[bytes]) -> TextCommand:
     keys = parts[1:]
     if not keys:
         return BadCommand(ERROR)
-    if any(len(key) > MAX_KEY_LENGTH for key in keys):
+    if max(map(len, keys)) > MAX_KEY_LENGTH:
         return BadCommand(BAD_FORMAT)
     return Retrieve(keys, parts[0] == b"gets")
 
