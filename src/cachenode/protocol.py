@@ -248,9 +248,13 @@ class FrameDecoder:
                 self._data = b""
                 self._pos = 0
             return None
-        with memoryview(data) as view:
-            key = bytes(view[key_start:value_start])
-            value = bytes(view[value_start:end])
+        if type(data) is bytes:  # slicing bytes copies once; a bytearray needs a view
+            key = data[key_start:value_start]
+            value = data[value_start:end] if value_length else b""
+        else:
+            with memoryview(data) as view:
+                key = bytes(view[key_start:value_start])
+                value = bytes(view[value_start:end])
         self._pos = end
         return Frame(opcode, request_id, key, value, status, flags, version)
 
