@@ -55,6 +55,19 @@ async def test_set_get_delete_stats(node_server: NodeServer) -> None:
         assert await client.ping() == node_server.node.version
 
 
+async def test_versioned_invalidation_refuses_older_fills(node_server: NodeServer) -> None:
+    async with client_for(node_server) as client:
+        assert await client.set(b"img", b"v1", version=1) is True
+        assert await client.delete(b"img", version=2) is True
+        assert await client.add(b"img", b"v1", version=1) is False
+        assert await client.set(b"img", b"v1", version=1) is False
+        assert await client.set(b"img", b"v2", version=2) is True
+        item = await client.get_item(b"img")
+        assert item is not None
+        assert (item.value, item.version) == (b"v2", 2)
+        assert (await client.stats())["tombstones"] == 1
+
+
 async def test_pipelined_multi_get_returns_each_value(node_server: NodeServer) -> None:
     async with client_for(node_server, pool_size=2) as client:
         keys = [f"key-{i}".encode() for i in range(500)]

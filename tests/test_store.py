@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from cachenode.errors import InvalidConfig, InvalidKey, ItemTooLarge
+from cachenode.errors import InvalidConfig, InvalidKey, ItemTooLarge, StaleWrite
 from cachenode.store import (
     ITEM_OVERHEAD,
     MAX_KEY_LENGTH,
@@ -558,6 +558,7 @@ def test_statistics_counters() -> None:
         deletes=1,
         evictions=1,
         expirations=0,
+        tombstones=0,
         items=2,
         bytes=600,
         capacity=1000,
@@ -831,3 +832,56 @@ class StoreMachine(RuleBasedStateMachine):
 
 StoreMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 TestStoreMachine = StoreMachine.TestCase
+
+
+# -- versions and tombstones ---------------------------------------------------
+
+
+def test_versioned_write_older_than_the_item_is_refused() -> None:
+    store = Store(10_000)
+    store.set(b"k", b"new", version=5)
+    with pytest.raises(StaleWrite):
+        store.set(b"k", b"old", version=4)
+    assert store.add(b"k", b"old", version=4) is None
+    item = store.get(b"k")
+    assert item is not None
+    assert (item.value, item.version) == (b"new", 5)
+    store.set(b"k", b"same", version=5)  # the same version may be written again
+    store.set(b"k", b"unversioned")  # version 0 is never refused
+    assert store.get(b"k") is not None
+
+
+def test_versioned_delete_leaves_a_tombstone_that_refuses_older_fills() -> None:
+    clock = FakeClock()
+    store = Store(10_000, clock=clock, tombstone_seconds=30)
+    store.set(b"k", b"v1", version=1)
+    assert store.delete(b"k", version=2) is True
+    assert store.get(b"k") is None
+    # A reader that fetched version 1 before the update must not put it back.
+    assert store.add(b"k", b"v1", version=1) is None
+    with pytest.raises(StaleWrite):
+        store.set(b"k", b"v1", version=1)
+    assert store.add(b"k", b"v2", version=2) is not None
+    assert store.stats().tombstones == 1
+    clock.advance(31)
+    store.delete(b"other", version=1)  # purges expired tombstones on the way
+    assert store.stats().tombstones == 1
+    store.delete(b"k")
+    assert store.add(b"k", b"v1", version=1) is not None  # the tombstone has expired
+
+
+def test_versioned_delete_keeps_an_item_of_that_version_or_newer() -> None:
+    store = Store(10_000)
+    store.set(b"k", b"v3", version=3)
+    assert store.delete(b"k", version=3) is False
+    assert store.delete(b"k", version=2) is False
+    assert store.get(b"k") is not None
+    assert store.delete(b"k", version=4) is True
+
+
+def test_tombstones_keep_the_highest_version() -> None:
+    store = Store(10_000)
+    store.delete(b"k", version=7)
+    store.delete(b"k", version=3)  # a late, older invalidation
+    assert store.add(b"k", b"v5", version=5) is None
+    assert store.add(b"k", b"v7", version=7) is not None

@@ -185,20 +185,30 @@ class NodeClient:
             return None
         return CachedItem(frame.value, frame.flags, frame.version)
 
-    async def set(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> None:
-        """Store ``value``; raises NodeReplyError(TOO_LARGE) for one the node refuses."""
-        await self._call(Opcode.SET, key, value, flags=flags, version=version)
+    async def set(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
+        """Store ``value``; False when ``version`` is older than the node's for this key.
+
+        Raises NodeReplyError(TOO_LARGE) for a value the node refuses.
+        """
+        frame = await self._call(
+            Opcode.SET, key, value, flags=flags, version=version, accept=(Status.NOT_STORED,)
+        )
+        return frame.status == Status.OK
 
     async def add(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
-        """Store only if absent; False when the key already holds a value."""
+        """Store only if absent and not stale; False when the node did not store it."""
         frame = await self._call(
             Opcode.ADD, key, value, flags=flags, version=version, accept=(Status.NOT_STORED,)
         )
         return frame.status == Status.OK
 
-    async def delete(self, key: bytes) -> bool:
-        """Remove ``key``; False when it was not there."""
-        frame = await self._call(Opcode.DELETE, key, accept=(Status.NOT_FOUND,))
+    async def delete(self, key: bytes, *, version: int = 0) -> bool:
+        """Remove ``key``; False when it was not there.
+
+        With ``version``: invalidate every older version, as the node's
+        tombstone refuses older writes of the key for a while (docs/protocol.md).
+        """
+        frame = await self._call(Opcode.DELETE, key, version=version, accept=(Status.NOT_FOUND,))
         return frame.status == Status.OK
 
     async def clear(self) -> None:

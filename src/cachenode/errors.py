@@ -19,6 +19,12 @@ class ItemTooLarge(StoreError):
     status = Status.TOO_LARGE
 
 
+class StaleWrite(StoreError):
+    """A versioned write older than what the node knows of its key."""
+
+    status = Status.NOT_STORED
+
+
 class InvalidKey(StoreError):
     status = Status.INVALID_ARGUMENT
 

@@ -142,7 +142,7 @@ class BinarySession:
         return [encode_response(Opcode.ADD, frame.request_id, version=item.version)]
 
     def _delete(self, frame: Frame) -> list[bytes]:
-        found = self._node.store.delete(frame.key)
+        found = self._node.store.delete(frame.key, frame.version)
         status = Status.OK if found else Status.NOT_FOUND
         return [encode_response(Opcode.DELETE, frame.request_id, status)]
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from cachenode.errors import InvalidConfig, InvalidKey, ItemTooLarge
+from cachenode.errors import InvalidConfig, InvalidKey, ItemTooLarge, StaleWrite
 
 MIB = 1 << 20
 # Bytes counted per item beside its key and value. It approximates what an
@@ -28,6 +28,9 @@ MIB = 1 << 20
 ITEM_OVERHEAD = 256
 MAX_KEY_LENGTH = 250
 DEFAULT_MAX_ITEM_SIZE = 16 * MIB
+# How long a versioned delete keeps refusing older writes of its key. It must
+# outlast any read-then-fill of a client (the gateway gives up filling after 5 s).
+DEFAULT_TOMBSTONE_SECONDS = 30.0
 
 
 class Policy(StrEnum):
@@ -60,6 +63,7 @@ class StoreStats:
     deletes: int
     evictions: int
     expirations: int
+    tombstones: int
     items: int
     bytes: int
     capacity: int
@@ -88,6 +92,7 @@ class Store:
         max_item_size: int = DEFAULT_MAX_ITEM_SIZE,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS,
     ) -> None:
         _check_capacity(capacity)
         _check_max_item_size(max_item_size)
@@ -100,6 +105,9 @@ class Store:
         self._items: OrderedDict[bytes, Item] = OrderedDict()
         self._keys: list[bytes] = []
         self._used = 0
+        # key -> (version, expires_at) of recent versioned deletes, oldest first.
+        self._tombstones: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
+        self._tombstone_seconds = tombstone_seconds
         self.lookups = self.hits = self.misses = 0
         self.sets = self.deletes = self.evictions = self.expirations = 0
 
@@ -176,8 +184,13 @@ class Store:
     def set(
         self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0, expires_at: float = 0
     ) -> Item:
-        """Store ``value`` under ``key``, evicting others as needed; returns the item."""
+        """Store ``value`` under ``key``, evicting others as needed; returns the item.
+
+        Raises StaleWrite for a ``version`` older than the key's known version.
+        """
         size = self._check_item(key, value)
+        if version and self._is_stale(key, version):
+            raise StaleWrite(f"version {version} is older than the version the node knows")
         old = self._items.get(key)
         if old is not None:
             # Replace in place: the key keeps its slot in _keys, so that a scan
@@ -199,17 +212,24 @@ class Store:
     def add(
         self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0, expires_at: float = 0
     ) -> Item | None:
-        """Store only if ``key`` holds no live item; None when it does."""
+        """Store only if ``key`` holds no live item and ``version`` is not stale; else None."""
         self._check_item(key, value)
-        if key in self:
+        if key in self or (version and self._is_stale(key, version)):
             return None
         return self.set(key, value, flags=flags, version=version, expires_at=expires_at)
 
-    def delete(self, key: bytes) -> bool:
-        """Remove ``key``; False when it held no live item."""
+    def delete(self, key: bytes, version: int = 0) -> bool:
+        """Remove ``key``; False when it held no live item.
+
+        With a ``version``, the key also gets a tombstone that refuses writes
+        of older versions for a while, and an item of that version or newer
+        stays: invalidating version N never removes N itself.
+        """
         _check_key(key)
+        if version:
+            self._bury(key, version)
         item = self._items.get(key)
-        if item is None:
+        if item is None or (version and item.version >= version):
             return False
         self._remove(key, item)
         if item.expires_at and item.expires_at <= self._clock():
@@ -257,6 +277,7 @@ class Store:
             deletes=self.deletes,
             evictions=self.evictions,
             expirations=self.expirations,
+            tombstones=len(self._tombstones),
             items=len(self._items),
             bytes=self._used,
             capacity=self._capacity,
@@ -266,6 +287,26 @@ class Store:
         )
 
     # -- internals ----------------------------------------------------------
+
+    def _is_stale(self, key: bytes, version: int) -> bool:
+        item = self._items.get(key)
+        if item is not None and item.version > version:
+            return True
+        tombstone = self._tombstones.get(key)
+        return tombstone is not None and tombstone[0] > version and tombstone[1] > self._clock()
+
+    def _bury(self, key: bytes, version: int) -> None:
+        now = self._clock()
+        tombstones = self._tombstones
+        while tombstones:  # all live equally long, so the oldest expire first
+            oldest = next(iter(tombstones))
+            if tombstones[oldest][1] > now:
+                break
+            del tombstones[oldest]
+        previous = tombstones.pop(key, None)
+        if previous is not None and previous[1] > now:
+            version = max(version, previous[0])
+        tombstones[key] = (version, now + self._tombstone_seconds)
 
     def _check_item(self, key: bytes, value: bytes) -> int:
         _check_key(key)
