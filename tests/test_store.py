@@ -885,3 +885,18 @@ def test_tombstones_keep_the_highest_version() -> None:
     store.delete(b"k", version=3)  # a late, older invalidation
     assert store.add(b"k", b"v5", version=5) is None
     assert store.add(b"k", b"v7", version=7) is not None
+
+
+def test_versioned_clear_refuses_older_writes_of_every_key() -> None:
+    clock = FakeClock()
+    store = Store(10_000, clock=clock, tombstone_seconds=30)
+    store.set(b"a", b"1", version=1)
+    store.delete(b"b", version=9)
+    store.clear(version=5)
+    assert len(store) == 0
+    assert store.add(b"a", b"1", version=1) is None
+    assert store.add(b"c", b"4", version=4) is None
+    assert store.add(b"b", b"6", version=6) is None  # its own tombstone is higher
+    assert store.add(b"c", b"5", version=5) is not None
+    clock.advance(31)
+    assert store.add(b"a", b"1", version=1) is not None

@@ -211,8 +211,9 @@ class NodeClient:
         frame = await self._call(Opcode.DELETE, key, version=version, accept=(Status.NOT_FOUND,))
         return frame.status == Status.OK
 
-    async def clear(self) -> None:
-        await self._call(Opcode.CLEAR)
+    async def clear(self, *, version: int = 0) -> None:
+        """Remove every item; with ``version``, also refuse older writes for a while."""
+        await self._call(Opcode.CLEAR, version=version)
 
     async def stats(self) -> dict[str, Any]:
         frame = await self._call(Opcode.STATS)

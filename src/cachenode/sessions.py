@@ -147,7 +147,7 @@ class BinarySession:
         return [encode_response(Opcode.DELETE, frame.request_id, status)]
 
     def _clear(self, frame: Frame) -> list[bytes]:
-        self._node.store.clear()
+        self._node.store.clear(frame.version)
         return [encode_response(Opcode.CLEAR, frame.request_id)]
 
     def _stats(self, frame: Frame) -> list[bytes]:

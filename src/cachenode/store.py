@@ -108,6 +108,8 @@ class Store:
         # key -> (version, expires_at) of recent versioned deletes, oldest first.
         self._tombstones: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
         self._tombstone_seconds = tombstone_seconds
+        # (version, expires_at) of the last versioned clear: a tombstone for every key.
+        self._floor: tuple[int, float] = (0, 0.0)
         self.lookups = self.hits = self.misses = 0
         self.sets = self.deletes = self.evictions = self.expirations = 0
 
@@ -238,8 +240,17 @@ class Store:
         self.deletes += 1
         return True
 
-    def clear(self) -> None:
-        """Remove every item (counters are kept: they are lifetime totals)."""
+    def clear(self, version: int = 0) -> None:
+        """Remove every item (counters are kept: they are lifetime totals).
+
+        With a ``version``, writes older than it are refused for a while, as
+        if every key had a tombstone of that version.
+        """
+        if version:
+            self._floor = (
+                max(version, self._floor[0]) if self._floor[1] > self._clock() else version,
+                self._clock() + self._tombstone_seconds,
+            )
         self._items.clear()
         self._keys.clear()
         self._used = 0
@@ -292,8 +303,11 @@ class Store:
         item = self._items.get(key)
         if item is not None and item.version > version:
             return True
+        now = self._clock()
         tombstone = self._tombstones.get(key)
-        return tombstone is not None and tombstone[0] > version and tombstone[1] > self._clock()
+        if tombstone is not None and tombstone[0] > version and tombstone[1] > now:
+            return True
+        return self._floor[0] > version and self._floor[1] > now
 
     def _bury(self, key: bytes, version: int) -> None:
         now = self._clock()

@@ -1,0 +1,200 @@
+"""Configuration: loaded once at start-up into frozen dataclasses, then validated.
+
+Sources, later ones winning: the defaults here (the embedded default), a TOML
+file (``--config`` or ``IMAGECACHE_CONFIG``), and ``IMAGECACHE_*`` environment
+variables. Secrets (a MySQL password, AWS credentials) belong in the
+environment or the standard AWS credential chain, never in the file.
+Tests build these objects directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA_DIR = Path("imagecache-data")
+MIB = 1 << 20
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which setting and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class AwsConfig:
+    region: str = "us-east-1"
+    # Only for S3-compatible stores and tests (a moto server); None means AWS itself.
+    endpoint_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlobConfig:
+    backend: str = "folder"  # "folder" or "s3"
+    folder: Path = DEFAULT_DATA_DIR / "blobs"
+    bucket: str = ""
+    prefix: str = "images/"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    max_upload_bytes: int = 20 * MIB
+    # Cache nodes as host:port, used until the manager publishes a membership.
+    nodes: tuple[str, ...] = ("127.0.0.1:11311",)
+    node_timeout: float = 0.5
+    manager_url: str = "http://127.0.0.1:5001"
+    manager_token: str = ""  # shared secret, from IMAGECACHE_MANAGER_TOKEN
+    secret_key: str = ""  # signs flash-message cookies; a random one when empty
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    data_dir: Path = DEFAULT_DATA_DIR
+    # SQLAlchemy URL: sqlite+aiosqlite:///path or mysql+aiomysql://user:pass@host:port/db
+    metadata_url: str = f"sqlite+aiosqlite:///{DEFAULT_DATA_DIR}/imagecache.db"
+    blobs: BlobConfig = field(default_factory=BlobConfig)
+    aws: AwsConfig = field(default_factory=AwsConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+
+    def validate(self) -> Config:
+        """Return self, or raise ConfigError naming the first bad setting."""
+        if self.blobs.backend not in ("folder", "s3"):
+            raise ConfigError(f"blobs.backend must be 'folder' or 's3', not {self.blobs.backend!r}")
+        if self.blobs.backend == "s3" and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.blobs.bucket):
+            raise ConfigError(f"blobs.bucket must be a valid S3 bucket name, not {self.blobs.bucket!r}")
+        if not self.metadata_url.startswith(("sqlite+aiosqlite://", "mysql+aiomysql://")):
+            raise ConfigError(
+                "metadata_url must start with sqlite+aiosqlite:// or mysql+aiomysql://"
+            )
+        if not 0 < self.gateway.port < 65536:
+            raise ConfigError(f"gateway.port must be a TCP port, not {self.gateway.port}")
+        if self.gateway.max_upload_bytes < 1:
+            raise ConfigError("gateway.max_upload_mb must be positive")
+        for node in self.gateway.nodes:
+            parse_address(node)
+        return self
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` as a pair; raises ConfigError when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"not a host:port address: {address!r}")
+    return host, int(port)
+
+
+# Environment variables and the setting each one sets, with its parser.
+_ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "IMAGECACHE_DATA_DIR": ("", "data_dir"),
+    "IMAGECACHE_METADATA_URL": ("", "metadata_url"),
+    "IMAGECACHE_BLOB_BACKEND": ("blobs", "backend"),
+    "IMAGECACHE_BLOB_FOLDER": ("blobs", "folder"),
+    "IMAGECACHE_S3_BUCKET": ("blobs", "bucket"),
+    "IMAGECACHE_S3_PREFIX": ("blobs", "prefix"),
+    "IMAGECACHE_AWS_REGION": ("aws", "region"),
+    "IMAGECACHE_AWS_ENDPOINT_URL": ("aws", "endpoint_url"),
+    "IMAGECACHE_GATEWAY_HOST": ("gateway", "host"),
+    "IMAGECACHE_GATEWAY_PORT": ("gateway", "port"),
+    "IMAGECACHE_MAX_UPLOAD_MB": ("gateway", "max_upload_mb"),
+    "IMAGECACHE_NODES": ("gateway", "nodes"),
+    "IMAGECACHE_NODE_TIMEOUT": ("gateway", "node_timeout"),
+    "IMAGECACHE_MANAGER_URL": ("gateway", "manager_url"),
+    "IMAGECACHE_MANAGER_TOKEN": ("gateway", "manager_token"),
+    "IMAGECACHE_SECRET_KEY": ("gateway", "secret_key"),
+}
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """The configuration from defaults, the TOML file and the environment, validated.
+
+    Raises ConfigError for an unreadable file, an unknown setting or a bad value.
+    """
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("IMAGECACHE_CONFIG")
+    sections: dict[str, dict[str, Any]] = {"": {}, "blobs": {}, "aws": {}, "gateway": {}}
+    if path:
+        try:
+            document = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"cannot read configuration file {path}: {error}") from error
+        for name, value in document.items():
+            if isinstance(value, dict):
+                if name not in sections:
+                    raise ConfigError(f"unknown configuration section [{name}]")
+                sections[name].update(value)
+            else:
+                sections[""][name] = value
+    for variable, (section, name) in _ENVIRONMENT.items():
+        if variable in environ:
+            sections[section][name] = environ[variable]
+    return _build(sections).validate()
+
+
+def _build(sections: dict[str, dict[str, Any]]) -> Config:
+    top = dict(sections[""])
+    data_dir = Path(top.pop("data_dir", DEFAULT_DATA_DIR))
+    gateway = dict(sections["gateway"])
+    if "max_upload_mb" in gateway:
+        gateway["max_upload_bytes"] = int(float(gateway.pop("max_upload_mb")) * MIB)
+    if isinstance(gateway.get("nodes"), str):
+        gateway["nodes"] = tuple(n.strip() for n in gateway["nodes"].split(",") if n.strip())
+    blobs = dict(sections["blobs"])
+    blobs.setdefault("folder", data_dir / "blobs")
+    top.setdefault("metadata_url", f"sqlite+aiosqlite:///{data_dir}/imagecache.db")
+    return Config(
+        data_dir=data_dir,
+        blobs=_section(BlobConfig, blobs, "blobs"),
+        aws=_section(AwsConfig, sections["aws"], "aws"),
+        gateway=_section(GatewayConfig, gateway, "gateway"),
+        **_fields_of(Config, top, ""),
+    )
+
+
+def _section(cls: type[Any], values: dict[str, Any], name: str) -> Any:
+    return cls(**_fields_of(cls, values, name))
+
+
+def _fields_of(cls: type[Any], values: dict[str, Any], section: str) -> dict[str, Any]:
+    """Values converted to the types of ``cls``'s fields; unknown names are an error."""
+    known = {f.name: f for f in fields(cls)}
+    converted: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in known or name in ("blobs", "aws", "gateway", "data_dir"):
+            where = f"[{section}] " if section else ""
+            raise ConfigError(f"unknown setting {where}{name}")
+        default = getattr(cls(), name) if name not in ("blobs", "aws", "gateway") else None
+        converted[name] = _convert(value, default, f"{section}.{name}" if section else name)
+    return converted
+
+
+def _convert(value: Any, default: Any, name: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, Path):
+            return Path(value)
+        if isinstance(default, tuple):
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"bad value for {name}: {value!r}") from error
+    return value if value is None else str(value)
+
+
+def with_data_dir(config: Config, data_dir: Path) -> Config:
+    """The embedded default rooted at ``data_dir`` (used by tests and ``up``)."""
+    return replace(
+        config,
+        data_dir=data_dir,
+        metadata_url=f"sqlite+aiosqlite:///{data_dir}/imagecache.db",
+        blobs=replace(config.blobs, folder=data_dir / "blobs"),
+    )

@@ -1,0 +1,42 @@
+"""Which cache node owns a key: rendezvous (highest random weight) hashing.
+
+Every node gets a score per key; the highest score owns it. Adding or removing
+a node moves only the keys that node wins or held (about 1/N of them), and
+every gateway computes the same owner from the same membership, with no ring
+state to keep in sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from hashlib import blake2b
+
+
+class Ring:
+    """The owners of keys among ``node_ids`` (stable identifiers, not addresses)."""
+
+    def __init__(self, node_ids: Sequence[str]) -> None:
+        self.node_ids = tuple(node_ids)
+        # blake2b keyed per node: a good, fast 64-bit score of (node, key).
+        self._salts = [node_id.encode()[:64] for node_id in self.node_ids]
+
+    def __len__(self) -> int:
+        return len(self.node_ids)
+
+    def owner(self, key: bytes) -> str | None:
+        """The node that owns ``key``; None for an empty ring."""
+        best: str | None = None
+        best_score = -1
+        for node_id, salt in zip(self.node_ids, self._salts, strict=True):
+            score = int.from_bytes(blake2b(key, digest_size=8, key=salt).digest(), "big")
+            if score > best_score:
+                best, best_score = node_id, score
+        return best
+
+    def ranked(self, key: bytes) -> list[str]:
+        """Every node, the owner of ``key`` first, then who would own it next."""
+        scores = {
+            node_id: int.from_bytes(blake2b(key, digest_size=8, key=salt).digest(), "big")
+            for node_id, salt in zip(self.node_ids, self._salts, strict=True)
+        }
+        return sorted(scores, key=scores.__getitem__, reverse=True)
