@@ -1,18 +1,25 @@
-"""Shared fixtures: cache nodes in this process (asyncio) and as real processes."""
+"""Shared fixtures: cache nodes (in this process and as processes) and the gateway."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from PIL import Image as PILImage
 
 from cachenode.server import NodeConfig, NodeServer
+from imagecache.app import create_app
+from imagecache.config import Config, with_data_dir
 
 
 @pytest.fixture
@@ -64,3 +71,40 @@ def node_process() -> Iterator[NodeProcess]:
     yield node
     node.process.kill()
     node.stop()
+
+
+# -- the gateway ----------------------------------------------------------------
+
+
+@pytest.fixture
+def gateway_config(tmp_path: Path, node_server: NodeServer) -> Config:
+    """The embedded default in a temporary folder, routing to the in-process node."""
+    host, port = node_server.address
+    base = with_data_dir(Config(), tmp_path / "data")
+    return replace(
+        base, gateway=replace(base.gateway, nodes=(f"{host}:{port}",), manager_url=DEAD_URL)
+    )
+
+
+@pytest.fixture
+async def gateway(
+    aiohttp_client: Callable[
+        [web.Application], Awaitable[TestClient[web.Request, web.Application]]
+    ],
+    gateway_config: Config,
+) -> TestClient[web.Request, web.Application]:
+    """A test client of the gateway app, started with all its resources."""
+    return await aiohttp_client(create_app(gateway_config))
+
+
+def image_bytes(
+    kind: str = "PNG", size: tuple[int, int] = (32, 24), color: str | tuple[int, int, int] = "red"
+) -> bytes:
+    """A small, valid image file of the given Pillow format."""
+    buffer = io.BytesIO()
+    PILImage.new("RGB", size, color).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+# No manager listens here: admin calls must answer 503 in the error shape.
+DEAD_URL = "http://127.0.0.1:9"

@@ -11,6 +11,8 @@ from typing import Any
 
 from cachenode.server import NodeConfig, serve
 from cachenode.store import DEFAULT_MAX_ITEM_SIZE, MIB, Policy
+from imagecache.config import ConfigError, load_config
+from imagecache.up import gateway, up
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,27 +33,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_MAX_ITEM_SIZE / MIB,
         help="largest value accepted, in MiB",
     )
-
-    up = commands.add_parser("up", help="run the whole system on the embedded default")
-    up.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    for name, help_text in (
+        ("up", "run the whole system on the embedded default (data in ./imagecache-data)"),
+        ("gateway", "run the web gateway and JSON API (port 5000)"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--config", help="TOML configuration file (or IMAGECACHE_CONFIG)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command == "node":
-        config = NodeConfig(
-            host=args.host,
-            port=args.port,
-            capacity_mb=args.capacity_mb,
-            policy=args.policy,
-            max_item_mb=args.max_item_mb,
+        run(
+            serve(
+                NodeConfig(
+                    host=args.host,
+                    port=args.port,
+                    capacity_mb=args.capacity_mb,
+                    policy=args.policy,
+                    max_item_mb=args.max_item_mb,
+                )
+            )
         )
-        run(serve(config))
-    elif args.command == "up":
-        print("imagecache: starting one cache node on the embedded default; Ctrl-C stops it.")
-        print(f"Talk to it with any memcached client at {args.host}:11311.", flush=True)
-        run(serve(NodeConfig(host=args.host)))
+        return 0
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"imagecache: {error}", file=sys.stderr)
+        return 2
+    run(up(config) if args.command == "up" else gateway(config))
     return 0
 
 

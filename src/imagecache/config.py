@@ -66,8 +66,12 @@ class Config:
         """Return self, or raise ConfigError naming the first bad setting."""
         if self.blobs.backend not in ("folder", "s3"):
             raise ConfigError(f"blobs.backend must be 'folder' or 's3', not {self.blobs.backend!r}")
-        if self.blobs.backend == "s3" and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.blobs.bucket):
-            raise ConfigError(f"blobs.bucket must be a valid S3 bucket name, not {self.blobs.bucket!r}")
+        if self.blobs.backend == "s3" and not re.fullmatch(
+            r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.blobs.bucket
+        ):
+            raise ConfigError(
+                f"blobs.bucket must be a valid S3 bucket name, not {self.blobs.bucket!r}"
+            )
         if not self.metadata_url.startswith(("sqlite+aiosqlite://", "mysql+aiomysql://")):
             raise ConfigError(
                 "metadata_url must start with sqlite+aiosqlite:// or mysql+aiomysql://"

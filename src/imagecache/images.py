@@ -52,13 +52,17 @@ def inspect_image(data: bytes) -> ImageInfo:
             with Image.open(BytesIO(data)) as image:
                 kind = image.format or ""
                 width, height = image.size
-                image.verify()  # reads the whole file: catches truncation and corruption
+                # Decoding every pixel is what proves the file renders: verify()
+                # alone lets a truncated JPEG through.
+                image.load()
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise BadRequest("the file is not a PNG, JPEG or GIF image") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadRequest(f"the image file is damaged: {error}") from None
     if kind not in CONTENT_TYPES:
-        raise BadRequest(f"{kind or 'this'} files are not accepted: upload a PNG, JPEG or GIF image")
+        raise BadRequest(
+            f"{kind or 'this'} files are not accepted: upload a PNG, JPEG or GIF image"
+        )
     return ImageInfo(CONTENT_TYPES[kind], width, height)
 
 

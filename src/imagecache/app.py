@@ -1,0 +1,130 @@
+"""The gateway's aiohttp application: routes, templates and one cleanup context per resource."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from imagecache import api, pages
+from imagecache.appkeys import BLOBS, CONFIG, FLASH_SECRET, MANAGER, METADATA, POOL, SERVICE
+from imagecache.blobs import open_blob_store
+from imagecache.cachepool import CachePool
+from imagecache.config import Config
+from imagecache.manager_link import ManagerLink
+from imagecache.metadata import MetadataStore
+from imagecache.service import ImageService
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+MEMBERSHIP_REFRESH_SECONDS = 0.5  # gateways follow a membership change within 1 s
+HEAL_SECONDS = 1.0
+CLEAN_UP_SECONDS = 600.0
+
+
+def create_app(config: Config) -> web.Application:
+    """The gateway for ``config``; resources open when the application starts."""
+    app = web.Application(
+        middlewares=[api.api_errors],
+        client_max_size=config.gateway.max_upload_bytes + (1 << 20),
+    )
+    app[CONFIG] = config
+    app[FLASH_SECRET] = config.gateway.secret_key.encode() or secrets.token_bytes(32)
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(TEMPLATES / "gateway"),
+        autoescape=jinja2.select_autoescape(["html"]),
+    )
+    app.router.add_static("/static", TEMPLATES / "static")
+    api.add_routes(app)
+    pages.add_routes(app)
+    app.cleanup_ctx.extend(
+        [metadata_ctx, blobs_ctx, pool_ctx, service_ctx, manager_ctx, background_ctx]
+    )
+    return app
+
+
+async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with MetadataStore.open(app[CONFIG].metadata_url) as metadata:
+        app[METADATA] = metadata
+        yield
+
+
+async def blobs_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    async with open_blob_store(config.blobs, config.aws) as blobs:
+        app[BLOBS] = blobs
+        yield
+
+
+async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    pool = CachePool(timeout=app[CONFIG].gateway.node_timeout)
+    await refresh_membership(app, pool, last_epoch=None)
+    app[POOL] = pool
+    yield
+    await pool.close()
+
+
+async def service_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[SERVICE] = ImageService(app[METADATA], app[BLOBS], app[POOL])
+    yield
+
+
+async def manager_ctx(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[CONFIG].gateway
+    app[MANAGER] = ManagerLink(gateway.manager_url, gateway.manager_token)
+    yield
+    await app[MANAGER].close()
+
+
+async def background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The gateway's loops: follow the membership, heal nodes, clean up blobs."""
+    pool, service = app[POOL], app[SERVICE]
+    epoch: list[int | None] = [None]
+
+    async def follow_membership() -> None:
+        epoch[0] = await refresh_membership(app, pool, epoch[0])
+
+    tasks = [
+        asyncio.create_task(every(MEMBERSHIP_REFRESH_SECONDS, follow_membership)),
+        asyncio.create_task(every(HEAL_SECONDS, service.heal_cache)),
+        asyncio.create_task(every(CLEAN_UP_SECONDS, service.clean_up)),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def refresh_membership(app: web.Application, pool: CachePool, last_epoch: int | None) -> int:
+    """Route over the membership the manager published; the configured nodes until then."""
+    membership = await app[METADATA].get_membership()
+    if membership.epoch == last_epoch:
+        return membership.epoch
+    if membership.epoch == 0:
+        members = [(address, address) for address in app[CONFIG].gateway.nodes]
+    else:
+        members = [
+            (node.node_id, node.address) for node in membership.nodes if node.state == "active"
+        ]
+    await pool.set_members(members)
+    return membership.epoch
+
+
+async def every(seconds: float, action: Callable[[], Awaitable[object]]) -> None:
+    """Run ``action`` now and every ``seconds``; a failed run is logged and the loop goes on."""
+    while True:
+        try:
+            await action()
+        except Exception:
+            log.exception(
+                "background task %s failed; retrying", getattr(action, "__name__", action)
+            )
+        await asyncio.sleep(seconds)

@@ -1,0 +1,20 @@
+"""Typed keys of the gateway's aiohttp application (no string keys)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from imagecache.blobs import BlobStore
+from imagecache.cachepool import CachePool
+from imagecache.config import Config
+from imagecache.manager_link import ManagerLink
+from imagecache.metadata import MetadataStore
+from imagecache.service import ImageService
+
+CONFIG = web.AppKey("config", Config)
+METADATA = web.AppKey("metadata", MetadataStore)
+BLOBS = web.AppKey("blobs", BlobStore)
+POOL = web.AppKey("pool", CachePool)
+SERVICE = web.AppKey("service", ImageService)
+MANAGER = web.AppKey("manager", ManagerLink)
+FLASH_SECRET = web.AppKey("flash_secret", bytes)

@@ -1,0 +1,212 @@
+"""The gateway's view of the cache tier: one client per node, keys routed by the ring.
+
+A cache node that fails or times out never fails a user request: the pool
+answers a miss, sets the node aside for a few seconds and tries it again
+later. A node that may have missed an invalidation is *dirty*: it serves
+nothing until it has been cleared (``heal``), so it can never serve an image
+older than the last acknowledged upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cachenode.client import CachedItem, NodeClient
+from cachenode.errors import NodeError, NodeReplyError
+from imagecache.config import parse_address
+from imagecache.ring import Ring
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class PoolMember:
+    node_id: str
+    address: str
+    client: NodeClient
+    unusable_until: float = 0.0  # set aside after a failure, until then
+    dirty: bool = False  # missed an invalidation: clear it before it serves again
+    failures: int = 0
+
+
+@dataclass
+class PoolCounters:
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0  # node failures, each answered as a miss
+
+
+class CachePool:
+    """Routes keys to cache nodes and hides node failures behind misses."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 0.5,
+        retry_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._timeout = timeout
+        self._retry_seconds = retry_seconds
+        self._clock = clock
+        self._members: dict[str, PoolMember] = {}
+        self._ring = Ring(())
+        self.counters = PoolCounters()
+
+    # -- membership ---------------------------------------------------------
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return self._ring.node_ids
+
+    @property
+    def members(self) -> list[PoolMember]:
+        return [self._members[node_id] for node_id in self._ring.node_ids]
+
+    async def set_members(self, members: Sequence[tuple[str, str]]) -> None:
+        """Route over these (node id, host:port) from now on; clients of others close."""
+        wanted = dict(members)
+        for node_id in list(self._members):
+            member = self._members[node_id]
+            if wanted.get(node_id) != member.address:
+                del self._members[node_id]
+                await member.client.close()
+        for node_id, address in wanted.items():
+            if node_id not in self._members:
+                host, port = parse_address(address)
+                client = NodeClient(
+                    host, port, timeout=self._timeout, connect_timeout=self._timeout
+                )
+                self._members[node_id] = PoolMember(node_id, address, client)
+        self._ring = Ring(sorted(wanted))
+        log.info("cache pool: %s", ", ".join(f"{n}={a}" for n, a in sorted(wanted.items())))
+
+    def owner_of(self, key: str) -> PoolMember | None:
+        node_id = self._ring.owner(key.encode())
+        return None if node_id is None else self._members[node_id]
+
+    # -- reads and fills ----------------------------------------------------
+
+    async def get(self, key: str) -> CachedItem | None:
+        """The cached item of ``key``; None on a miss or when its node cannot serve."""
+        member = self._usable_owner(key)
+        if member is None:
+            self.counters.misses += 1
+            return None
+        item = await self._attempt(member, member.client.get_item(key.encode()))
+        if item is None:
+            self.counters.misses += 1
+        else:
+            self.counters.hits += 1
+        return item
+
+    async def fill(self, key: str, value: bytes, flags: int, version: int) -> None:
+        """Cache a value read from the blob store, unless a newer version is known there."""
+        member = self._usable_owner(key)
+        if member is not None:
+            await self._attempt(
+                member, member.client.add(key.encode(), value, flags=flags, version=version)
+            )
+
+    async def store(self, key: str, value: bytes, flags: int, version: int) -> None:
+        """Write a just-uploaded value through to its owner (best effort)."""
+        member = self._usable_owner(key)
+        if member is not None:
+            await self._attempt(
+                member, member.client.set(key.encode(), value, flags=flags, version=version)
+            )
+
+    # -- invalidation -------------------------------------------------------
+
+    async def invalidate(self, key: str, version: int) -> None:
+        """Remove every version of ``key`` older than ``version`` from every node.
+
+        Every node, not only the owner: a node that owned the key under an
+        earlier membership may own it again later. A node that cannot be told
+        becomes dirty and serves nothing until it is cleared.
+        """
+        encoded = key.encode()
+        await self._on_every_member(lambda m: m.client.delete(encoded, version=version))
+
+    async def clear(self, version: int = 0) -> None:
+        """Empty every node; with ``version``, older fills are refused for a while."""
+        await self._on_every_member(lambda m: m.client.clear(version=version))
+
+    async def heal(self, floor_version: Callable[[], Awaitable[int]]) -> None:
+        """Bring back nodes that were set aside: clear dirty ones before they serve.
+
+        ``floor_version`` gives the newest version acknowledged so far; the
+        clear refuses fills of anything older, so a fill that read a replaced
+        image before the node went dirty cannot land after the clear.
+        """
+        now = self._clock()
+        for member in self.members:
+            if not member.dirty and member.unusable_until <= now:
+                continue
+            try:
+                if member.dirty:
+                    await member.client.clear(version=await floor_version() + 1)
+                    log.info("cache node %s (%s) cleared and back", member.node_id, member.address)
+                else:
+                    await member.client.ping()
+            except NodeError:
+                member.unusable_until = self._clock() + self._retry_seconds
+                continue
+            member.dirty = False
+            member.unusable_until = 0.0
+
+    async def close(self) -> None:
+        for member in self._members.values():
+            await member.client.close()
+        self._members.clear()
+        self._ring = Ring(())
+
+    # -- internals ----------------------------------------------------------
+
+    def _usable_owner(self, key: str) -> PoolMember | None:
+        member = self.owner_of(key)
+        if member is None or member.dirty or member.unusable_until > self._clock():
+            return None
+        return member
+
+    async def _attempt(self, member: PoolMember, call: Awaitable[T]) -> T | None:
+        try:
+            return await call
+        except NodeReplyError as error:
+            # The node is fine, it refused this one request (e.g. too large).
+            log.debug("cache node %s refused: %s", member.node_id, error)
+            return None
+        except NodeError as error:
+            self._set_aside(member, error)
+            return None
+
+    async def _on_every_member(self, call: Callable[[PoolMember], Awaitable[object]]) -> None:
+        members = self.members
+
+        async def one(member: PoolMember) -> None:
+            try:
+                await call(member)
+            except NodeError as error:
+                member.dirty = True
+                self._set_aside(member, error)
+
+        await asyncio.gather(*(one(member) for member in members))
+
+    def _set_aside(self, member: PoolMember, error: Exception) -> None:
+        self.counters.errors += 1
+        member.failures += 1
+        if member.unusable_until <= self._clock():
+            log.warning(
+                "cache node %s (%s) failed, reading around it for %.0f s: %s",
+                member.node_id,
+                member.address,
+                self._retry_seconds,
+                error,
+            )
+        member.unusable_until = self._clock() + self._retry_seconds

@@ -1,0 +1,599 @@
+"""The metadata store: image rows, the blob journal, pool membership and settings.
+
+One code path over SQLite (the embedded default, aiosqlite) and MySQL/RDS
+(aiomysql) with SQLAlchemy Core. What differs between the two databases lives
+in ``_create_engine`` (and in the column types of the schema):
+
+- SQLite: the driver's own transaction handling is switched off and a write
+  transaction starts with ``BEGIN IMMEDIATE``, so it takes the write lock
+  first, waiting up to the busy timeout, instead of failing with "database is
+  locked" when it upgrades a read lock; reads run in autocommit. WAL lets
+  readers go on beside the writer (of this process or another one). Within
+  one process, writers also queue on an asyncio lock.
+- MySQL: READ COMMITTED, so the locking reads take no gap locks, and every
+  transaction that changes images locks the "version" counter row first,
+  which serializes those transactions without deadlocks.
+
+Blob journal: ``begin_upload`` records a blob name as "uploading" before the
+blob is written; ``commit_upload`` drops that entry in the transaction that
+points the row at the blob and records the replaced blob as "garbage";
+``blobs_to_delete`` lists what a clean-up may delete, and ``blob_deleted``
+forgets a blob once it is gone. Whatever a crash interrupts, a restart finds
+every blob that no row points at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    contextmanager,
+    nullcontext,
+)
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    event,
+    insert,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import URL, Connection, RowMapping, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.schema import CreateTable
+
+from imagecache.errors import StorageError
+
+UPLOADING = "uploading"
+GARBAGE = "garbage"
+NODE_STATES = frozenset({"active", "joining", "leaving"})
+
+_VERSION = "version"
+_EPOCH = "membership_epoch"
+# An execution option of the engine that runs write transactions; the SQLite
+# "begin" hook reads it.
+_WRITE_OPTION = "imagecache_write"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+MYSQL_CONNECT_TIMEOUT_S = 10
+
+# Naive UTC on both databases; MySQL's DATETIME keeps only whole seconds unless told.
+_Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# Keys compare byte for byte (case-sensitive) and sort alike on both databases.
+_MYSQL_TABLE: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+
+schema = MetaData()
+
+images_table = Table(
+    "images",
+    schema,
+    Column("key", String(250), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("blob_name", String(128), nullable=False),
+    Column("content_type", String(100), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("uploaded_at", _Timestamp, nullable=False),
+    **_MYSQL_TABLE,
+)
+
+journal_table = Table(
+    "blob_journal",
+    schema,
+    Column("blob_name", String(128), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("created_at", _Timestamp, nullable=False),
+    **_MYSQL_TABLE,
+)
+
+counters_table = Table(
+    "counters",
+    schema,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+    **_MYSQL_TABLE,
+)
+
+nodestable = Table(
+    "nodes",
+    schema,
+    Column("node_id", String(64), primary_key=True),
+    Column("address", String(255), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("position", Integer, nullable=False),
+    **_MYSQL_TABLE,
+)
+
+settings_table = Table(
+    "settings",
+    schema,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    **_MYSQL_TABLE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    key: str
+    version: int
+    blob_name: str
+    content_type: str
+    size: int
+    width: int
+    height: int
+    uploaded_at: datetime  # timezone-aware UTC
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    node_id: str
+    address: str  # "host:port"
+    state: str  # "active" | "joining" | "leaving"
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    epoch: int
+    nodes: tuple[NodeRecord, ...]
+
+
+class MetadataStore:
+    """Image rows, the blob journal, pool membership and settings in one database.
+
+    Every public method raises StorageError when the database fails or cannot
+    be reached; then a write changed nothing (or, if only the reply was lost,
+    may have been committed).
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, write_gate: AbstractAsyncContextManager[Any], where: str
+    ) -> None:
+        self._engine = engine
+        self._writer = engine.execution_options(**{_WRITE_OPTION: True})
+        self._write_gate = write_gate
+        self._where = where
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str) -> AsyncIterator[MetadataStore]:
+        """A store on the database at ``url``, its schema created if absent.
+
+        ``url`` is ``sqlite+aiosqlite:///path/to/file.db`` (the folder is
+        created) or ``mysql+aiomysql://user:password@host:port/database``.
+        The connections are closed on exit. Raises ValueError for a URL of
+        another kind, StorageError when the database cannot be used.
+        """
+        try:
+            parsed = make_url(url)
+        except ArgumentError as error:
+            raise ValueError(f"not a database URL: {error}") from error
+        where = parsed.render_as_string(hide_password=True)
+        if parsed.drivername not in ("sqlite+aiosqlite", "mysql+aiomysql"):
+            raise ValueError(f"metadata URL must be sqlite+aiosqlite or mysql+aiomysql: {where}")
+        with _failures(where, "open the database"):
+            engine, write_gate = await _create_engine(parsed)
+        try:
+            store = cls(engine, write_gate, where)
+            await store._create_schema()
+            yield store
+        finally:
+            await engine.dispose()
+
+    async def get_image(self, key: str) -> ImageRecord | None:
+        """The row of ``key``, or None when there is none."""
+        with self._failures(f"read the image {key!r}"):
+            async with self._engine.connect() as conn:
+                row = (
+                    await conn.execute(select(images_table).where(images_table.c.key == key))
+                ).first()
+        return None if row is None else _image(row._mapping)
+
+    async def list_images(self) -> list[ImageRecord]:
+        """Every image row, ordered by key."""
+        with self._failures("list the images"):
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(select(images_table).order_by(images_table.c.key))).all()
+        return [_image(row._mapping) for row in rows]
+
+    async def list_keys(self) -> list[str]:
+        """Every key, in order."""
+        with self._failures("list the keys"):
+            async with self._engine.connect() as conn:
+                result = await conn.execute(select(images_table.c.key).order_by(images_table.c.key))
+                return list(result.scalars())
+
+    async def current_version(self) -> int:
+        """The highest version handed out so far (0 before the first upload)."""
+        with self._failures("read the current version"):
+            async with self._engine.connect() as conn:
+                return await _counter(conn, _VERSION)
+
+    async def begin_upload(self, blob_name: str) -> None:
+        """Journal ``blob_name`` as "uploading"; call it before writing the blob.
+
+        Raises StorageError when that fails (also when the name is already
+        journaled): then the blob must not be written.
+        """
+        with self._failures(f"journal the upload of blob {blob_name}"):
+            async with self._write() as conn:
+                await conn.execute(
+                    insert(journal_table).values(
+                        blob_name=blob_name, state=UPLOADING, created_at=_now()
+                    )
+                )
+
+    async def commit_upload(
+        self, key: str, blob_name: str, content_type: str, size: int, width: int, height: int
+    ) -> tuple[ImageRecord, str | None]:
+        """Point ``key`` at the uploaded blob ``blob_name``, in one transaction.
+
+        The row gets the next version of a counter shared by every key, so
+        versions strictly increase in commit order; the blob's journal entry is
+        dropped and the blob it replaces, if any, is journaled as garbage.
+        Returns the new record and the replaced blob's name (None for a new key).
+        Raises StorageError when it fails, or when ``blob_name`` is not journaled
+        as uploading (never begun, abandoned, or collected as a stale upload):
+        then nothing changed.
+        """
+        with self._failures(f"commit the upload of {key!r}"):
+            async with self._write() as conn:
+                version = await _bump(conn, _VERSION)
+                state = (
+                    await conn.execute(
+                        select(journal_table.c.state)
+                        .where(journal_table.c.blob_name == blob_name)
+                        .with_for_update()
+                    )
+                ).scalar_one_or_none()
+                if state != UPLOADING:
+                    raise StorageError(
+                        f"blob {blob_name} of {key!r} is not being uploaded "
+                        f"(journal says {state or 'nothing'}); upload it again"
+                    )
+                replaced = (
+                    await conn.execute(
+                        select(images_table.c.blob_name)
+                        .where(images_table.c.key == key)
+                        .with_for_update()
+                    )
+                ).scalar_one_or_none()
+                record = ImageRecord(
+                    key, version, blob_name, content_type, size, width, height, datetime.now(UTC)
+                )
+                values = _image_values(record)
+                if replaced is None:
+                    await conn.execute(insert(images_table).values(values))
+                else:
+                    await conn.execute(
+                        update(images_table).where(images_table.c.key == key).values(values)
+                    )
+                await conn.execute(
+                    delete(journal_table).where(journal_table.c.blob_name == blob_name)
+                )
+                if replaced == blob_name:
+                    replaced = None  # committed twice: that blob is still in use
+                if replaced is not None:
+                    await _journal_garbage(conn, [replaced])
+        return record, replaced
+
+    async def abandon_upload(self, blob_name: str) -> None:
+        """Mark an upload begun with ``begin_upload`` as garbage (it failed)."""
+        with self._failures(f"abandon the upload of blob {blob_name}"):
+            async with self._write() as conn:
+                await conn.execute(
+                    update(journal_table)
+                    .where(journal_table.c.blob_name == blob_name)
+                    .values(state=GARBAGE)
+                )
+
+    async def blob_deleted(self, blob_name: str) -> None:
+        """Forget the journal entry of ``blob_name``, whose blob is gone."""
+        with self._failures(f"forget blob {blob_name}"):
+            async with self._write() as conn:
+                await conn.execute(
+                    delete(journal_table).where(journal_table.c.blob_name == blob_name)
+                )
+
+    async def blobs_to_delete(self, uploading_older_than: timedelta) -> list[str]:
+        """Names of the blobs a clean-up should delete (then call ``blob_deleted``).
+
+        These are the garbage entries, and the uploads begun longer ago than
+        ``uploading_older_than`` (a crash or a lost commit). Those stale
+        uploads become garbage here, so a late ``commit_upload`` of one fails
+        instead of pointing a key at a blob being deleted.
+        """
+        with self._failures("list the blobs to delete"):
+            async with self._write() as conn:
+                stale = (journal_table.c.state == UPLOADING) & (
+                    journal_table.c.created_at <= _now() - uploading_older_than
+                )
+                await conn.execute(update(journal_table).where(stale).values(state=GARBAGE))
+                result = await conn.execute(
+                    select(journal_table.c.blob_name)
+                    .where(journal_table.c.state == GARBAGE)
+                    .order_by(journal_table.c.created_at, journal_table.c.blob_name)
+                )
+                return list(result.scalars())
+
+    async def delete_all(self) -> list[str]:
+        """Delete every image row and journal its blob as garbage, in one transaction.
+
+        Returns the names of those blobs, in key order.
+        """
+        with self._failures("delete all images"):
+            async with self._write() as conn:
+                await _lock_counter(conn, _VERSION)
+                result = await conn.execute(
+                    select(images_table.c.blob_name).order_by(images_table.c.key).with_for_update()
+                )
+                names = list(result.scalars())
+                await _journal_garbage(conn, names)
+                await conn.execute(delete(images_table))
+        return names
+
+    async def get_membership(self) -> Membership:
+        """The cache pool's nodes in order and their epoch (0 and no nodes if never set)."""
+        # One statement, so the epoch and the nodes always come from the same commit.
+        query = (
+            select(
+                counters_table.c.value,
+                nodestable.c.node_id,
+                nodestable.c.address,
+                nodestable.c.state,
+            )
+            .select_from(counters_table.outerjoin(nodestable, true()))
+            .where(counters_table.c.name == _EPOCH)
+            .order_by(nodestable.c.position)
+        )
+        with self._failures("read the pool membership"):
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        if not rows:
+            return Membership(0, ())
+        members = tuple(
+            NodeRecord(node_id, address, state)
+            for _, node_id, address, state in rows
+            if node_id is not None
+        )
+        return Membership(int(rows[0][0]), members)
+
+    async def set_membership(self, nodes: Sequence[NodeRecord]) -> int:
+        """Replace the pool's nodes (kept in the given order); returns the new epoch.
+
+        Raises ValueError for an unknown node state or a repeated node id.
+        """
+        for node in nodes:
+            if node.state not in NODE_STATES:
+                raise ValueError(f"node {node.node_id}: unknown state {node.state!r}")
+        if len({node.node_id for node in nodes}) != len(nodes):
+            raise ValueError("node ids must be distinct")
+        with self._failures("set the pool membership"):
+            async with self._write() as conn:
+                epoch = await _bump(conn, _EPOCH)
+                await conn.execute(delete(nodestable))
+                if nodes:
+                    await conn.execute(
+                        insert(nodestable),
+                        [
+                            {
+                                "node_id": node.node_id,
+                                "address": node.address,
+                                "state": node.state,
+                                "position": position,
+                            }
+                            for position, node in enumerate(nodes)
+                        ],
+                    )
+        return epoch
+
+    async def get_settings(self) -> dict[str, str]:
+        """Every stored setting, by name."""
+        with self._failures("read the settings"):
+            async with self._engine.connect() as conn:
+                rows = (
+                    await conn.execute(select(settings_table.c.name, settings_table.c.value))
+                ).all()
+        return {row.name: row.value for row in rows}
+
+    async def put_settings(self, values: Mapping[str, str]) -> None:
+        """Store ``values``, replacing settings of the same names, in one transaction."""
+        if not values:
+            return
+        with self._failures("store the settings"):
+            async with self._write() as conn:
+                await conn.execute(
+                    delete(settings_table).where(settings_table.c.name.in_(list(values)))
+                )
+                await conn.execute(
+                    insert(settings_table), [{"name": k, "value": v} for k, v in values.items()]
+                )
+
+    async def _create_schema(self) -> None:
+        with self._failures("create the schema"):
+            async with self._write() as conn:
+                # create_all, but IF NOT EXISTS: two processes may start at once.
+                for table in schema.sorted_tables:
+                    await conn.execute(CreateTable(table, if_not_exists=True))
+            try:
+                async with self._write() as conn:
+                    present = set(
+                        (
+                            await conn.execute(select(counters_table.c.name).with_for_update())
+                        ).scalars()
+                    )
+                    missing = [{"name": n, "value": 0} for n in (_VERSION, _EPOCH)]
+                    missing = [row for row in missing if row["name"] not in present]
+                    if missing:
+                        await conn.execute(insert(counters_table), missing)
+            except IntegrityError:
+                pass  # another process created them at the same moment
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._write_gate, self._writer.begin() as conn:
+            yield conn
+
+    def _failures(self, action: str) -> AbstractContextManager[None]:
+        return _failures(self._where, action)
+
+
+@contextmanager
+def _failures(where: str, action: str) -> Iterator[None]:
+    """Turn database and connection failures into StorageError."""
+    try:
+        yield
+    except (DBAPIError, PoolTimeoutError, OSError) as error:
+        reason = error.orig if isinstance(error, DBAPIError) and error.orig else error
+        raise StorageError(f"metadata store {where} could not {action}: {reason}") from error
+
+
+async def _create_engine(url: URL) -> tuple[AsyncEngine, AbstractAsyncContextManager[Any]]:
+    """The engine for ``url`` and what write transactions of this process enter first.
+
+    Everything that differs between the databases is here.
+    """
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url)
+        event.listen(engine.sync_engine, "connect", _sqlite_connect)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        try:
+            await _sqlite_use_wal(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        # SQLite runs one writer at a time anyway: this process's writers queue
+        # here rather than in SQLite's sleep-and-retry busy handler, which stays
+        # the protection against other processes.
+        return engine, asyncio.Lock()
+    engine = create_async_engine(
+        url,
+        isolation_level="READ COMMITTED",
+        pool_pre_ping=True,  # RDS closes idle connections and fails over
+        pool_recycle=3600,
+        connect_args={"connect_timeout": MYSQL_CONNECT_TIMEOUT_S},
+    )
+    return engine, nullcontext()
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy's recipe: the driver emits no BEGIN of its own (_sqlite_begin does).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+async def _sqlite_use_wal(engine: AsyncEngine) -> None:
+    """Put the database file in WAL mode (it stays so, for every connection).
+
+    Switching can fail with "database is locked" at once, without waiting for
+    the busy timeout, while another process opens the same new file: retry.
+    """
+    deadline = asyncio.get_running_loop().time() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+            return
+        except OperationalError as error:
+            if "locked" not in str(error.orig) or asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.02)
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    if connection.get_execution_options().get(_WRITE_OPTION):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _now() -> datetime:
+    """Now in UTC, naive, as the database columns keep it."""
+    return _naive(datetime.now(UTC))
+
+
+def _naive(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def _image(row: RowMapping) -> ImageRecord:
+    return ImageRecord(
+        key=row["key"],
+        version=int(row["version"]),
+        blob_name=row["blob_name"],
+        content_type=row["content_type"],
+        size=int(row["size"]),
+        width=int(row["width"]),
+        height=int(row["height"]),
+        uploaded_at=row["uploaded_at"].replace(tzinfo=UTC),
+    )
+
+
+def _image_values(record: ImageRecord) -> dict[str, Any]:
+    return {
+        "key": record.key,
+        "version": record.version,
+        "blob_name": record.blob_name,
+        "content_type": record.content_type,
+        "size": record.size,
+        "width": record.width,
+        "height": record.height,
+        "uploaded_at": _naive(record.uploaded_at),
+    }
+
+
+async def _counter(conn: AsyncConnection, name: str) -> int:
+    result = await conn.execute(select(counters_table.c.value).where(counters_table.c.name == name))
+    return int(result.scalar_one_or_none() or 0)
+
+
+async def _lock_counter(conn: AsyncConnection, name: str) -> int:
+    """The counter's value, its row locked until the transaction ends (MySQL)."""
+    result = await conn.execute(
+        select(counters_table.c.value).where(counters_table.c.name == name).with_for_update()
+    )
+    return int(result.scalar_one())
+
+
+async def _bump(conn: AsyncConnection, name: str) -> int:
+    """Increment the counter ``name`` and return its new value."""
+    value = await _lock_counter(conn, name) + 1
+    await conn.execute(
+        update(counters_table).where(counters_table.c.name == name).values(value=value)
+    )
+    return value
+
+
+async def _journal_garbage(conn: AsyncConnection, blob_names: Sequence[str]) -> None:
+    if not blob_names:
+        return
+    now = _now()
+    await conn.execute(delete(journal_table).where(journal_table.c.blob_name.in_(blob_names)))
+    await conn.execute(
+        insert(journal_table),
+        [{"blob_name": name, "state": GARBAGE, "created_at": now} for name in blob_names],
+    )

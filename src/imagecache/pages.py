@@ -1,0 +1,103 @@
+"""The web pages: add an image, show an image, list the keys; and the image bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from imagecache.appkeys import CONFIG, FLASH_SECRET, SERVICE
+from imagecache.errors import BadRequest, ImagecacheError, ImageNotFound
+from imagecache.flash import set_flash, take_flash
+from imagecache.images import KEY_RULE, check_key
+from imagecache.uploads import read_upload
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", add_page, name="add")
+    app.router.add_post("/", add_image)
+    app.router.add_get("/show", show_page, name="show")
+    app.router.add_get("/keys", keys_page, name="keys")
+    app.router.add_get("/image/{key}", image, name="image")
+
+
+def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
+    context.setdefault("flash", take_flash(request, request.app[FLASH_SECRET]))
+    context["key_rule"] = KEY_RULE
+    context["max_upload_mb"] = request.app[CONFIG].gateway.max_upload_bytes / (1 << 20)
+    response = aiohttp_jinja2.render_template(template, request, context, status=status)
+    if context["flash"] is not None:
+        response.del_cookie("imagecache_flash", path="/")
+    return response
+
+
+async def add_page(request: web.Request) -> web.Response:
+    return render(request, "add.html", page="add")
+
+
+async def add_image(request: web.Request) -> web.StreamResponse:
+    """Store the posted image, then redirect to it (or show the form again with the error)."""
+    try:
+        form = await read_upload(request, request.app[CONFIG].gateway.max_upload_bytes)
+        result = await request.app[SERVICE].upload(form.key, form.data)
+    except ImagecacheError as error:
+        return render(
+            request,
+            "add.html",
+            status=error.http_status,
+            page="add",
+            flash=("error", f"Nothing was stored: {error}."),
+        )
+    key = result.record.key
+    verb = "Replaced the image of" if result.replaced else "Stored a new image under"
+    location = request.app.router["show"].url_for().with_query(key=key)
+    # Post/redirect/get: a reload of the result page does not upload again.
+    response = web.Response(status=303, headers={"Location": str(location)})
+    set_flash(response, request.app[FLASH_SECRET], "success", f"{verb} key '{key}'.")
+    return response
+
+
+async def show_page(request: web.Request) -> web.Response:
+    key = request.query.get("key", "").strip()
+    if not key:
+        return render(request, "show.html", page="show", key="")
+    try:
+        check_key(key)
+        image = await request.app[SERVICE].read(key)
+    except (BadRequest, ImageNotFound) as error:
+        status = error.http_status
+        message = f"No image for key '{key}'." if status == 404 else str(error)
+        return render(request, "show.html", status=status, page="show", key=key, missing=message)
+    return render(request, "show.html", page="show", key=key, image=image)
+
+
+async def keys_page(request: web.Request) -> web.Response:
+    records = await request.app[SERVICE].list_images()
+    return render(request, "keys.html", page="keys", records=records)
+
+
+async def image(request: web.Request) -> web.StreamResponse:
+    """The image bytes, typed by content, with an ETag of its version."""
+    try:
+        found = await request.app[SERVICE].read(request.match_info["key"])
+    except ImagecacheError as error:
+        raise _http_error(error) from error
+    etag = f'"v{found.version}"'
+    # no-cache: browsers revalidate every time (cheap: a 304), so an updated
+    # image shows at once, never a stale copy.
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=found.data, content_type=found.content_type, headers=headers)
+
+
+_HTTP_ERRORS: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest,
+    404: web.HTTPNotFound,
+    503: web.HTTPServiceUnavailable,
+}
+
+
+def _http_error(error: ImagecacheError) -> web.HTTPException:
+    return _HTTP_ERRORS.get(error.http_status, web.HTTPInternalServerError)(text=str(error))
