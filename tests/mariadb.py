@@ -175,7 +175,8 @@ def mariadb_url() -> Iterator[str]:
     if server is None or install_db is None or client is None:
         pytest.skip(
             "MariaDB is not installed here (mariadbd, mariadb-install-db, mariadb): "
-            "the MySQL tests need it; CI installs mariadb-server (apt-get install -y mariadb-server)"
+            "the MySQL tests need it; CI installs mariadb-server "
+            "(apt-get install -y mariadb-server)"
         )
     folder = Path(tempfile.mkdtemp(prefix="imagecache-mariadb-"))
     instance = MariaDBServer(folder, server, install_db, client)

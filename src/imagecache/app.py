@@ -13,11 +13,21 @@ import jinja2
 from aiohttp import web
 
 from imagecache import api, pages
-from imagecache.appkeys import BLOBS, CONFIG, FLASH_SECRET, MANAGER, METADATA, POOL, SERVICE
+from imagecache.appkeys import (
+    BLOBS,
+    CONFIG,
+    FLASH_SECRET,
+    MANAGER,
+    MEMBERSHIP,
+    METADATA,
+    POOL,
+    SERVICE,
+)
 from imagecache.blobs import open_blob_store
 from imagecache.cachepool import CachePool
 from imagecache.config import Config
 from imagecache.manager_link import ManagerLink
+from imagecache.membership import MembershipFollower
 from imagecache.metadata import MetadataStore
 from imagecache.service import ImageService
 
@@ -66,8 +76,9 @@ async def blobs_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = CachePool(timeout=app[CONFIG].gateway.node_timeout)
-    await refresh_membership(app, pool, last_epoch=None)
     app[POOL] = pool
+    app[MEMBERSHIP] = MembershipFollower(app[METADATA], pool, app[CONFIG].gateway.nodes)
+    await app[MEMBERSHIP].refresh()  # route from the first request on
     yield
     await pool.close()
 
@@ -86,14 +97,9 @@ async def manager_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     """The gateway's loops: follow the membership, heal nodes, clean up blobs."""
-    pool, service = app[POOL], app[SERVICE]
-    epoch: list[int | None] = [None]
-
-    async def follow_membership() -> None:
-        epoch[0] = await refresh_membership(app, pool, epoch[0])
-
+    service = app[SERVICE]
     tasks = [
-        asyncio.create_task(every(MEMBERSHIP_REFRESH_SECONDS, follow_membership)),
+        asyncio.create_task(every(MEMBERSHIP_REFRESH_SECONDS, app[MEMBERSHIP].refresh)),
         asyncio.create_task(every(HEAL_SECONDS, service.heal_cache)),
         asyncio.create_task(every(CLEAN_UP_SECONDS, service.clean_up)),
     ]
@@ -101,21 +107,6 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def refresh_membership(app: web.Application, pool: CachePool, last_epoch: int | None) -> int:
-    """Route over the membership the manager published; the configured nodes until then."""
-    membership = await app[METADATA].get_membership()
-    if membership.epoch == last_epoch:
-        return membership.epoch
-    if membership.epoch == 0:
-        members = [(address, address) for address in app[CONFIG].gateway.nodes]
-    else:
-        members = [
-            (node.node_id, node.address) for node in membership.nodes if node.state == "active"
-        ]
-    await pool.set_members(members)
-    return membership.epoch
 
 
 async def every(seconds: float, action: Callable[[], Awaitable[object]]) -> None:

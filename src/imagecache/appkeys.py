@@ -8,6 +8,7 @@ from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool
 from imagecache.config import Config
 from imagecache.manager_link import ManagerLink
+from imagecache.membership import MembershipFollower
 from imagecache.metadata import MetadataStore
 from imagecache.service import ImageService
 
@@ -18,3 +19,4 @@ POOL = web.AppKey("pool", CachePool)
 SERVICE = web.AppKey("service", ImageService)
 MANAGER = web.AppKey("manager", ManagerLink)
 FLASH_SECRET = web.AppKey("flash_secret", bytes)
+MEMBERSHIP = web.AppKey("membership", MembershipFollower)

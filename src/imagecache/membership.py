@@ -1,0 +1,30 @@
+"""The gateway following the cache pool's membership that the manager publishes."""
+
+from __future__ import annotations
+
+from imagecache.cachepool import CachePool
+from imagecache.metadata import MetadataStore
+
+
+class MembershipFollower:
+    """Keeps the pool routing over the membership the manager publishes.
+
+    Until the manager has published one (epoch 0), the configured nodes.
+    """
+
+    def __init__(self, metadata: MetadataStore, pool: CachePool, nodes: tuple[str, ...]) -> None:
+        self._metadata = metadata
+        self._pool = pool
+        self._configured_nodes = nodes
+        self._epoch: int | None = None
+
+    async def refresh(self) -> None:
+        membership = await self._metadata.get_membership()
+        if membership.epoch == self._epoch:
+            return
+        if membership.epoch == 0:
+            members = [(address, address) for address in self._configured_nodes]
+        else:
+            members = [(n.node_id, n.address) for n in membership.nodes if n.state == "active"]
+        await self._pool.set_members(members)
+        self._epoch = membership.epoch
