@@ -26,12 +26,14 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
 
 USER = "imagecache"
 PASSWORD = "imagecache-test"
 DATABASE = "imagecache"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
+_UNKNOWN_THREAD = 1094  # MariaDB's error for KILL of a connection that is gone
 # Debian puts the server in /usr/sbin, which a non-root PATH may lack.
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 
@@ -193,12 +195,29 @@ def mariadb_database_url(mariadb_url: str) -> Iterator[str]:
     """The URL of a new, empty database on the session's server, dropped after the test."""
     name = f"test_{uuid.uuid4().hex[:16]}"
     # The test user may create databases; pymysql (aiomysql's own driver) does it synchronously.
-    admin = create_engine(make_url(mariadb_url).set(drivername="mysql+pymysql"))
+    admin = create_engine(
+        make_url(mariadb_url).set(drivername="mysql+pymysql"), isolation_level="AUTOCOMMIT"
+    )
     try:
-        with admin.begin() as conn:
+        with admin.connect() as conn:
             conn.execute(text(f"CREATE DATABASE `{name}`"))
         yield make_url(mariadb_url).set(database=name).render_as_string(hide_password=False)
-        with admin.begin() as conn:
+        with admin.connect() as conn:
+            # A test that failed may have left connections (and their locks) behind:
+            # DROP DATABASE would wait for them forever.
+            leftovers = conn.execute(
+                text(
+                    "SELECT id FROM information_schema.processlist"
+                    " WHERE db = :db AND id <> CONNECTION_ID()"
+                ),
+                {"db": name},
+            ).scalars()
+            for connection_id in list(leftovers):
+                try:
+                    conn.execute(text(f"KILL {int(connection_id)}"))
+                except OperationalError as error:
+                    if error.orig is None or error.orig.args[0] != _UNKNOWN_THREAD:
+                        raise  # otherwise it went away by itself meanwhile
             conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
     finally:
         admin.dispose()

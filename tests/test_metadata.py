@@ -296,3 +296,16 @@ async def test_sqlite_two_stores_on_one_file_commit_concurrently(tmp_path: Path)
         )
         assert (await second.get_membership()).epoch == 6
         assert len(await first.blobs_to_delete(HOUR)) == 30  # each key replaced 3 times
+
+
+async def test_activity_history_newest_first(metadata: MetadataStore) -> None:
+    assert await metadata.list_activity() == []
+    await metadata.add_activity(1, 3, "manual expand by 2", None)
+    await metadata.add_activity(3, 2, "autoscaler: miss rate 2.0% < minMiss", 0.02)
+    history = await metadata.list_activity()
+    assert [(a.size_before, a.size_after) for a in history] == [(3, 2), (1, 3)]
+    assert history[0].cause.startswith("autoscaler")
+    assert history[0].miss_rate == pytest.approx(0.02)
+    assert history[1].miss_rate is None
+    assert history[0].at.tzinfo is not None
+    assert len(await metadata.list_activity(limit=1)) == 1

@@ -12,7 +12,6 @@ from typing import Any
 from cachenode.server import NodeConfig, serve
 from cachenode.store import DEFAULT_MAX_ITEM_SIZE, MIB, Policy
 from imagecache.config import ConfigError, load_config
-from imagecache.up import gateway, up
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, help_text in (
         ("up", "run the whole system on the embedded default (data in ./imagecache-data)"),
         ("gateway", "run the web gateway and JSON API (port 5000)"),
+        ("manager", "run the manager: pool, dashboard, statistics, autoscaler (port 5001)"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", help="TOML configuration file (or IMAGECACHE_CONFIG)")
@@ -57,12 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         return 0
+    # Imported here so that `imagecache node` starts without loading the web stack.
+    from imagecache.up import gateway, manager, up
+
     try:
         config = load_config(args.config)
+        part = {"up": up, "gateway": gateway, "manager": manager}[args.command]
+        run(part(config))
     except ConfigError as error:
         print(f"imagecache: {error}", file=sys.stderr)
         return 2
-    run(up(config) if args.command == "up" else gateway(config))
     return 0
 
 

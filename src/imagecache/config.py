@@ -54,6 +54,22 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ManagerConfig:
+    host: str = "127.0.0.1"
+    port: int = 5001
+    password: str = ""  # from IMAGECACHE_MANAGER_PASSWORD; `up` makes one up when empty
+    pool: str = "local"  # "local" (node processes) or "aws" (an EC2 Auto Scaling Group)
+    first_port: int = 11311  # local nodes listen from here up
+    asg_name: str = ""
+    node_port: int = 11311  # the port cache nodes listen on in the Auto Scaling Group
+    metrics: str = "sqlite"  # "sqlite" (the metadata database) or "cloudwatch"
+    cloudwatch_namespace: str = "imagecache"
+    collect_seconds: float = 5.0
+    autoscale_seconds: float = 60.0
+    settle_seconds: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path = DEFAULT_DATA_DIR
     # SQLAlchemy URL: sqlite+aiosqlite:///path or mysql+aiomysql://user:pass@host:port/db
@@ -61,6 +77,7 @@ class Config:
     blobs: BlobConfig = field(default_factory=BlobConfig)
     aws: AwsConfig = field(default_factory=AwsConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
 
     def validate(self) -> Config:
         """Return self, or raise ConfigError naming the first bad setting."""
@@ -82,6 +99,14 @@ class Config:
             raise ConfigError("gateway.max_upload_mb must be positive")
         for node in self.gateway.nodes:
             parse_address(node)
+        if self.manager.pool not in ("local", "aws"):
+            raise ConfigError(f"manager.pool must be 'local' or 'aws', not {self.manager.pool!r}")
+        if self.manager.pool == "aws" and not self.manager.asg_name:
+            raise ConfigError("manager.asg_name is required when manager.pool is 'aws'")
+        if self.manager.metrics not in ("sqlite", "cloudwatch"):
+            raise ConfigError(
+                f"manager.metrics must be 'sqlite' or 'cloudwatch', not {self.manager.metrics!r}"
+            )
         return self
 
 
@@ -111,6 +136,16 @@ _ENVIRONMENT: dict[str, tuple[str, str]] = {
     "IMAGECACHE_MANAGER_URL": ("gateway", "manager_url"),
     "IMAGECACHE_MANAGER_TOKEN": ("gateway", "manager_token"),
     "IMAGECACHE_SECRET_KEY": ("gateway", "secret_key"),
+    "IMAGECACHE_MANAGER_HOST": ("manager", "host"),
+    "IMAGECACHE_MANAGER_PORT": ("manager", "port"),
+    "IMAGECACHE_MANAGER_PASSWORD": ("manager", "password"),
+    "IMAGECACHE_POOL": ("manager", "pool"),
+    "IMAGECACHE_FIRST_NODE_PORT": ("manager", "first_port"),
+    "IMAGECACHE_ASG_NAME": ("manager", "asg_name"),
+    "IMAGECACHE_NODE_PORT": ("manager", "node_port"),
+    "IMAGECACHE_METRICS": ("manager", "metrics"),
+    "IMAGECACHE_CLOUDWATCH_NAMESPACE": ("manager", "cloudwatch_namespace"),
+    "IMAGECACHE_SETTLE_SECONDS": ("manager", "settle_seconds"),
 }
 
 
@@ -121,7 +156,13 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     """
     environ = os.environ if environ is None else environ
     path = path or environ.get("IMAGECACHE_CONFIG")
-    sections: dict[str, dict[str, Any]] = {"": {}, "blobs": {}, "aws": {}, "gateway": {}}
+    sections: dict[str, dict[str, Any]] = {
+        "": {},
+        "blobs": {},
+        "aws": {},
+        "gateway": {},
+        "manager": {},
+    }
     if path:
         try:
             document = tomllib.loads(Path(path).read_text())
@@ -156,6 +197,7 @@ def _build(sections: dict[str, dict[str, Any]]) -> Config:
         blobs=_section(BlobConfig, blobs, "blobs"),
         aws=_section(AwsConfig, sections["aws"], "aws"),
         gateway=_section(GatewayConfig, gateway, "gateway"),
+        manager=_section(ManagerConfig, sections["manager"], "manager"),
         **_fields_of(Config, top, ""),
     )
 
@@ -169,10 +211,10 @@ def _fields_of(cls: type[Any], values: dict[str, Any], section: str) -> dict[str
     known = {f.name: f for f in fields(cls)}
     converted: dict[str, Any] = {}
     for name, value in values.items():
-        if name not in known or name in ("blobs", "aws", "gateway", "data_dir"):
+        if name not in known or name in ("blobs", "aws", "gateway", "manager", "data_dir"):
             where = f"[{section}] " if section else ""
             raise ConfigError(f"unknown setting {where}{name}")
-        default = getattr(cls(), name) if name not in ("blobs", "aws", "gateway") else None
+        default = getattr(cls(), name)
         converted[name] = _convert(value, default, f"{section}.{name}" if section else name)
     return converted
 

@@ -42,6 +42,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     Integer,
     MetaData,
     String,
@@ -74,6 +75,7 @@ _EPOCH = "membership_epoch"
 _WRITE_OPTION = "imagecache_write"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 MYSQL_CONNECT_TIMEOUT_S = 10
+_SETTINGS_ATTEMPTS = 5
 
 # Naive UTC on both databases; MySQL's DATETIME keeps only whole seconds unless told.
 _Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
@@ -113,13 +115,27 @@ counters_table = Table(
     **_MYSQL_TABLE,
 )
 
-nodestable = Table(
+nodes_table = Table(
     "nodes",
     schema,
     Column("node_id", String(64), primary_key=True),
     Column("address", String(255), nullable=False),
     Column("state", String(16), nullable=False),
     Column("position", Integer, nullable=False),
+    **_MYSQL_TABLE,
+)
+
+activity_table = Table(
+    "activity",
+    schema,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("at", _Timestamp, nullable=False),
+    Column("size_before", Integer, nullable=False),
+    Column("size_after", Integer, nullable=False),
+    Column("cause", Text, nullable=False),
+    Column("miss_rate", Float, nullable=True),
     **_MYSQL_TABLE,
 )
 
@@ -149,6 +165,17 @@ class NodeRecord:
     node_id: str
     address: str  # "host:port"
     state: str  # "active" | "joining" | "leaving"
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """One resize of the pool: when, from, to, why (and the miss rate that caused it)."""
+
+    at: datetime  # timezone-aware UTC
+    size_before: int
+    size_after: int
+    cause: str
+    miss_rate: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,13 +384,13 @@ class MetadataStore:
         query = (
             select(
                 counters_table.c.value,
-                nodestable.c.node_id,
-                nodestable.c.address,
-                nodestable.c.state,
+                nodes_table.c.node_id,
+                nodes_table.c.address,
+                nodes_table.c.state,
             )
-            .select_from(counters_table.outerjoin(nodestable, true()))
+            .select_from(counters_table.outerjoin(nodes_table, true()))
             .where(counters_table.c.name == _EPOCH)
-            .order_by(nodestable.c.position)
+            .order_by(nodes_table.c.position)
         )
         with self._failures("read the pool membership"):
             async with self._engine.connect() as conn:
@@ -390,10 +417,10 @@ class MetadataStore:
         with self._failures("set the pool membership"):
             async with self._write() as conn:
                 epoch = await _bump(conn, _EPOCH)
-                await conn.execute(delete(nodestable))
+                await conn.execute(delete(nodes_table))
                 if nodes:
                     await conn.execute(
-                        insert(nodestable),
+                        insert(nodes_table),
                         [
                             {
                                 "node_id": node.node_id,
@@ -419,14 +446,53 @@ class MetadataStore:
         """Store ``values``, replacing settings of the same names, in one transaction."""
         if not values:
             return
+        rows = [{"name": name, "value": value} for name, value in values.items()]
         with self._failures("store the settings"):
+            for attempt in range(1, _SETTINGS_ATTEMPTS + 1):
+                try:
+                    async with self._write() as conn:
+                        await conn.execute(
+                            delete(settings_table).where(settings_table.c.name.in_(list(values)))
+                        )
+                        await conn.execute(insert(settings_table), rows)
+                    return
+                except IntegrityError:
+                    # MySQL: a concurrent call inserted one of these names after our
+                    # DELETE found none; now the row exists and the DELETE will lock it.
+                    if attempt == _SETTINGS_ATTEMPTS:
+                        raise
+
+    async def add_activity(
+        self, size_before: int, size_after: int, cause: str, miss_rate: float | None
+    ) -> None:
+        """Record one resize of the pool in the activity history."""
+        row = {
+            "at": _now(),
+            "size_before": size_before,
+            "size_after": size_after,
+            "cause": cause,
+            "miss_rate": miss_rate,
+        }
+        with self._failures("record the resize"):
             async with self._write() as conn:
-                await conn.execute(
-                    delete(settings_table).where(settings_table.c.name.in_(list(values)))
-                )
-                await conn.execute(
-                    insert(settings_table), [{"name": k, "value": v} for k, v in values.items()]
-                )
+                await conn.execute(insert(activity_table), row)
+
+    async def list_activity(self, limit: int = 100) -> list[Activity]:
+        """The latest resizes, newest first."""
+        query = select(activity_table).order_by(activity_table.c.id.desc()).limit(limit)
+        with self._failures("read the activity history"):
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        return [
+            Activity(
+                at=row.at.replace(tzinfo=UTC),
+                size_before=row.size_before,
+                size_after=row.size_after,
+                cause=row.cause,
+                miss_rate=row.miss_rate,
+            )
+            for row in rows
+        ]
 
     async def _create_schema(self) -> None:
         with self._failures("create the schema"):

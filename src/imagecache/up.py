@@ -5,45 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
-import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from aiohttp import web
 
 from imagecache.app import create_app
-from imagecache.config import Config, parse_address
+from imagecache.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.asynccontextmanager
-async def node_process(address: str, capacity_mb: float) -> AsyncIterator[None]:
-    """A cache node as a child process, stopped (SIGTERM) on the way out."""
-    host, port = parse_address(address)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "imagecache",
-        "node",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--capacity-mb",
-        str(capacity_mb),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        line = await asyncio.wait_for(process.stdout.readline(), timeout=15)
-        if b"listening" not in line:
-            raise RuntimeError(f"the cache node on {address} did not start (is the port free?)")
-        yield
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            await process.wait()
 
 
 @contextlib.asynccontextmanager
@@ -74,20 +46,54 @@ async def gateway(config: Config) -> None:
         await until_signalled()
 
 
-async def up(config: Config, capacity_mb: float = 64) -> None:
-    """Run the cache node(s) and the gateway until SIGINT or SIGTERM."""
+async def up(config: Config) -> None:
+    """Run the manager (which starts the cache nodes) and the gateway until a signal."""
+    config = with_local_secrets(config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    # The manager is a separate part, imported here only to compose the whole system.
+    from manager.app import create_app as create_manager
+
+    gateway_settings, manager_settings = config.gateway, config.manager
     async with contextlib.AsyncExitStack() as stack:
-        for address in config.gateway.nodes:
-            await stack.enter_async_context(node_process(address, capacity_mb))
-        settings = config.gateway
-        await stack.enter_async_context(serving(create_app(config), settings.host, settings.port))
+        await stack.enter_async_context(
+            serving(create_manager(config), manager_settings.host, manager_settings.port)
+        )
+        await stack.enter_async_context(
+            serving(create_app(config), gateway_settings.host, gateway_settings.port)
+        )
         print(
             f"imagecache is up, data in {config.data_dir.resolve()}\n"
-            f"  open http://{settings.host}:{settings.port}\n"
-            f"  cache node(s): {', '.join(settings.nodes)}\n"
+            f"  images:    http://{gateway_settings.host}:{gateway_settings.port}\n"
+            f"  dashboard: http://{manager_settings.host}:{manager_settings.port}"
+            f"  (password: {config.manager.password})\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
         await until_signalled()
         print("imagecache: stopping", flush=True)
+
+
+async def manager(config: Config) -> None:
+    """Run the manager alone until SIGINT or SIGTERM."""
+    from manager.app import create_app as create_manager
+
+    if not config.manager.password:
+        raise ConfigError("set IMAGECACHE_MANAGER_PASSWORD (the dashboard's password)")
+    settings = config.manager
+    async with serving(create_manager(config), settings.host, settings.port):
+        print(f"manager on http://{settings.host}:{settings.port}", flush=True)
+        await until_signalled()
+
+
+def with_local_secrets(config: Config) -> Config:
+    """``config`` with a made-up dashboard password and gateway token where none is set.
+
+    Both parts run in this one process, so a token made up here is shared.
+    """
+    password = config.manager.password or secrets.token_urlsafe(9)
+    token = config.gateway.manager_token or secrets.token_urlsafe(24)
+    return replace(
+        config,
+        gateway=replace(config.gateway, manager_token=token),
+        manager=replace(config.manager, password=password),
+    )

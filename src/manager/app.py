@@ -1,0 +1,218 @@
+"""The manager's aiohttp application: pages, internal API, and its control loops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from imagecache.app import TEMPLATES, every
+from imagecache.blobs import open_blob_store
+from imagecache.config import Config
+from imagecache.metadata import MetadataStore
+from manager import internal_api, views
+from manager.appkeys import (
+    AUTOSCALER,
+    BACKEND,
+    BLOBS,
+    COLLECTOR,
+    CONFIG,
+    CONTROLLER,
+    CSRF,
+    METADATA,
+    METRICS,
+    PASSWORD,
+    SESSIONS,
+)
+from manager.auth import SESSION_COOKIE, Handler, Password, Sessions, is_open, token_matches
+from manager.autoscaler import Autoscaler
+from manager.backends.base import NodeHandle, PoolError
+from manager.backends.local import LocalPool
+from manager.collector import Collector
+from manager.pool import PoolController
+from manager.sqlite_metrics import SqlMetrics
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: Config) -> web.Application:
+    """The manager for ``config``; the pool starts when the application starts."""
+    app = web.Application(middlewares=[guard])
+    app[CONFIG] = config
+    app[PASSWORD] = Password(config.manager.password)
+    app[SESSIONS] = Sessions(config.gateway.secret_key.encode() or secrets.token_bytes(32))
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(TEMPLATES / "manager"),
+        autoescape=jinja2.select_autoescape(["html"]),
+    )
+    app.router.add_static("/static", TEMPLATES / "static")
+    app.router.add_get("/metrics", prometheus_metrics)
+    views.add_routes(app)
+    internal_api.add_routes(app)
+    app.cleanup_ctx.extend(
+        [metadata_ctx, blobs_ctx, backend_ctx, controller_ctx, metrics_ctx, loops_ctx]
+    )
+    return app
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Gateways need the token, operators a session; forms need their CSRF token."""
+    if request.path.startswith("/internal/"):
+        if not token_matches(request, request.app[CONFIG].gateway.manager_token):
+            return internal_api.error(401, "a valid gateway token is required")
+        try:
+            return await handler(request)
+        except PoolError as error:
+            return internal_api.error(503, f"the pool could not be changed: {error}")
+    if is_open(request.path):
+        return await handler(request)
+    sessions = request.app[SESSIONS]
+    session_id = sessions.session_id(request.cookies.get(SESSION_COOKIE))
+    if session_id is None:
+        if request.method == "GET":
+            return web.Response(status=303, headers={"Location": f"/login?next={request.path}"})
+        raise web.HTTPUnauthorized(text="log in first")
+    request[CSRF] = sessions.csrf_token(session_id)
+    if request.method == "POST":
+        form = await request.post()
+        if not secrets.compare_digest(str(form.get("csrf", "")), request[CSRF]):
+            raise web.HTTPForbidden(
+                text="the form's CSRF token is missing or wrong; reload the page"
+            )
+    return await handler(request)
+
+
+async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with MetadataStore.open(app[CONFIG].metadata_url) as metadata:
+        app[METADATA] = metadata
+        yield
+
+
+async def blobs_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    async with open_blob_store(config.blobs, config.aws) as blobs:
+        app[BLOBS] = blobs
+        yield
+
+
+async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG].manager
+    if config.pool == "aws":
+        from manager.backends.aws import open_aws_pool
+
+        async with open_aws_pool(config.asg_name, config.node_port, app[CONFIG].aws) as backend:
+            app[BACKEND] = backend
+            yield
+        return
+    local = LocalPool(first_port=config.first_port, on_restart=_restarted(app))
+    app[BACKEND] = local
+    try:
+        yield
+    finally:
+        await local.close()
+
+
+def _restarted(app: web.Application) -> Callable[[NodeHandle], Awaitable[None]]:
+    async def hook(node: NodeHandle) -> None:
+        await app[CONTROLLER].node_restarted(node)
+
+    return hook
+
+
+async def controller_ctx(app: web.Application) -> AsyncIterator[None]:
+    controller = PoolController(app[BACKEND], app[METADATA])
+    app[CONTROLLER] = controller
+    settings = await controller.settings()
+    if isinstance(app[BACKEND], LocalPool):
+        local = app[BACKEND]
+        assert isinstance(local, LocalPool)
+        local.capacity_mb, local.policy = settings.capacity_mb, settings.policy
+    await controller.start()
+    yield
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if config.manager.metrics == "cloudwatch":
+        from manager.cloudwatch import open_cloudwatch_metrics
+
+        async with open_cloudwatch_metrics(
+            config.manager.cloudwatch_namespace, config.aws
+        ) as store:
+            app[METRICS] = store
+            yield
+        return
+    async with SqlMetrics.open(config.metadata_url) as sql_store:
+        app[METRICS] = sql_store
+        yield
+
+
+async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The collector (every 5 s) and the autoscaler (every 60 s)."""
+    config = app[CONFIG].manager
+    controller = app[CONTROLLER]
+    collector = Collector(app[METRICS])
+    app[COLLECTOR] = collector
+    app[AUTOSCALER] = Autoscaler(controller, collector.last_minute, config.settle_seconds)
+
+    async def collect() -> None:
+        await collector.collect(controller.members)
+
+    tasks = [
+        asyncio.create_task(every(config.collect_seconds, collect)),
+        asyncio.create_task(_after(config.autoscale_seconds, app[AUTOSCALER].tick)),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await collector.close()
+
+
+async def _after(seconds: float, action: Callable[[], Awaitable[object]]) -> None:
+    """Like ``every``, but the first run comes after one period (a minute of data)."""
+    await asyncio.sleep(seconds)
+    await every(seconds, action)
+
+
+class _PoolMetrics:
+    """Prometheus view of the pool, read at scrape time."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def collect(self) -> Iterator[Metric]:
+        nodes = GaugeMetricFamily("imagecache_pool_nodes", "Cache nodes in the pool")
+        nodes.add_metric([], self._app[CONTROLLER].size)
+        yield nodes
+        minute = self._app[COLLECTOR].last_minute()
+        for name, value in (
+            ("miss_rate", minute.miss_rate if minute else None),
+            ("hit_rate", minute.hit_rate if minute else None),
+        ):
+            family = GaugeMetricFamily(
+                f"imagecache_pool_{name}", f"The pool's {name} over the last minute"
+            )
+            if value is not None:
+                family.add_metric([], value)
+            yield family
+        if minute is not None:
+            for name, number in (("items", minute.items), ("bytes", minute.bytes)):
+                family = GaugeMetricFamily(f"imagecache_pool_{name}", f"Cached {name} in the pool")
+                family.add_metric([], number)
+                yield family
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    registry = CollectorRegistry()
+    registry.register(_PoolMetrics(request.app))
+    return web.Response(body=generate_latest(registry), content_type="text/plain")

@@ -1,0 +1,27 @@
+"""Typed keys of the manager's aiohttp application."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from imagecache.blobs import BlobStore
+from imagecache.config import Config
+from imagecache.metadata import MetadataStore
+from manager.auth import Password, Sessions
+from manager.autoscaler import Autoscaler
+from manager.backends.base import PoolBackend
+from manager.collector import Collector
+from manager.metrics import MetricsStore
+from manager.pool import PoolController
+
+CONFIG = web.AppKey("config", Config)
+METADATA = web.AppKey("metadata", MetadataStore)
+BLOBS = web.AppKey("blobs", BlobStore)
+BACKEND = web.AppKey("backend", PoolBackend)
+CONTROLLER = web.AppKey("controller", PoolController)
+METRICS = web.AppKey("metrics", MetricsStore)
+COLLECTOR = web.AppKey("collector", Collector)
+AUTOSCALER = web.AppKey("autoscaler", Autoscaler)
+PASSWORD = web.AppKey("password", Password)
+SESSIONS = web.AppKey("sessions", Sessions)
+CSRF = web.RequestKey("csrf", str)  # the logged-in operator's form token

@@ -1,0 +1,161 @@
+"""Cache nodes as child processes on loopback: the embedded default's pool.
+
+Each node is ``imagecache node`` on the first free port from 11311 up. A node
+that exits without being asked to is started again on the same port (and the
+manager is told, so it can push the settings in force to it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from manager.backends.base import NodeHandle, PoolError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 15.0
+
+
+@dataclass
+class _NodeProcess:
+    handle: NodeHandle
+    port: int
+    process: asyncio.subprocess.Process
+    watcher: asyncio.Task[None] | None = None
+    stopping: bool = False
+
+
+class LocalPool:
+    """Runs nodes as processes of this machine; ``close`` stops them all."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        first_port: int = 11311,
+        capacity_mb: float = 64,
+        policy: str = "lru",
+        on_restart: Callable[[NodeHandle], Awaitable[None]] | None = None,
+    ) -> None:
+        self._host = host
+        self._first_port = first_port
+        self.capacity_mb = capacity_mb  # for nodes started from now on
+        self.policy = policy
+        self._on_restart = on_restart
+        self._nodes: dict[str, _NodeProcess] = {}
+
+    async def nodes(self) -> list[NodeHandle]:
+        return [node.handle for node in self._nodes.values()]
+
+    async def grow(self, count: int) -> list[NodeHandle]:
+        started: list[_NodeProcess] = []
+        try:
+            for _ in range(count):
+                node = await self._start(self._free_port())
+                self._nodes[node.handle.node_id] = node
+                started.append(node)
+        except PoolError:
+            await self.shrink([node.handle.node_id for node in started])
+            raise
+        return [node.handle for node in started]
+
+    async def shrink(self, node_ids: Sequence[str]) -> None:
+        await asyncio.gather(
+            *(self._stop(self._nodes.pop(n)) for n in node_ids if n in self._nodes)
+        )
+
+    async def close(self) -> None:
+        await self.shrink(list(self._nodes))
+
+    async def _start(self, port: int) -> _NodeProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "imagecache",
+            "--log-level",
+            "WARNING",
+            "node",
+            "--host",
+            self._host,
+            "--port",
+            str(port),
+            "--capacity-mb",
+            f"{self.capacity_mb:g}",
+            "--policy",
+            self.policy,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert process.stdout is not None
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT)
+        except TimeoutError:
+            line = b""
+        if b"listening" not in line:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise PoolError(f"a cache node on {self._host}:{port} did not start")
+        handle = NodeHandle(f"node-{port}", f"{self._host}:{port}")
+        node = _NodeProcess(handle, port, process)
+        node.watcher = asyncio.create_task(self._watch(node))
+        log.info("started cache node %s (pid %d)", handle.address, process.pid)
+        return node
+
+    async def _watch(self, node: _NodeProcess) -> None:
+        """Start the node again if it exits on its own."""
+        code = await node.process.wait()
+        if node.stopping:
+            return
+        log.warning("cache node %s exited (code %s); starting it again", node.handle.address, code)
+        for attempt in range(5):
+            try:
+                replacement = await self._start(node.port)
+            except PoolError as error:
+                log.error("restarting %s failed (%s); retrying", node.handle.address, error)
+                await asyncio.sleep(min(2**attempt, 10))
+                continue
+            if self._nodes.get(node.handle.node_id) is node:
+                self._nodes[node.handle.node_id] = replacement
+                if self._on_restart is not None:
+                    await self._on_restart(replacement.handle)
+            else:  # it was removed from the pool meanwhile
+                await self._stop(replacement)
+            return
+
+    async def _stop(self, node: _NodeProcess) -> None:
+        node.stopping = True
+        if node.process.returncode is None:
+            node.process.terminate()
+            try:
+                await asyncio.wait_for(node.process.wait(), 10)
+            except TimeoutError:
+                node.process.kill()
+                await node.process.wait()
+        if node.watcher is not None and node.watcher is not asyncio.current_task():
+            node.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await node.watcher
+        log.info("stopped cache node %s", node.handle.address)
+
+    def _free_port(self) -> int:
+        taken = {node.port for node in self._nodes.values()}
+        for port in range(self._first_port, self._first_port + 1000):
+            if port not in taken and _can_bind(self._host, port):
+                return port
+        raise PoolError(f"no free port from {self._first_port} up")
+
+
+def _can_bind(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,143 @@
+"""The pool controller: the one place that changes the pool's size and settings.
+
+It keeps the size within 1..8, gives a joining node the settings in force
+before any gateway routes to it, publishes the membership (with a new epoch)
+to the metadata store where gateways read it, and records every resize in the
+activity history with its cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cachenode.client import NodeClient
+from cachenode.errors import NodeError
+from imagecache.config import parse_address
+from imagecache.metadata import MetadataStore, NodeRecord
+from manager.backends.base import NodeHandle, PoolBackend, PoolError
+from manager.settings import MAX_NODES, MIN_NODES, CacheSettings
+
+log = logging.getLogger(__name__)
+
+
+class ResizeError(ValueError):
+    """A resize the pool cannot make (outside 1..8); nothing changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resize:
+    before: int
+    after: int
+
+
+class PoolController:
+    def __init__(self, backend: PoolBackend, metadata: MetadataStore) -> None:
+        self._backend = backend
+        self._metadata = metadata
+        self._members: list[NodeHandle] = []
+        self._lock = asyncio.Lock()
+        self.last_resize: float | None = None  # monotonic time of the last resize
+
+    @property
+    def members(self) -> list[NodeHandle]:
+        """The nodes gateways route over, oldest first."""
+        return list(self._members)
+
+    @property
+    def size(self) -> int:
+        return len(self._members)
+
+    async def start(self) -> None:
+        """Adopt the backend's nodes (at least one), configure them and publish them."""
+        async with self._lock:
+            nodes = await self._backend.nodes()
+            if not nodes:
+                nodes = await self._backend.grow(MIN_NODES)
+            if len(nodes) > MAX_NODES:
+                await self._backend.shrink([n.node_id for n in nodes[MAX_NODES:]])
+                nodes = nodes[:MAX_NODES]
+            await self._configure(nodes, await self.settings())
+            self._members = list(nodes)
+            await self._publish()
+
+    async def settings(self) -> CacheSettings:
+        return CacheSettings.from_strings(await self._metadata.get_settings())
+
+    async def resize(self, target: int, cause: str, miss_rate: float | None = None) -> Resize:
+        """Grow or shrink to ``target`` nodes; raises ResizeError outside 1..8.
+
+        Raises PoolError when the backend fails; the pool keeps its nodes then.
+        """
+        if not MIN_NODES <= target <= MAX_NODES:
+            raise ResizeError(
+                f"the pool must keep {MIN_NODES} to {MAX_NODES} nodes; {target} is outside"
+            )
+        async with self._lock:
+            before = len(self._members)
+            if target > before:
+                joining = await self._backend.grow(target - before)
+                await self._configure(joining, await self.settings())
+                self._members += joining
+                await self._publish()
+            elif target < before:
+                # The newest nodes leave: the oldest hold the longest-lived keys.
+                leaving = self._members[target:]
+                self._members = self._members[:target]
+                await self._publish()  # gateways stop routing to them first
+                await self._backend.shrink([n.node_id for n in leaving])
+            if target != before:
+                self.last_resize = time.monotonic()
+                await self._metadata.add_activity(before, target, cause, miss_rate)
+                log.info("pool resized %d -> %d: %s", before, target, cause)
+            return Resize(before, target)
+
+    async def apply_settings(self, settings: CacheSettings) -> None:
+        """Store the settings and push capacity and policy to every node at once."""
+        await self._metadata.put_settings(settings.to_strings())
+        async with self._lock:
+            await self._configure(self._members, settings)
+
+    async def node_restarted(self, node: NodeHandle) -> None:
+        """A node came back empty after a crash: give it the settings in force."""
+        await self._configure([node], await self.settings())
+
+    async def clear(self) -> None:
+        """Empty every node, refusing fills of anything not newer than what is stored."""
+        floor = await self._metadata.current_version() + 1
+        await asyncio.gather(*(self._on_node(n, "clear", floor) for n in self.members))
+
+    async def ping_all(self) -> dict[str, bool]:
+        """Which members answer PING, by node id."""
+        answers = await asyncio.gather(*(self._on_node(n, "ping") for n in self.members))
+        return {n.node_id: ok for n, ok in zip(self.members, answers, strict=True)}
+
+    async def _configure(self, nodes: Sequence[NodeHandle], settings: CacheSettings) -> None:
+        results = await asyncio.gather(*(self._on_node(n, "config", settings) for n in nodes))
+        failed = [n.address for n, ok in zip(nodes, results, strict=True) if not ok]
+        if failed:
+            raise PoolError(f"could not configure cache node(s) {', '.join(failed)}")
+
+    async def _on_node(self, node: NodeHandle, action: str, argument: object = None) -> bool:
+        host, port = parse_address(node.address)
+        try:
+            async with NodeClient(host, port, pool_size=1, timeout=5) as client:
+                if action == "config":
+                    assert isinstance(argument, CacheSettings)
+                    await client.config(capacity_mb=argument.capacity_mb, policy=argument.policy)
+                elif action == "clear":
+                    assert isinstance(argument, int)
+                    await client.clear(version=argument)
+                else:
+                    await client.ping()
+        except NodeError as error:
+            log.warning("cache node %s: %s failed: %s", node.address, action, error)
+            return False
+        return True
+
+    async def _publish(self) -> None:
+        records = [NodeRecord(n.node_id, n.address, "active") for n in self._members]
+        await self._metadata.set_membership(records)

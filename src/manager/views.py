@@ -1,0 +1,209 @@
+"""The operator's pages: login, Memory Configuration, Memory Statistics, Activity."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from imagecache.cachepool import CachePool
+from imagecache.flash import set_flash, take_flash
+from imagecache.service import ImageService
+from manager.appkeys import (
+    AUTOSCALER,
+    BLOBS,
+    CONFIG,
+    CONTROLLER,
+    CSRF,
+    METADATA,
+    METRICS,
+    PASSWORD,
+    SESSIONS,
+)
+from manager.auth import SESSION_COOKIE, SESSION_SECONDS
+from manager.backends.base import PoolError
+from manager.charts import render_charts
+from manager.pool import ResizeError
+from manager.settings import MAX_NODES, MIN_NODES, SettingsError, apply_params, policy_label
+
+SPAN_MINUTES = 30
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", home)
+    app.router.add_get("/login", login_page)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/config", config_page)
+    app.router.add_post("/config/settings", save_settings)
+    app.router.add_post("/config/resize", resize)
+    app.router.add_post("/config/clear", clear_cache)
+    app.router.add_post("/config/delete_all", delete_all)
+    app.router.add_get("/stats", stats_page)
+    app.router.add_get("/stats/charts", charts_fragment)
+    app.router.add_get("/activity", activity_page)
+
+
+async def home(request: web.Request) -> web.Response:
+    return _redirect("/config")
+
+
+def _redirect(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
+
+
+def _flash_redirect(request: web.Request, location: str, level: str, message: str) -> web.Response:
+    response = _redirect(location)
+    set_flash(response, request.app[SESSIONS].flash_secret, level, message)
+    return response
+
+
+def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
+    context.setdefault("flash", take_flash(request, request.app[SESSIONS].flash_secret))
+    context["csrf"] = request.get(CSRF, "")
+    response = aiohttp_jinja2.render_template(template, request, context, status=status)
+    if context["flash"] is not None:
+        response.del_cookie("imagecache_flash", path="/")
+    return response
+
+
+async def login_page(request: web.Request) -> web.Response:
+    return render(request, "login.html", page="login", next=request.query.get("next", "/config"))
+
+
+async def login(request: web.Request) -> web.Response:
+    form = await request.post()
+    target = str(form.get("next", "/config"))
+    if not target.startswith("/") or target.startswith("//"):
+        target = "/config"  # never redirect off-site
+    if not request.app[PASSWORD].matches(str(form.get("password", ""))):
+        return render(
+            request,
+            "login.html",
+            status=401,
+            page="login",
+            next=target,
+            flash=("error", "Wrong password."),
+        )
+    response = _redirect(target)
+    response.set_cookie(
+        SESSION_COOKIE,
+        request.app[SESSIONS].new_cookie(),
+        max_age=SESSION_SECONDS,
+        httponly=True,
+        samesite="Strict",
+        path="/",
+    )
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    response = _redirect("/login")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+async def config_page(request: web.Request) -> web.Response:
+    controller = request.app[CONTROLLER]
+    return render(
+        request,
+        "config.html",
+        page="config",
+        settings=await controller.settings(),
+        policy_label=policy_label,
+        members=controller.members,
+        health=await controller.ping_all(),
+        min_nodes=MIN_NODES,
+        max_nodes=MAX_NODES,
+    )
+
+
+async def save_settings(request: web.Request) -> web.Response:
+    form = {k: str(v) for k, v in (await request.post()).items()}
+    controller = request.app[CONTROLLER]
+    try:
+        settings = apply_params(await controller.settings(), form)
+    except SettingsError as error:
+        return _flash_redirect(request, "/config", "error", f"Nothing changed: {error}.")
+    await controller.apply_settings(settings)
+    return _flash_redirect(
+        request, "/config", "success", "Settings saved and pushed to every node."
+    )
+
+
+async def resize(request: web.Request) -> web.Response:
+    form = await request.post()
+    controller = request.app[CONTROLLER]
+    direction, count = str(form.get("direction", "")), str(form.get("count", ""))
+    if direction not in ("expand", "shrink") or not count.isdigit() or int(count) < 1:
+        return _flash_redirect(
+            request, "/config", "error", "Give a whole number of nodes (1 or more)."
+        )
+    before = controller.size
+    target = before + int(count) if direction == "expand" else before - int(count)
+    try:
+        await controller.resize(target, f"manual {direction} by {count} (dashboard)")
+    except ResizeError:
+        return _flash_redirect(
+            request,
+            "/config",
+            "error",
+            f"Nothing changed: {direction} by {count} would leave {target} nodes; "
+            f"the pool keeps {MIN_NODES} to {MAX_NODES}.",
+        )
+    except PoolError as error:
+        return _flash_redirect(request, "/config", "error", f"The pool could not resize: {error}.")
+    return _flash_redirect(
+        request, "/config", "success", f"The pool went from {before} to {target} nodes."
+    )
+
+
+async def clear_cache(request: web.Request) -> web.Response:
+    await request.app[CONTROLLER].clear()
+    return _flash_redirect(request, "/config", "success", "Every cache node was cleared.")
+
+
+async def delete_all(request: web.Request) -> web.Response:
+    form = await request.post()
+    if form.get("confirm") != "delete":
+        return _flash_redirect(
+            request, "/config", "error", "Nothing deleted: type delete in the box to confirm."
+        )
+    app = request.app
+    pool = CachePool()
+    await pool.set_members([(n.node_id, n.address) for n in app[CONTROLLER].members])
+    try:
+        count = await ImageService(app[METADATA], app[BLOBS], pool).delete_all()
+    finally:
+        await pool.close()
+    return _flash_redirect(
+        request, "/config", "success", f"Deleted all application data ({count} images)."
+    )
+
+
+async def stats_page(request: web.Request) -> web.Response:
+    return render(request, "stats.html", page="stats", charts=await _charts(request))
+
+
+async def charts_fragment(request: web.Request) -> web.Response:
+    return render(request, "charts.html", charts=await _charts(request))
+
+
+async def _charts(request: web.Request) -> list[Any]:
+    end = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    minutes = await request.app[METRICS].minutes(end - timedelta(minutes=SPAN_MINUTES), end)
+    return render_charts(minutes, end, SPAN_MINUTES)
+
+
+async def activity_page(request: web.Request) -> web.Response:
+    return render(
+        request,
+        "activity.html",
+        page="activity",
+        resizes=await request.app[METADATA].list_activity(200),
+        decisions=list(request.app[AUTOSCALER].decisions)[:50],
+        mode=(await request.app[CONTROLLER].settings()).mode.value,
+        settle=request.app[CONFIG].manager.settle_seconds,
+    )

@@ -1,0 +1,238 @@
+"""The CloudWatch metrics store against a moto server on loopback: samples go
+out in batches and come back as per-minute figures."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from aiobotocore.session import get_session
+
+from imagecache.config import AwsConfig
+from manager.cloudwatch import CloudWatchMetrics, MetricsError, open_cloudwatch_metrics
+from manager.metrics import PoolSample
+from tests.aws import REGION, aws_environment, moto_server  # noqa: F401
+
+
+class CountingMetrics(CloudWatchMetrics):
+    """Records the size of every batch it sends, then sends it for real."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[int] = []
+        self.sent = asyncio.Event()
+
+    async def send_batch(self, batch: list[dict[str, Any]]) -> None:
+        self.batches.append(len(batch))
+        await super().send_batch(batch)
+        self.sent.set()
+
+
+@pytest.fixture
+async def cloudwatch(moto_server: str, aws_environment: None) -> AsyncIterator[Any]:  # noqa: F811
+    """An aiobotocore CloudWatch client for the moto server, in an isolated environment."""
+    async with get_session().create_client(
+        "cloudwatch", region_name=REGION, endpoint_url=moto_server
+    ) as client:
+        yield client
+
+
+def pool_name() -> str:
+    # The moto server lives for the whole session: every test gets its own pool.
+    return f"pool-{uuid4().hex}"
+
+
+def namespace() -> str:
+    return f"imagecache-{uuid4().hex}"
+
+
+def recent_minute(minutes_ago: int) -> datetime:
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    return now - timedelta(minutes=minutes_ago)
+
+
+def sample(at: datetime, **figures: int) -> PoolSample:
+    values = {
+        "workers": 1,
+        "lookups": 0,
+        "hits": 0,
+        "misses": 0,
+        "requests": 0,
+        "items": 0,
+        "bytes": 0,
+    }
+    values.update(figures)
+    return PoolSample(at=at, **values)
+
+
+async def test_minutes_sum_counters_and_take_the_maximum_of_gauges(
+    moto_server: str,  # noqa: F811
+    aws_environment: None,  # noqa: F811
+) -> None:
+    base = recent_minute(10)
+    samples = [
+        # Minute 0: two nodes, then three; 12 lookups, 3 misses.
+        sample(base, workers=2, lookups=5, hits=4, misses=1, requests=6, items=10, bytes=1000),
+        sample(base + timedelta(seconds=5), workers=3, lookups=7, hits=5, misses=2, requests=9,
+               items=14, bytes=1400),
+        sample(base + timedelta(seconds=55), workers=3, lookups=0, hits=0, misses=0, requests=1,
+               items=12, bytes=1200),
+        # Minute 1: requests but no lookups at all.
+        sample(base + timedelta(minutes=1, seconds=10), workers=3, requests=4, items=12,
+               bytes=1200),
+        # Minute 2 has no samples. Minute 3: one node left.
+        sample(base + timedelta(minutes=3), workers=1, lookups=4, hits=1, misses=3, requests=4,
+               items=2, bytes=300),
+        sample(base + timedelta(minutes=3, seconds=30), workers=1, lookups=4, hits=4, misses=0,
+               requests=5, items=3, bytes=400),
+    ]  # fmt: skip
+
+    async with open_cloudwatch_metrics(
+        namespace(), AwsConfig(REGION, moto_server), pool="cache"
+    ) as metrics:
+        for item in samples:
+            await metrics.put(item)
+        await metrics.flush()
+        assert metrics.buffered == 0
+        minutes = await metrics.minutes(base, base + timedelta(minutes=5))
+
+    assert [m.minute for m in minutes] == [
+        base,
+        base + timedelta(minutes=1),
+        base + timedelta(minutes=3),
+    ]
+    first, second, fourth = minutes
+    assert (first.lookups, first.hits, first.misses, first.requests) == (12, 9, 3, 16)
+    assert (first.workers, first.items, first.bytes) == (3, 14, 1400)
+    assert first.miss_rate == pytest.approx(0.25)
+    assert first.hit_rate == pytest.approx(0.75)
+    assert (second.lookups, second.requests, second.workers) == (0, 4, 3)
+    assert second.miss_rate is None
+    assert second.hit_rate is None
+    assert (fourth.lookups, fourth.hits, fourth.misses, fourth.requests) == (8, 5, 3, 9)
+    assert (fourth.workers, fourth.items, fourth.bytes) == (1, 3, 400)
+    assert fourth.miss_rate == pytest.approx(3 / 8)
+
+
+async def test_minutes_window_is_half_open_and_per_pool(cloudwatch: Any) -> None:
+    base = recent_minute(20)
+    ours = CloudWatchMetrics(cloudwatch, pool=pool_name())
+    theirs = CloudWatchMetrics(cloudwatch, pool=pool_name())
+    for minute in range(3):
+        await ours.put(sample(base + timedelta(minutes=minute, seconds=40), lookups=10 + minute))
+    await theirs.put(sample(base + timedelta(seconds=20), lookups=1000))
+    await ours.close()
+    await theirs.close()
+
+    middle = await ours.minutes(base + timedelta(minutes=1), base + timedelta(minutes=2))
+    # Minutes that start in the window, each whole: not the one holding ``start``,
+    # but the one holding ``end``.
+    within = await ours.minutes(
+        base + timedelta(seconds=30), base + timedelta(minutes=2, seconds=1)
+    )
+
+    assert [(m.minute, m.lookups) for m in middle] == [(base + timedelta(minutes=1), 11)]
+    assert [m.lookups for m in within] == [11, 12]
+    assert await ours.minutes(base, base) == []
+    assert [m.lookups for m in await theirs.minutes(base, base + timedelta(minutes=3))] == [1000]
+
+
+async def test_full_batches_go_out_at_once_and_the_rest_on_flush(cloudwatch: Any) -> None:
+    base = recent_minute(30)
+    metrics = CountingMetrics(cloudwatch, pool=pool_name(), batch_size=20)
+    try:
+        # 25 samples of 7 datums: 175 datums, 8 full batches and 15 left over.
+        for i in range(25):
+            await metrics.put(sample(base + timedelta(seconds=5 * i), lookups=2, misses=1))
+        assert metrics.batches == [20] * 8
+        assert metrics.buffered == 15
+
+        await metrics.flush()
+
+        assert metrics.batches == [20] * 8 + [15]
+        assert metrics.buffered == 0
+        minutes = await metrics.minutes(base, base + timedelta(minutes=3))
+    finally:
+        await metrics.close()
+
+    # Samples every 5 s: 12 in each of the first two minutes, 1 in the third.
+    assert [m.lookups for m in minutes] == [24, 24, 2]
+    assert [m.misses for m in minutes] == [12, 12, 1]
+
+
+async def test_buffered_samples_are_sent_by_the_periodic_flush(cloudwatch: Any) -> None:
+    metrics = CountingMetrics(cloudwatch, pool=pool_name(), flush_seconds=0.05)
+    try:
+        await metrics.put(sample(recent_minute(5), lookups=3))
+        assert metrics.batches == []
+
+        async with asyncio.timeout(5):
+            await metrics.sent.wait()
+
+        assert metrics.batches == [7]
+        assert metrics.buffered == 0
+    finally:
+        await metrics.close()
+
+
+async def test_close_sends_the_rest_and_refuses_more(cloudwatch: Any) -> None:
+    base = recent_minute(40)
+    metrics = CountingMetrics(cloudwatch, pool=pool_name())
+    await metrics.put(sample(base, lookups=6, hits=6))
+
+    await metrics.close()
+    await metrics.close()
+
+    assert metrics.batches == [7]
+    with pytest.raises(MetricsError, match="closed"):
+        await metrics.put(sample(base, lookups=1))
+    [minute] = await metrics.minutes(base, base + timedelta(minutes=1))
+    assert (minute.lookups, minute.hits) == (6, 6)
+
+
+async def test_unreachable_cloudwatch_raises_metrics_error_and_drops_the_batch(
+    aws_environment: None,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A loopback port that nothing listens on; one attempt, so no retry backoff.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    base = recent_minute(5)
+
+    async with get_session().create_client(
+        "cloudwatch", region_name=REGION, endpoint_url=f"http://127.0.0.1:{port}"
+    ) as client:
+        metrics = CountingMetrics(client, pool=pool_name())
+        await metrics.put(sample(base, lookups=1))
+        with pytest.raises(MetricsError, match="cannot send 7 datums"):
+            await metrics.flush()
+        assert metrics.buffered == 0
+        with pytest.raises(MetricsError, match="cannot read metric"):
+            await metrics.minutes(base, base + timedelta(minutes=1))
+        await metrics.close()  # nothing left to send
+
+    assert metrics.batches == [7]
+
+
+async def test_naive_datetimes_are_refused(cloudwatch: Any) -> None:
+    metrics = CloudWatchMetrics(cloudwatch, pool=pool_name())
+    naive = datetime(2024, 1, 1, 12, 0)
+
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await metrics.put(sample(naive))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await metrics.minutes(naive, naive + timedelta(minutes=1))
+    await metrics.close()
+
+
+@pytest.mark.parametrize("batch_size", [0, 1001])
+def test_batch_size_must_fit_one_request(batch_size: int) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        CloudWatchMetrics(object(), batch_size=batch_size)

@@ -1,0 +1,211 @@
+"""The manager with a local pool of real node processes, driven through the gateway's API."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession, CookieJar
+from aiohttp.test_utils import TestServer
+
+from cachenode.client import NodeClient
+from imagecache.app import create_app as create_gateway
+from imagecache.appkeys import POOL
+from imagecache.config import Config, parse_address, with_data_dir
+from manager.app import create_app as create_manager
+from manager.appkeys import BACKEND, CONTROLLER
+
+PASSWORD = "correct horse"
+TOKEN = "gateway-token-for-tests"
+
+
+def free_port_range(span: int = 20) -> int:
+    """A base port with ``span`` free ports after it (probed, best effort)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base: int = probe.getsockname()[1]
+        if base + span < 65000:
+            return base
+    raise RuntimeError("no free port range")
+
+
+@dataclass
+class System:
+    config: Config
+    manager: TestServer
+    gateway: TestServer
+    http: ClientSession
+
+    async def api(self, call: str, expect: int = 200, **params: str) -> dict[str, Any]:
+        async with self.http.post(self.gateway.make_url(f"/api/{call}"), params=params) as reply:
+            body: dict[str, Any] = await reply.json()
+            assert reply.status == expect, body
+            return body
+
+
+@pytest.fixture
+async def system(tmp_path: Path) -> AsyncIterator[System]:
+    base = with_data_dir(Config(), tmp_path / "data")
+    config = replace(
+        base,
+        gateway=replace(base.gateway, manager_token=TOKEN),
+        manager=replace(
+            base.manager, password=PASSWORD, first_port=free_port_range(), collect_seconds=0.5
+        ),
+    )
+    manager = TestServer(create_manager(config), host="127.0.0.1")
+    async with manager:
+        manager_url = str(manager.make_url("")).rstrip("/")
+        config = replace(config, gateway=replace(config.gateway, manager_url=manager_url))
+        gateway = TestServer(create_gateway(config), host="127.0.0.1")
+        async with (
+            gateway,
+            # unsafe: keep cookies of an IP address host (the test servers are on 127.0.0.1).
+            ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+        ):
+            yield System(config, manager, gateway, http)
+
+
+async def answering_nodes(system: System) -> int:
+    """How many node processes of the local pool answer PING."""
+    nodes = await system.manager.app[BACKEND].nodes()
+    answers = 0
+    for node in nodes:
+        host, port = parse_address(node.address)
+        async with NodeClient(host, port, timeout=2) as client:
+            await client.ping()
+            answers += 1
+    return answers
+
+
+async def gateway_routes_over(system: System) -> tuple[str, ...]:
+    """The gateway's node ids, once it has followed the membership (within 1 s)."""
+    expected = tuple(sorted(n.node_id for n in system.manager.app[CONTROLLER].members))
+    for _ in range(20):
+        if system.gateway.app[POOL].node_ids == expected:
+            break
+        await asyncio.sleep(0.1)
+    return system.gateway.app[POOL].node_ids
+
+
+async def test_resizing_through_the_api_runs_that_many_nodes(system: System) -> None:
+    assert (await system.api("getNumNodes"))["numNodes"] == 1
+    for size in (3, 2, 1):
+        answer = await system.api(
+            "configure_cache", mode="manual", numNodes=str(size), cacheSize="3", policy="RR"
+        )
+        assert answer == {
+            "success": "true",
+            "mode": "manual",
+            "numNodes": size,
+            "cacheSize": 3,
+            "policy": "RR",
+        }
+        assert (await system.api("getNumNodes")) == {"success": "true", "numNodes": size}
+        assert await answering_nodes(system) == size
+        routed = await gateway_routes_over(system)
+        assert len(routed) == size
+        assert routed == tuple(sorted(n.node_id for n in system.manager.app[CONTROLLER].members))
+    # The settings reached the node.
+    node = system.manager.app[CONTROLLER].members[0]
+    host, port = parse_address(node.address)
+    async with NodeClient(host, port) as client:
+        assert await client.config() == {
+            "capacity_mb": 3.0,
+            "policy": "random",
+            "max_item_mb": 16.0,
+        }
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"numNodes": "0"},
+        {"numNodes": "9"},
+        {"numNodes": "two"},
+        {"policy": "FIFO", "numNodes": "2"},
+        {"cacheSize": "-3", "numNodes": "2"},
+        {"mode": "sometimes"},
+    ],
+)
+async def test_requests_outside_the_rules_change_nothing(
+    system: System, params: dict[str, str]
+) -> None:
+    before = await system.api("configure_cache")
+    answer = await system.api("configure_cache", expect=400, **params)
+    assert answer["success"] == "false"
+    assert answer["error"]["code"] == 400
+    assert answer["error"]["message"]
+    assert await system.api("configure_cache") == before
+    assert await answering_nodes(system) == 1
+
+
+async def test_get_rate_reports_the_last_minute(system: System) -> None:
+    empty = await system.api("getRate", rate="miss")
+    assert empty == {"success": "true", "rate": "miss", "value": 0.0}
+    node = system.manager.app[CONTROLLER].members[0]
+    host, port = parse_address(node.address)
+    async with NodeClient(host, port) as client:
+        await system.api("getRate", rate="hit")  # a first reading of the node's counters
+        await client.set(b"k", b"v")
+        for _ in range(3):
+            await client.get(b"k")
+        await client.get(b"absent")
+    miss = await system.api("getRate", rate="miss")
+    hit = await system.api("getRate", rate="hit")
+    assert miss["value"] == pytest.approx(0.25)
+    assert hit["value"] == pytest.approx(0.75)
+    bad = await system.api("getRate", expect=400, rate="sideways")
+    assert bad["error"]["code"] == 400
+
+
+async def test_the_internal_api_needs_the_token(system: System) -> None:
+    async with system.http.post(system.manager.make_url("/internal/getNumNodes")) as reply:
+        assert reply.status == 401
+    headers = {"Authorization": "Bearer wrong"}
+    async with system.http.post(
+        system.manager.make_url("/internal/getNumNodes"), headers=headers
+    ) as reply:
+        assert reply.status == 401
+
+
+async def test_pages_need_a_login_and_forms_a_csrf_token(system: System) -> None:
+    manager = system.manager
+    async with system.http.get(manager.make_url("/config"), allow_redirects=False) as reply:
+        assert reply.status == 303
+        assert reply.headers["Location"].startswith("/login")
+    async with system.http.post(manager.make_url("/login"), data={"password": "wrong"}) as reply:
+        assert reply.status == 401
+        assert "Wrong password" in await reply.text()
+    async with system.http.post(
+        manager.make_url("/login"), data={"password": PASSWORD, "next": "/config"}
+    ) as reply:
+        assert reply.status == 200
+        page = await reply.text()
+        assert "Memory Configuration" in page
+    async with system.http.post(
+        manager.make_url("/config/resize"), data={"direction": "expand", "count": "1"}
+    ) as reply:
+        assert reply.status == 403  # no CSRF token
+    assert system.manager.app[CONTROLLER].size == 1
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    async with system.http.post(
+        manager.make_url("/config/resize"),
+        data={"direction": "shrink", "count": "1", "csrf": csrf},
+    ) as reply:
+        assert "would leave 0 nodes" in await reply.text()
+    async with system.http.post(
+        manager.make_url("/config/resize"),
+        data={"direction": "expand", "count": "1", "csrf": csrf},
+    ) as reply:
+        assert "from 1 to 2 nodes" in await reply.text()
+    async with system.http.get(manager.make_url("/activity")) as reply:
+        assert "manual expand by 1" in await reply.text()
+    async with system.http.get(manager.make_url("/stats")) as reply:
+        assert (await reply.text()).count("<svg") == 6
