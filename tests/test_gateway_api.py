@@ -154,3 +154,13 @@ async def test_reads_go_to_the_cache_after_the_first_miss(gateway: Client) -> No
         assert base64.b64decode((await call(gateway, "/api/key/k"))["content"]) == PNG
     # The upload wrote through to the cache: not one read reached the blob store.
     assert service.blob_reads == before
+
+
+async def test_prometheus_metrics_count_hits_and_misses(gateway: Client) -> None:
+    await call(gateway, "/api/upload", data=upload_form("k", PNG))
+    await call(gateway, "/api/key/k")
+    await call(gateway, "/api/key/absent", expect=404)
+    text = await (await gateway.get("/metrics")).text()
+    assert "imagecache_gateway_cache_hits_total 1.0" in text
+    assert "imagecache_gateway_cache_misses_total 1.0" in text
+    assert "imagecache_gateway_cache_nodes 1.0" in text

@@ -12,7 +12,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from imagecache import api, pages
+from imagecache import api, pages, prometheus
 from imagecache.appkeys import (
     BLOBS,
     CONFIG,
@@ -53,6 +53,7 @@ def create_app(config: Config) -> web.Application:
         autoescape=jinja2.select_autoescape(["html"]),
     )
     app.router.add_static("/static", TEMPLATES / "static")
+    app.router.add_get("/metrics", prometheus.metrics)
     api.add_routes(app)
     pages.add_routes(app)
     app.cleanup_ctx.extend(
