@@ -33,6 +33,7 @@ PASSWORD = "imagecache-test"
 DATABASE = "imagecache"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
+_PORT_ATTEMPTS = 3
 _UNKNOWN_THREAD = 1094  # MariaDB's error for KILL of a connection that is gone
 # Debian puts the server in /usr/sbin, which a non-root PATH may lack.
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
@@ -48,6 +49,10 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+class _PortTaken(Exception):
+    pass
 
 
 class MariaDBServer:
@@ -87,6 +92,27 @@ class MariaDBServer:
                 f"mariadb-install-db failed ({installed.returncode}):\n"
                 f"{installed.stdout}\n{installed.stderr}"
             )
+        # The free port may be taken before the server binds it (other test runs
+        # on this machine): then start again on another one.
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            self._launch(data)
+            try:
+                self._wait_until_ready()
+                break
+            except _PortTaken:
+                if attempt == _PORT_ATTEMPTS:
+                    raise RuntimeError(
+                        f"mariadbd found no free port:\n{self._log_tail()}"
+                    ) from None
+                self.port = free_port()
+        self.run_sql(
+            f"CREATE DATABASE {DATABASE};"
+            f" CREATE USER '{USER}'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';"
+            f" GRANT ALL PRIVILEGES ON *.* TO '{USER}'@'127.0.0.1';"
+        )
+
+    def _launch(self, data: Path) -> None:
+        self.log.unlink(missing_ok=True)
         self._process = subprocess.Popen(
             [
                 self._server,
@@ -106,12 +132,6 @@ class MariaDBServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )
-        self._wait_until_ready()
-        self.run_sql(
-            f"CREATE DATABASE {DATABASE};"
-            f" CREATE USER '{USER}'@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';"
-            f" GRANT ALL PRIVILEGES ON *.* TO '{USER}'@'127.0.0.1';"
         )
 
     @property
@@ -150,6 +170,8 @@ class MariaDBServer:
         while True:
             code = self._process.poll()
             if code is not None:
+                if "Address already in use" in self._log_tail():
+                    raise _PortTaken
                 raise RuntimeError(f"mariadbd exited with {code} at start-up:\n{self._log_tail()}")
             if self.socket.exists() and self._client_run("SELECT 1").returncode == 0:
                 return

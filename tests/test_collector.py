@@ -116,8 +116,8 @@ async def make_collector(clock: Clock) -> AsyncIterator[Callable[..., Collector]
     """Makes collectors on the test's clock (memory store unless given); closes them."""
     collectors: list[Collector] = []
 
-    def make(store: MetricsStore | None = None, **options: float) -> Collector:
-        collector = Collector(store or MemoryMetrics(), clock=clock, **options)
+    def make(store: MetricsStore | None = None, timeout: float = 1.0) -> Collector:
+        collector = Collector(store or MemoryMetrics(), clock=clock, timeout=timeout)
         collectors.append(collector)
         return collector
 

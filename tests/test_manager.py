@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import ClientSession, CookieJar
 from aiohttp.test_utils import TestServer
@@ -18,7 +20,8 @@ from imagecache.app import create_app as create_gateway
 from imagecache.appkeys import POOL
 from imagecache.config import Config, parse_address, with_data_dir
 from manager.app import create_app as create_manager
-from manager.appkeys import BACKEND, CONTROLLER
+from manager.appkeys import AUTOSCALER, BACKEND, CONTROLLER, METADATA
+from tests.conftest import image_bytes
 
 PASSWORD = "correct horse"
 TOKEN = "gateway-token-for-tests"
@@ -51,12 +54,19 @@ class System:
 
 @pytest.fixture
 async def system(tmp_path: Path) -> AsyncIterator[System]:
+    async with running_system(tmp_path, collect_seconds=0.5) as running:
+        yield running
+
+
+@asynccontextmanager
+async def running_system(tmp_path: Path, **manager_settings: Any) -> AsyncIterator[System]:
+    """A manager with a local pool of node processes, and a gateway forwarding to it."""
     base = with_data_dir(Config(), tmp_path / "data")
     config = replace(
         base,
         gateway=replace(base.gateway, manager_token=TOKEN),
         manager=replace(
-            base.manager, password=PASSWORD, first_port=free_port_range(), collect_seconds=0.5
+            base.manager, password=PASSWORD, first_port=free_port_range(), **manager_settings
         ),
     )
     manager = TestServer(create_manager(config), host="127.0.0.1")
@@ -209,3 +219,53 @@ async def test_pages_need_a_login_and_forms_a_csrf_token(system: System) -> None
         assert "manual expand by 1" in await reply.text()
     async with system.http.get(manager.make_url("/stats")) as reply:
         assert (await reply.text()).count("<svg") == 6
+
+
+async def test_the_autoscaler_grows_on_misses_and_shrinks_on_hits(tmp_path: Path) -> None:
+    """End to end with a short clock: judging every 0.5 s over a 1 s window."""
+    async with running_system(
+        tmp_path,
+        collect_seconds=0.2,
+        autoscale_seconds=0.5,
+        rate_window_seconds=1.0,
+        settle_seconds=1.0,
+    ) as system:
+        await system.api(
+            "configure_cache",
+            mode="auto",
+            maxMiss="0.5",
+            minMiss="0.1",
+            expRatio="2",
+            shrinkRatio="0.5",
+        )
+        controller = system.manager.app[CONTROLLER]
+
+        async def read_until(path: str, done: Any, seconds: float = 20) -> None:
+            deadline = asyncio.get_running_loop().time() + seconds
+            while not done() and asyncio.get_running_loop().time() < deadline:
+                async with system.http.post(system.gateway.make_url(path)) as reply:
+                    await reply.read()
+
+        # Every read misses: keys nobody uploaded.
+        await read_until("/api/key/ghost", lambda: controller.size >= 2)
+        assert controller.size >= 2, "the pool did not grow on a miss-heavy load"
+        grown = controller.size
+        # Every read hits: one image, read again and again.
+        form = aiohttp.FormData()
+        form.add_field("key", "hot")
+        form.add_field("file", image_bytes("PNG"), filename="hot.png")
+        async with system.http.post(system.gateway.make_url("/api/upload"), data=form) as reply:
+            assert reply.status == 200
+        await read_until("/api/key/hot", lambda: controller.size < grown)
+        assert controller.size < grown, "the pool did not shrink on an all-hit load"
+        for _ in range(50):  # the shrink is recorded once the leaving node has stopped
+            history = await system.manager.app[METADATA].list_activity()
+            causes = [entry.cause for entry in history]
+            if any("shrink" in cause for cause in causes):
+                break
+            await asyncio.sleep(0.1)
+        assert any("grow" in cause for cause in causes)
+        assert any("shrink" in cause for cause in causes)
+        assert all(entry.miss_rate is not None for entry in history if "autoscaler" in entry.cause)
+        decisions = system.manager.app[AUTOSCALER].decisions
+        assert any(not decision.resizes for _, decision in decisions)  # settling, recorded too

@@ -67,6 +67,7 @@ class ManagerConfig:
     collect_seconds: float = 5.0
     autoscale_seconds: float = 60.0
     settle_seconds: float = 120.0
+    rate_window_seconds: float = 60.0  # "the last minute" of getRate and the autoscaler
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import timedelta
 
 import aiohttp_jinja2
 import jinja2
@@ -160,7 +161,7 @@ async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
     """The collector (every 5 s) and the autoscaler (every 60 s)."""
     config = app[CONFIG].manager
     controller = app[CONTROLLER]
-    collector = Collector(app[METRICS])
+    collector = Collector(app[METRICS], window=timedelta(seconds=config.rate_window_seconds))
     app[COLLECTOR] = collector
     app[AUTOSCALER] = Autoscaler(controller, collector.last_minute, config.settle_seconds)
 

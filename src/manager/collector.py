@@ -116,8 +116,10 @@ class Collector:
         *,
         timeout: float = 1.0,
         clock: Callable[[], datetime] = now_utc,
+        window: timedelta = WINDOW,
     ) -> None:
         self._store = store
+        self._window = window  # what "the last minute" spans (shorter in tests)
         self._timeout = timeout
         self._clock = clock
         self._clients: dict[str, tuple[str, NodeClient]] = {}  # node id -> (address, client)
@@ -157,7 +159,7 @@ class Collector:
                 items += reading.items
                 size += reading.bytes
             sample = PoolSample(at, workers, lookups, hits, misses, requests, items, size)
-            self._samples = [s for s in self._samples if s.at > at - KEEP]
+            self._samples = [s for s in self._samples if s.at > at - max(KEEP, self._window)]
             self._samples.append(sample)
         await self._store.put(sample)
         return sample
@@ -168,7 +170,7 @@ class Collector:
         ``minute`` of the result is the start of that sliding window.
         """
         now = self._clock()
-        start = now - WINDOW
+        start = now - self._window
         return minute_of([s for s in self._samples if start < s.at <= now], start)
 
     async def close(self) -> None:
