@@ -24,7 +24,10 @@ async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[N
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from error
         yield
     finally:
         await runner.cleanup()

@@ -29,7 +29,7 @@ sys.meta_path[:] = [
     finder for finder in sys.meta_path if not isinstance(finder, pygal.PluginImportFixer)
 ]
 
-WIDTH = 560
+WIDTH = 480  # drawn near its displayed size, so axis labels stay legible
 HEIGHT = 260
 ACCENT = "#2457c5"
 LABEL_EVERY_MINUTES = 5
@@ -149,7 +149,6 @@ def _render(
         options["y_labels"] = list(figure.y_labels)
     chart = pygal.Line(
         style=STYLE,
-        title=figure.title,
         width=WIDTH,
         height=HEIGHT,
         explicit_size=True,

@@ -49,6 +49,7 @@ class LocalPool:
         self.policy = policy
         self._on_restart = on_restart
         self._nodes: dict[str, _NodeProcess] = {}
+        self._closing = False
 
     async def nodes(self) -> list[NodeHandle]:
         return [node.handle for node in self._nodes.values()]
@@ -71,6 +72,7 @@ class LocalPool:
         )
 
     async def close(self) -> None:
+        self._closing = True  # no watcher restarts a node from now on
         await self.shrink(list(self._nodes))
 
     async def _start(self, port: int) -> _NodeProcess:
@@ -96,6 +98,11 @@ class LocalPool:
             line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT)
         except TimeoutError:
             line = b""
+        except asyncio.CancelledError:  # never leave a half-started node behind
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise
         if b"listening" not in line:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
@@ -110,7 +117,7 @@ class LocalPool:
     async def _watch(self, node: _NodeProcess) -> None:
         """Start the node again if it exits on its own."""
         code = await node.process.wait()
-        if node.stopping:
+        if node.stopping or self._closing:
             return
         log.warning("cache node %s exited (code %s); starting it again", node.handle.address, code)
         for attempt in range(5):

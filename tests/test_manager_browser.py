@@ -1,0 +1,262 @@
+"""The manager's dashboard in a real browser: headless Chromium driven by Playwright.
+
+The manager listens on a real loopback port and runs a local pool of real
+``imagecache node`` processes; its collector samples the pool every 0.3 s so
+that the statistics page catches up with a resize within a second. Needs
+Debian's ``chromium``; the test skips, saying why, only where
+``/usr/bin/chromium`` is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from aiohttp.test_utils import TestServer
+from playwright.async_api import ConsoleMessage, Page, Request, Response, async_playwright, expect
+
+from imagecache.config import Config, with_data_dir
+from manager.app import create_app as create_manager
+from tests.test_manager import PASSWORD, TOKEN, free_port_range
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
+# Where screenshots go: git-ignored, kept after the run for a person to look at.
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+# Fail in seconds, not Playwright's default 30 s, when something never shows.
+TIMEOUT_MS = 10_000
+COLLECT_SECONDS = 0.3
+# How long the statistics page may take to show a resize (many collector periods).
+CHART_DEADLINE_SECONDS = 10.0
+TITLES = [
+    "Workers",
+    "Miss rate (%)",
+    "Hit rate (%)",
+    "Items",
+    "Items size (MB)",
+    "Requests (per minute)",
+]
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install -y chromium)"
+)
+
+# The points a chart draws, oldest first, as [x label (HH:MM), value as shown]:
+# pygal writes both into <desc> elements of each point's <g class="dots">.
+CHART_POINTS = """
+title => Array.from(
+  document.querySelectorAll(`figure.chart[data-title="${title}"] svg g.dots`),
+  dots => [
+    dots.querySelector("desc.x_label")?.textContent ?? "",
+    dots.querySelector("desc.value")?.textContent ?? "",
+  ],
+)
+"""
+
+
+@pytest.fixture
+async def base_url(tmp_path: Path) -> AsyncIterator[str]:
+    """The manager with its pool of one node, on a free port of 127.0.0.1."""
+    base = with_data_dir(Config(), tmp_path / "data")
+    config = replace(
+        base,
+        gateway=replace(base.gateway, manager_token=TOKEN),
+        manager=replace(
+            base.manager,
+            password=PASSWORD,
+            first_port=free_port_range(),
+            collect_seconds=COLLECT_SECONDS,
+        ),
+    )
+    async with TestServer(create_manager(config), host="127.0.0.1") as server:
+        yield str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def page(base_url: str) -> AsyncIterator[Page]:
+    """A fresh page in headless Chromium; closed before the server (it depends on it)."""
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            context = await browser.new_context(
+                base_url=base_url, viewport={"width": 1280, "height": 800}
+            )
+            context.set_default_timeout(TIMEOUT_MS)
+            page = await context.new_page()
+            yield page
+            await context.close()
+        finally:
+            await browser.close()
+
+
+def record_problems(page: Page, base_url: str) -> list[str]:
+    """Collect 4xx/5xx answers, requests off the manager's origin and console errors.
+
+    The browser's own request for /favicon.ico (the manager has none: a 404) is left out.
+    """
+    problems: list[str] = []
+    origin = urlsplit(base_url).netloc
+
+    def on_response(response: Response) -> None:
+        if response.status >= 400:
+            problems.append(f"{response.status} {response.request.method} {response.url}")
+
+    def on_request(request: Request) -> None:
+        url = urlsplit(request.url)
+        if url.scheme in ("http", "https", "ws", "wss") and url.netloc != origin:
+            problems.append(f"request off the manager's origin: {request.url}")
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type != "error":
+            return
+        where = message.location.get("url", "")
+        if urlsplit(where).path != "/favicon.ico":
+            problems.append(f"console error: {message.text} ({where})")
+
+    page.on("response", on_response)
+    page.on("request", on_request)
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    return problems
+
+
+def minute_label() -> str:
+    """The current minute as the charts label it (HH:MM, UTC)."""
+    return datetime.now(UTC).strftime("%H:%M")
+
+
+async def chart_points(page: Page, title: str) -> list[tuple[str, str]]:
+    points: list[list[str]] = await page.evaluate(CHART_POINTS, title)
+    return [(label, value) for label, value in points]
+
+
+async def wait_for_current_workers(page: Page, workers: int) -> list[tuple[str, str]]:
+    """Reload /stats until the Workers chart's last point is ``workers`` in the current minute.
+
+    Returns the Workers chart's points as last seen; fails after CHART_DEADLINE_SECONDS.
+    """
+    deadline = time.monotonic() + CHART_DEADLINE_SECONDS
+    points: list[tuple[str, str]] = []
+    while True:
+        before = minute_label()
+        await page.goto("/stats")
+        minutes = {before, minute_label()}  # a minute may turn during the load
+        points = await chart_points(page, "Workers")
+        if points and points[-1][0] in minutes and points[-1][1] == str(workers):
+            return points
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"the Workers chart did not show {workers} for {sorted(minutes)} within "
+                f"{CHART_DEADLINE_SECONDS:g} s; its points: {points}"
+            )
+        await asyncio.sleep(COLLECT_SECONDS)
+
+
+async def test_log_in_expand_and_see_it_in_statistics_and_activity(
+    page: Page, base_url: str
+) -> None:
+    problems = record_problems(page, base_url)
+
+    # Any page leads to the login form first; a wrong password is refused.
+    async with page.expect_navigation(url="**/login?next=/config"):
+        await page.goto("/config")
+    await expect(page.locator("h1")).to_have_text("Log in")
+    await page.fill("#password", "not the password")
+    async with page.expect_navigation() as navigation:
+        await page.click("button[type=submit]")
+    response = await navigation.value
+    assert response is not None
+    assert response.status == 401
+    await expect(page.locator("p.flash.error")).to_have_text("Wrong password.")
+    await expect(page.locator("h1")).to_have_text("Log in")
+    # That 401 is the one error answer expected: it, and the console's note of it, only.
+    assert problems == [
+        f"401 POST {base_url}/login",
+        "console error: Failed to load resource: the server responded with a status of 401 "
+        f"(Unauthorized) ({base_url}/login)",
+    ], problems
+    problems.clear()
+
+    # The right password leads back to where the login was asked for.
+    await page.fill("#password", PASSWORD)
+    async with page.expect_navigation(url="**/config"):
+        await page.click("button[type=submit]")
+    await expect(page.locator("h1")).to_have_text("Memory Configuration")
+    await expect(page.locator("span#workers")).to_have_text("1")
+
+    # Expand by 2: the pool goes from 1 to 3 nodes, and all three answer.
+    await page.fill("#expand-count", "2")
+    async with page.expect_navigation(url="**/config"):
+        await page.click("button#expand")
+    flash = page.locator("p.flash.success")
+    await expect(flash).to_be_visible()
+    await expect(flash).to_contain_text("from 1 to 3 nodes")
+    await expect(page.locator("span#workers")).to_have_text("3")
+    await expect(page.locator("td .ok")).to_have_count(3)
+    # The message was shown once: it is gone on the next visit.
+    await page.reload()
+    await expect(page.locator("p.flash")).to_have_count(0)
+
+    # Memory Statistics: six charts; the Workers chart shows 3 for the current minute.
+    points = await wait_for_current_workers(page, 3)
+    await expect(page.locator("h1")).to_have_text("Memory Statistics")
+    figures = page.locator("figure.chart")
+    await expect(figures).to_have_count(6)
+    titles = [await figures.nth(i).get_attribute("data-title") for i in range(6)]
+    assert titles == TITLES
+    await expect(page.locator("figure.chart svg")).to_have_count(6)
+    await expect(page.locator("script[src]")).to_have_count(0)
+    # Drawn at a readable size, not collapsed.
+    for i in range(6):
+        box = await figures.nth(i).locator("svg").bounding_box()
+        assert box is not None
+        assert box["width"] >= 300, (TITLES[i], box)
+        assert box["height"] >= 120, (TITLES[i], box)
+    assert {value for _, value in points} <= {"1", "3"}, points
+    # The other charts have data for this minute too (counters all zero: no lookups).
+    items = await chart_points(page, "Items")
+    assert items, "the Items chart has no point"
+    assert items[-1] == (points[-1][0], "0"), items
+    OUTPUT.mkdir(exist_ok=True)
+    await page.screenshot(path=OUTPUT / "manager-stats.png", full_page=True)
+
+    # The page's own refresh replaces the charts with fresh ones from /stats/charts.
+    await page.clock.install()  # from here on, the page's timers run on a fake clock
+    await page.reload()
+    await page.evaluate("document.querySelector('#charts figure').dataset.stale = 'yes'")
+    async with page.expect_response("**/stats/charts") as refreshed:
+        await page.clock.run_for(15_000)
+    assert (await refreshed.value).status == 200
+    await expect(page.locator("figure.chart[data-stale]")).to_have_count(0)
+    await expect(page.locator("figure.chart")).to_have_count(6)
+    assert await chart_points(page, "Workers"), "the refreshed Workers chart has no point"
+
+    # Activity: the resize, its sizes and its cause.
+    await page.goto("/activity")
+    rows = page.locator("table#resizes tbody tr")
+    await expect(rows).to_have_count(1)
+    cells = rows.first.locator("td")
+    await expect(cells.nth(1)).to_have_text("1")
+    await expect(cells.nth(2)).to_have_text("3")
+    await expect(cells.nth(3)).to_contain_text("manual expand by 2")
+    when = await cells.nth(0).inner_text()
+    at = datetime.strptime(when, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - at).total_seconds()) < 120, when
+
+    assert problems == [], "\n".join(problems)
