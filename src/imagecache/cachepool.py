@@ -67,11 +67,20 @@ class CachePool:
 
     @property
     def members(self) -> list[PoolMember]:
-        return [self._members[node_id] for node_id in self._ring.node_ids]
+        """Every node, routed to or joining: all of them get invalidations."""
+        return list(self._members.values())
 
-    async def set_members(self, members: Sequence[tuple[str, str]]) -> None:
-        """Route over these (node id, host:port) from now on; clients of others close."""
-        wanted = dict(members)
+    async def set_members(
+        self, members: Sequence[tuple[str, str]], joining: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Route over ``members`` (node id, host:port) from now on.
+
+        ``joining`` nodes get no reads yet, but every invalidation: they are
+        being warmed, and must not keep a copy that an upload replaced.
+        Clients of nodes in neither list close.
+        """
+        routed = dict(members)
+        wanted = {**dict(joining), **routed}
         for node_id in list(self._members):
             member = self._members[node_id]
             if wanted.get(node_id) != member.address:
@@ -84,8 +93,12 @@ class CachePool:
                     host, port, timeout=self._timeout, connect_timeout=self._timeout
                 )
                 self._members[node_id] = PoolMember(node_id, address, client)
-        self._ring = Ring(sorted(wanted))
-        log.info("cache pool: %s", ", ".join(f"{n}={a}" for n, a in sorted(wanted.items())))
+        self._ring = Ring(sorted(routed))
+        log.info(
+            "cache pool: %s%s",
+            ", ".join(f"{n}={a}" for n, a in sorted(routed.items())),
+            f"; joining: {', '.join(sorted(dict(joining)))}" if joining else "",
+        )
 
     def owner_of(self, key: str) -> PoolMember | None:
         node_id = self._ring.owner(key.encode())

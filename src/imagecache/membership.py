@@ -23,8 +23,11 @@ class MembershipFollower:
         if membership.epoch == self._epoch:
             return
         if membership.epoch == 0:
-            members = [(address, address) for address in self._configured_nodes]
+            await self._pool.set_members([(address, address) for address in self._configured_nodes])
         else:
-            members = [(n.node_id, n.address) for n in membership.nodes if n.state == "active"]
-        await self._pool.set_members(members)
+            nodes = membership.nodes
+            await self._pool.set_members(
+                [(n.node_id, n.address) for n in nodes if n.state != "joining"],
+                joining=[(n.node_id, n.address) for n in nodes if n.state == "joining"],
+            )
         self._epoch = membership.epoch

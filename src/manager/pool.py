@@ -18,10 +18,16 @@ from cachenode.client import NodeClient
 from cachenode.errors import NodeError
 from imagecache.config import parse_address
 from imagecache.metadata import MetadataStore, NodeRecord
+from imagecache.ring import Ring
 from manager.backends.base import NodeHandle, PoolBackend, PoolError
+from manager.migration import MigrationReport, drop_keys_owned_elsewhere, move_keys
 from manager.settings import MAX_NODES, MIN_NODES, CacheSettings
 
 log = logging.getLogger(__name__)
+
+
+# Gateways read the membership every 0.5 s: after this long, all of them follow it.
+MEMBERSHIP_GRACE_SECONDS = 1.2
 
 
 class ResizeError(ValueError):
@@ -35,9 +41,16 @@ class Resize:
 
 
 class PoolController:
-    def __init__(self, backend: PoolBackend, metadata: MetadataStore) -> None:
+    def __init__(
+        self,
+        backend: PoolBackend,
+        metadata: MetadataStore,
+        grace_seconds: float = MEMBERSHIP_GRACE_SECONDS,
+    ) -> None:
         self._backend = backend
         self._metadata = metadata
+        self._grace_seconds = grace_seconds
+        self.last_migration: MigrationReport | None = None
         self._members: list[NodeHandle] = []
         self._lock = asyncio.Lock()
         self.last_resize: float | None = None  # monotonic time of the last resize
@@ -79,21 +92,43 @@ class PoolController:
         async with self._lock:
             before = len(self._members)
             if target > before:
-                joining = await self._backend.grow(target - before)
-                await self._configure(joining, await self.settings())
-                self._members += joining
-                await self._publish()
+                await self._grow(target - before)
             elif target < before:
-                # The newest nodes leave: the oldest hold the longest-lived keys.
-                leaving = self._members[target:]
-                self._members = self._members[:target]
-                await self._publish()  # gateways stop routing to them first
-                await self._backend.shrink([n.node_id for n in leaving])
+                await self._shrink(before - target)
             if target != before:
                 self.last_resize = time.monotonic()
                 await self._metadata.add_activity(before, target, cause, miss_rate)
                 log.info("pool resized %d -> %d: %s", before, target, cause)
             return Resize(before, target)
+
+    async def _grow(self, count: int) -> None:
+        """Start nodes, let every gateway invalidate on them, warm them, then route to them."""
+        joining = await self._backend.grow(count)
+        await self._configure(joining, await self.settings())
+        old = list(self._members)
+        await self._publish(joining=joining)
+        await asyncio.sleep(self._grace_seconds)  # every gateway now invalidates on them
+        everyone = old + joining
+        self.last_migration = await move_keys(
+            old, Ring([n.node_id for n in everyone]), {n.node_id: n for n in everyone}
+        )
+        self._members = everyone
+        await self._publish()
+        await asyncio.sleep(self._grace_seconds)  # every gateway now routes to them
+        # The old owners drop the copies they handed over.
+        await drop_keys_owned_elsewhere(old, Ring([n.node_id for n in everyone]))
+
+    async def _shrink(self, count: int) -> None:
+        """Hand the leaving nodes' keys to their new owners, stop routing to them, stop them."""
+        # The newest nodes leave: the oldest hold the longest-lived keys.
+        staying, leaving = self._members[:-count], self._members[-count:]
+        self.last_migration = await move_keys(
+            leaving, Ring([n.node_id for n in staying]), {n.node_id: n for n in staying}
+        )
+        self._members = staying
+        await self._publish()
+        await asyncio.sleep(self._grace_seconds)  # no gateway routes to them any more
+        await self._backend.shrink([n.node_id for n in leaving])
 
     async def apply_settings(self, settings: CacheSettings) -> None:
         """Store the settings and push capacity and policy to every node at once."""
@@ -107,8 +142,9 @@ class PoolController:
 
     async def clear(self) -> None:
         """Empty every node, refusing fills of anything not newer than what is stored."""
-        floor = await self._metadata.current_version() + 1
-        await asyncio.gather(*(self._on_node(n, "clear", floor) for n in self.members))
+        async with self._lock:  # not while a resize moves keys around
+            floor = await self._metadata.current_version() + 1
+            await asyncio.gather(*(self._on_node(n, "clear", floor) for n in self.members))
 
     async def ping_all(self) -> dict[str, bool]:
         """Which members answer PING, by node id."""
@@ -138,6 +174,7 @@ class PoolController:
             return False
         return True
 
-    async def _publish(self) -> None:
+    async def _publish(self, joining: Sequence[NodeHandle] = ()) -> None:
         records = [NodeRecord(n.node_id, n.address, "active") for n in self._members]
+        records += [NodeRecord(n.node_id, n.address, "joining") for n in joining]
         await self._metadata.set_membership(records)
