@@ -81,11 +81,11 @@ class CachePool:
         """
         routed = dict(members)
         wanted = {**dict(joining), **routed}
-        for node_id in list(self._members):
-            member = self._members[node_id]
-            if wanted.get(node_id) != member.address:
-                del self._members[node_id]
-                await member.client.close()
+        # Members and ring change together, with no await in between: a read
+        # running meanwhile sees either the old pool or the new one.
+        gone = [m for m in self._members.values() if wanted.get(m.node_id) != m.address]
+        for member in gone:
+            del self._members[member.node_id]
         for node_id, address in wanted.items():
             if node_id not in self._members:
                 host, port = parse_address(address)
@@ -94,6 +94,8 @@ class CachePool:
                 )
                 self._members[node_id] = PoolMember(node_id, address, client)
         self._ring = Ring(sorted(routed))
+        for member in gone:
+            await member.client.close()
         log.info(
             "cache pool: %s%s",
             ", ".join(f"{n}={a}" for n, a in sorted(routed.items())),

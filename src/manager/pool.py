@@ -134,7 +134,9 @@ class PoolController:
         """Store the settings and push capacity and policy to every node at once."""
         await self._metadata.put_settings(settings.to_strings())
         async with self._lock:
-            await self._configure(self._members, settings)
+            # A node that is down now gets the settings when it is restarted
+            # (node_restarted): its failure here is logged, not an error.
+            await self._configure(self._members, settings, strict=False)
 
     async def node_restarted(self, node: NodeHandle) -> None:
         """A node came back empty after a crash: give it the settings in force."""
@@ -151,10 +153,12 @@ class PoolController:
         answers = await asyncio.gather(*(self._on_node(n, "ping") for n in self.members))
         return {n.node_id: ok for n, ok in zip(self.members, answers, strict=True)}
 
-    async def _configure(self, nodes: Sequence[NodeHandle], settings: CacheSettings) -> None:
+    async def _configure(
+        self, nodes: Sequence[NodeHandle], settings: CacheSettings, strict: bool = True
+    ) -> None:
         results = await asyncio.gather(*(self._on_node(n, "config", settings) for n in nodes))
         failed = [n.address for n, ok in zip(nodes, results, strict=True) if not ok]
-        if failed:
+        if failed and strict:
             raise PoolError(f"could not configure cache node(s) {', '.join(failed)}")
 
     async def _on_node(self, node: NodeHandle, action: str, argument: object = None) -> bool:

@@ -54,6 +54,10 @@ class LocalPool:
     async def nodes(self) -> list[NodeHandle]:
         return [node.handle for node in self._nodes.values()]
 
+    def process_ids(self) -> dict[str, int]:
+        """The process id of each node, by node id (for operators and failure tests)."""
+        return {node_id: node.process.pid for node_id, node in self._nodes.items()}
+
     async def grow(self, count: int) -> list[NodeHandle]:
         started: list[_NodeProcess] = []
         try:
