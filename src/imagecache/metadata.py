@@ -2,7 +2,7 @@
 
 One code path over SQLite (the embedded default, aiosqlite) and MySQL/RDS
 (aiomysql) with SQLAlchemy Core. What differs between the two databases lives
-in ``_create_engine`` (and in the column types of the schema):
+in ``imagecache.database`` (and in the column types of the schema):
 
 - SQLite: the driver's own transaction handling is switched off and a write
   transaction starts with ``BEGIN IMMEDIATE``, so it takes the write lock
@@ -24,18 +24,14 @@ every blob that no row points at.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
     asynccontextmanager,
-    contextmanager,
-    nullcontext,
 )
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -49,19 +45,18 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
-    event,
     insert,
     select,
     true,
     update,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import URL, Connection, RowMapping, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.engine import RowMapping, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateTable
 
+from imagecache.database import WRITE, create_engine, storage_failures
 from imagecache.errors import StorageError
 
 UPLOADING = "uploading"
@@ -72,9 +67,6 @@ _VERSION = "version"
 _EPOCH = "membership_epoch"
 # An execution option of the engine that runs write transactions; the SQLite
 # "begin" hook reads it.
-_WRITE_OPTION = "imagecache_write"
-SQLITE_BUSY_TIMEOUT_MS = 10_000
-MYSQL_CONNECT_TIMEOUT_S = 10
 _SETTINGS_ATTEMPTS = 5
 
 # Naive UTC on both databases; MySQL's DATETIME keeps only whole seconds unless told.
@@ -196,7 +188,7 @@ class MetadataStore:
         self, engine: AsyncEngine, write_gate: AbstractAsyncContextManager[Any], where: str
     ) -> None:
         self._engine = engine
-        self._writer = engine.execution_options(**{_WRITE_OPTION: True})
+        self._writer = engine.execution_options(**{WRITE: True})
         self._write_gate = write_gate
         self._where = where
 
@@ -217,8 +209,8 @@ class MetadataStore:
         where = parsed.render_as_string(hide_password=True)
         if parsed.drivername not in ("sqlite+aiosqlite", "mysql+aiomysql"):
             raise ValueError(f"metadata URL must be sqlite+aiosqlite or mysql+aiomysql: {where}")
-        with _failures(where, "open the database"):
-            engine, write_gate = await _create_engine(parsed)
+        with storage_failures("metadata store", where, "open the database"):
+            engine, write_gate = await create_engine(parsed)
         try:
             store = cls(engine, write_gate, where)
             await store._create_schema()
@@ -520,81 +512,7 @@ class MetadataStore:
             yield conn
 
     def _failures(self, action: str) -> AbstractContextManager[None]:
-        return _failures(self._where, action)
-
-
-@contextmanager
-def _failures(where: str, action: str) -> Iterator[None]:
-    """Turn database and connection failures into StorageError."""
-    try:
-        yield
-    except (DBAPIError, PoolTimeoutError, OSError) as error:
-        reason = error.orig if isinstance(error, DBAPIError) and error.orig else error
-        raise StorageError(f"metadata store {where} could not {action}: {reason}") from error
-
-
-async def _create_engine(url: URL) -> tuple[AsyncEngine, AbstractAsyncContextManager[Any]]:
-    """The engine for ``url`` and what write transactions of this process enter first.
-
-    Everything that differs between the databases is here.
-    """
-    if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url)
-        event.listen(engine.sync_engine, "connect", _sqlite_connect)
-        event.listen(engine.sync_engine, "begin", _sqlite_begin)
-        try:
-            await _sqlite_use_wal(engine)
-        except BaseException:
-            await engine.dispose()
-            raise
-        # SQLite runs one writer at a time anyway: this process's writers queue
-        # here rather than in SQLite's sleep-and-retry busy handler, which stays
-        # the protection against other processes.
-        return engine, asyncio.Lock()
-    engine = create_async_engine(
-        url,
-        isolation_level="READ COMMITTED",
-        pool_pre_ping=True,  # RDS closes idle connections and fails over
-        pool_recycle=3600,
-        connect_args={"connect_timeout": MYSQL_CONNECT_TIMEOUT_S},
-    )
-    return engine, nullcontext()
-
-
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    # SQLAlchemy's recipe: the driver emits no BEGIN of its own (_sqlite_begin does).
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA foreign_keys = ON")
-    finally:
-        cursor.close()
-
-
-async def _sqlite_use_wal(engine: AsyncEngine) -> None:
-    """Put the database file in WAL mode (it stays so, for every connection).
-
-    Switching can fail with "database is locked" at once, without waiting for
-    the busy timeout, while another process opens the same new file: retry.
-    """
-    deadline = asyncio.get_running_loop().time() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            async with engine.connect() as conn:
-                await conn.exec_driver_sql("PRAGMA journal_mode = WAL")
-            return
-        except OperationalError as error:
-            if "locked" not in str(error.orig) or asyncio.get_running_loop().time() > deadline:
-                raise
-        await asyncio.sleep(0.02)
-
-
-def _sqlite_begin(connection: Connection) -> None:
-    if connection.get_execution_options().get(_WRITE_OPTION):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        return storage_failures("metadata store", self._where, action)
 
 
 def _now() -> datetime:

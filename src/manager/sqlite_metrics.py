@@ -12,17 +12,13 @@ deleted as new ones come in; minutes are grouped in Python with
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import (
     AbstractAsyncContextManager,
     asynccontextmanager,
-    contextmanager,
-    nullcontext,
 )
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -33,29 +29,24 @@ from sqlalchemy import (
     MetaData,
     Table,
     delete,
-    event,
     insert,
     select,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateTable
 
-from imagecache.errors import StorageError
+from imagecache.database import WRITE, create_engine, storage_failures
 from manager.metrics import MetricsStore, MinuteStats, PoolSample, minute_of
 
 RETENTION = timedelta(hours=2)
 # Pruning is one DELETE of at most a minute's samples; once a minute is plenty.
 PRUNE_EVERY = timedelta(minutes=1)
-SQLITE_BUSY_TIMEOUT_MS = 10_000
-MYSQL_CONNECT_TIMEOUT_S = 10
 _MINUTE = timedelta(minutes=1)
 # An execution option of the engine that runs write transactions; the SQLite
 # "begin" hook reads it.
-_WRITE_OPTION = "metrics_write"
 
 # Naive UTC on both databases; MySQL's DATETIME keeps only whole seconds unless told.
 _Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
@@ -94,7 +85,7 @@ class SqlMetrics(MetricsStore):
         self, engine: AsyncEngine, write_gate: AbstractAsyncContextManager[Any], where: str
     ) -> None:
         self._engine = engine
-        self._writer = engine.execution_options(**{_WRITE_OPTION: True})
+        self._writer = engine.execution_options(**{WRITE: True})
         self._write_gate = write_gate
         self._where = where
         self._pruned_at: datetime | None = None
@@ -117,11 +108,11 @@ class SqlMetrics(MetricsStore):
         where = parsed.render_as_string(hide_password=True)
         if parsed.drivername not in ("sqlite+aiosqlite", "mysql+aiomysql"):
             raise ValueError(f"metrics URL must be sqlite+aiosqlite or mysql+aiomysql: {where}")
-        with _failures(where, "open the database"):
-            engine, write_gate = await _create_engine(parsed)
+        with storage_failures("metrics store", where, "open the database"):
+            engine, write_gate = await create_engine(parsed)
         store = cls(engine, write_gate, where)
         try:
-            with _failures(where, "create the table"):
+            with storage_failures("metrics store", where, "create the table"):
                 async with store._write() as conn:
                     # IF NOT EXISTS: the manager may start while another process creates it.
                     await conn.execute(CreateTable(samples_table, if_not_exists=True))
@@ -133,7 +124,7 @@ class SqlMetrics(MetricsStore):
         """Record ``sample``; at most once a minute, also delete samples older than RETENTION."""
         at = _naive(sample.at)
         prune = self._pruned_at is None or sample.at - self._pruned_at >= PRUNE_EVERY
-        with _failures(self._where, "store a sample"):
+        with storage_failures("metrics store", self._where, "store a sample"):
             async with self._write() as conn:
                 await conn.execute(
                     insert(samples_table).values(
@@ -169,7 +160,7 @@ class SqlMetrics(MetricsStore):
             .where(t.at >= _naive(first), t.at < _naive(stop))
             .order_by(t.at, t.id)
         )
-        with _failures(self._where, "read the samples"):
+        with storage_failures("metrics store", self._where, "read the samples"):
             async with self._engine.connect() as conn:
                 rows = (await conn.execute(query)).all()
         samples = [
@@ -193,16 +184,6 @@ class SqlMetrics(MetricsStore):
             yield conn
 
 
-@contextmanager
-def _failures(where: str, action: str) -> Iterator[None]:
-    """Turn database and connection failures into StorageError."""
-    try:
-        yield
-    except (DBAPIError, PoolTimeoutError, OSError) as error:
-        reason = error.orig if isinstance(error, DBAPIError) and error.orig else error
-        raise StorageError(f"metrics store {where} could not {action}: {reason}") from error
-
-
 def _utc(moment: datetime) -> datetime:
     """``moment`` in UTC; raises ValueError when it has no time zone."""
     if moment.utcoffset() is None:
@@ -222,61 +203,3 @@ def _floor_minute(moment: datetime) -> datetime:
 def _ceil_minute(moment: datetime) -> datetime:
     floor = _floor_minute(moment)
     return floor if floor == moment else floor + _MINUTE
-
-
-async def _create_engine(url: URL) -> tuple[AsyncEngine, AbstractAsyncContextManager[Any]]:
-    """The engine for ``url`` and what write transactions of this process enter first."""
-    if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url)
-        event.listen(engine.sync_engine, "connect", _sqlite_connect)
-        event.listen(engine.sync_engine, "begin", _sqlite_begin)
-        try:
-            await _sqlite_use_wal(engine)
-        except BaseException:
-            await engine.dispose()
-            raise
-        return engine, asyncio.Lock()
-    engine = create_async_engine(
-        url,
-        isolation_level="READ COMMITTED",
-        pool_pre_ping=True,  # RDS closes idle connections and fails over
-        pool_recycle=3600,
-        connect_args={"connect_timeout": MYSQL_CONNECT_TIMEOUT_S},
-    )
-    return engine, nullcontext()
-
-
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    # SQLAlchemy's recipe: the driver emits no BEGIN of its own (_sqlite_begin does).
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-    finally:
-        cursor.close()
-
-
-def _sqlite_begin(connection: Connection) -> None:
-    if connection.get_execution_options().get(_WRITE_OPTION):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-async def _sqlite_use_wal(engine: AsyncEngine) -> None:
-    """Put the database file in WAL mode (it stays so, for every connection).
-
-    Switching can fail with "database is locked" at once, without waiting for
-    the busy timeout, while another process opens the same new file: retry.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            async with engine.connect() as conn:
-                await conn.exec_driver_sql("PRAGMA journal_mode = WAL")
-            return
-        except OperationalError as error:
-            if "locked" not in str(error.orig) or loop.time() > deadline:
-                raise
-        await asyncio.sleep(0.02)
