@@ -56,6 +56,7 @@ class CachePool:
         self._retry_seconds = retry_seconds
         self._clock = clock
         self._members: dict[str, PoolMember] = {}
+        self._retired: list[tuple[float, NodeClient]] = []  # (when, client) of removed nodes
         self._ring = Ring(())
         self.counters = PoolCounters()
 
@@ -94,8 +95,9 @@ class CachePool:
                 )
                 self._members[node_id] = PoolMember(node_id, address, client)
         self._ring = Ring(sorted(routed))
-        for member in gone:
-            await member.client.close()
+        # Reads already under way on a removed node finish first: its client
+        # closes on a later heal, once they have had their timeout.
+        self._retired += [(self._clock(), m.client) for m in gone]
         log.info(
             "cache pool: %s%s",
             ", ".join(f"{n}={a}" for n, a in sorted(routed.items())),
@@ -161,6 +163,11 @@ class CachePool:
         image before the node went dirty cannot land after the clear.
         """
         now = self._clock()
+        still_busy = [(at, c) for at, c in self._retired if now - at <= self._timeout * 2]
+        for at, client in self._retired:
+            if now - at > self._timeout * 2:
+                await client.close()
+        self._retired = still_busy
         for member in self.members:
             if not member.dirty and member.unusable_until <= now:
                 continue
@@ -179,6 +186,9 @@ class CachePool:
     async def close(self) -> None:
         for member in self._members.values():
             await member.client.close()
+        for _, client in self._retired:
+            await client.close()
+        self._retired = []
         self._members.clear()
         self._ring = Ring(())
 

@@ -21,7 +21,8 @@ class ManagerError(ImagecacheError):
 class ManagerLink:
     """Forwards admin calls to the manager's internal API with the shared token."""
 
-    def __init__(self, base_url: str, token: str, timeout: float = 10.0) -> None:
+    # A resize answers once its keys have moved: allow for big migrations.
+    def __init__(self, base_url: str, token: str, timeout: float = 120.0) -> None:
         self._base_url = base_url.rstrip("/")
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=timeout)
