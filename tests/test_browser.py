@@ -13,30 +13,14 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
-from playwright.async_api import Page, Response, async_playwright, expect
+from playwright.async_api import Page, Response, expect
 
 from imagecache.app import create_app
 from imagecache.config import Config
+from tests.browser import OUTPUT, needs_chromium, open_page
 from tests.conftest import image_bytes
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
-# Where screenshots go: git-ignored, kept after the run for a person to look at.
-OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
-# Fail in seconds, not Playwright's default 30 s, when something never shows.
-TIMEOUT_MS = 10_000
-
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install -y chromium)"
-)
+pytestmark = needs_chromium
 
 # True once #picture has finished loading, whether it decoded or failed.
 PICTURE_LOADED = (
@@ -56,20 +40,8 @@ async def base_url(gateway_config: Config) -> AsyncIterator[str]:
 @pytest.fixture
 async def page(base_url: str) -> AsyncIterator[Page]:
     """A fresh page in headless Chromium; closed before the server (it depends on it)."""
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            context = await browser.new_context(
-                base_url=base_url, viewport={"width": 1024, "height": 720}
-            )
-            context.set_default_timeout(TIMEOUT_MS)
-            page = await context.new_page()
-            yield page
-            await context.close()
-        finally:
-            await browser.close()
+    async with open_page(base_url, 1024, 720) as page:
+        yield page
 
 
 def record_http_errors(page: Page) -> list[str]:

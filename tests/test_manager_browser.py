@@ -19,26 +19,13 @@ from urllib.parse import urlsplit
 
 import pytest
 from aiohttp.test_utils import TestServer
-from playwright.async_api import ConsoleMessage, Page, Request, Response, async_playwright, expect
+from playwright.async_api import ConsoleMessage, Page, Request, Response, expect
 
 from imagecache.config import Config, with_data_dir
 from manager.app import create_app as create_manager
+from tests.browser import OUTPUT, needs_chromium, open_page
 from tests.test_manager import PASSWORD, TOKEN, free_port_range
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-quic",
-]
-# Where screenshots go: git-ignored, kept after the run for a person to look at.
-OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
-# Fail in seconds, not Playwright's default 30 s, when something never shows.
-TIMEOUT_MS = 10_000
 COLLECT_SECONDS = 0.3
 # How long the statistics page may take to show a resize (many collector periods).
 CHART_DEADLINE_SECONDS = 10.0
@@ -51,9 +38,7 @@ TITLES = [
     "Requests (per minute)",
 ]
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install -y chromium)"
-)
+pytestmark = needs_chromium
 
 # The points a chart draws, oldest first, as [x label (HH:MM), value as shown]:
 # pygal writes both into <desc> elements of each point's <g class="dots">.
@@ -89,20 +74,8 @@ async def base_url(tmp_path: Path) -> AsyncIterator[str]:
 @pytest.fixture
 async def page(base_url: str) -> AsyncIterator[Page]:
     """A fresh page in headless Chromium; closed before the server (it depends on it)."""
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            context = await browser.new_context(
-                base_url=base_url, viewport={"width": 1280, "height": 800}
-            )
-            context.set_default_timeout(TIMEOUT_MS)
-            page = await context.new_page()
-            yield page
-            await context.close()
-        finally:
-            await browser.close()
+    async with open_page(base_url, 1280, 800) as page:
+        yield page
 
 
 def record_problems(page: Page, base_url: str) -> list[str]:
