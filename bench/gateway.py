@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import http.client
 import io
 import json
@@ -49,10 +48,22 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO, Final
 
 from PIL import Image
+
+from benchkit import (
+    Terminated,
+    child_setup,
+    cpu_seconds,
+    free_port,
+    imagecache_command,
+    machine_cpu,
+    progress,
+    ratio_of,
+    terminate,
+    verdict,
+)
 
 HOST: Final = "127.0.0.1"
 KIB: Final = 1 << 10
@@ -72,31 +83,6 @@ PROFILE_TOP: Final = 22
 
 
 # -- child processes -----------------------------------------------------------
-
-
-def _load_prctl() -> Callable[[int, int], int] | None:
-    """libc's prctl, looked up before any fork (a forked child should only call it)."""
-    try:
-        function: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return function
-
-
-_PRCTL: Final = _load_prctl()
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def _child_setup(core: int | None) -> Callable[[], None]:
-    """What a child runs between fork and exec: its CPU, and death with this process."""
-
-    def setup() -> None:
-        if core is not None:
-            os.sched_setaffinity(0, {core})
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return setup
 
 
 class Children:
@@ -121,7 +107,7 @@ class Children:
             stdout=stdout,
             stderr=stderr,
             env=None if env is None else dict(env),
-            preexec_fn=_child_setup(core if self.pin else None),
+            preexec_fn=child_setup(core if self.pin else None),
         )
         self._processes.append(process)
         return process
@@ -152,13 +138,6 @@ class Server:
     name: str
     port: int
     pid: int
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _wait_until_listening(process: subprocess.Popen[bytes], port: int, what: str) -> None:
@@ -209,21 +188,11 @@ def _binary(name: str, *fallbacks: str) -> str:
     return found
 
 
-def _imagecache_command() -> list[str]:
-    script = Path(sys.executable).with_name("imagecache")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("imagecache")
-    if found is not None:
-        return [found]
-    return [sys.executable, "-m", "imagecache"]
-
-
 def start_node(children: Children, workdir: Path) -> Server:
     with open(workdir / "node.log", "wb") as log:
         process = children.start(
             [
-                *_imagecache_command(),
+                *imagecache_command(),
                 "--log-level",
                 "WARNING",
                 "node",
@@ -247,7 +216,7 @@ def start_node(children: Children, workdir: Path) -> Server:
 def start_gateway(children: Children, workdir: Path, node: Server) -> Server:
     data_dir = workdir / "data"
     data_dir.mkdir()
-    port = _free_port()
+    port = free_port()
     # Only this run's settings: no configuration file or variable of the caller's.
     env = {name: value for name, value in os.environ.items() if not name.startswith("IMAGECACHE_")}
     env |= {
@@ -256,11 +225,11 @@ def start_gateway(children: Children, workdir: Path, node: Server) -> Server:
         "IMAGECACHE_GATEWAY_PORT": str(port),
         "IMAGECACHE_NODES": f"{HOST}:{node.port}",
         # Nothing listens there: no manager is needed for uploads and reads.
-        "IMAGECACHE_MANAGER_URL": f"http://{HOST}:{_free_port()}",
+        "IMAGECACHE_MANAGER_URL": f"http://{HOST}:{free_port()}",
     }
     with open(workdir / "gateway.log", "wb") as log:
         process = children.start(
-            [*_imagecache_command(), "--log-level", "WARNING", "gateway"],
+            [*imagecache_command(), "--log-level", "WARNING", "gateway"],
             core=SERVER_CORE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -312,7 +281,7 @@ def start_nginx(children: Children, workdir: Path, key: str, image: bytes) -> Se
     prefix = workdir / "nginx"
     (prefix / "html" / "image").mkdir(parents=True)
     (prefix / "html" / "image" / key).write_bytes(image)
-    port = _free_port()
+    port = free_port()
     config = prefix / "nginx.conf"
     config.write_text(nginx_config(prefix, port, binary))
     with open(prefix / "stderr.log", "wb") as log:
@@ -327,22 +296,6 @@ def start_nginx(children: Children, workdir: Path, key: str, image: bytes) -> Se
 
 
 # -- /proc ----------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        text = stat.read()
-    fields = text[text.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_cpu() -> tuple[float, float]:
-    """All cores' user+nice+system seconds and steal seconds since boot (/proc/stat)."""
-    with open("/proc/stat", "rb") as stat:
-        fields = stat.readline().split()
-    user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, fields[1:9])
-    return (user + nice + system) / CLOCK_TICKS, steal / CLOCK_TICKS
 
 
 def children_cpu() -> float:
@@ -858,10 +811,6 @@ def print_profile(profile: Profile, gateway: Cell) -> None:
 # -- output ---------------------------------------------------------------------
 
 
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)[bB]?\s*", text)
     if match is None:
@@ -870,16 +819,6 @@ def parse_size(text: str) -> int:
     if size < 1:
         raise argparse.ArgumentTypeError("sizes must be positive")
     return size
-
-
-def _ratio(value: float, reference: float) -> float:
-    if not reference or math.isnan(reference) or math.isnan(value):
-        return math.nan
-    return value / reference
-
-
-def _verdict(passed: bool) -> str:
-    return "PASS" if passed else "FAIL"
 
 
 def _median(values: list[float]) -> float:
@@ -970,8 +909,8 @@ def print_results(
     print("(p50: median of the rounds' p50; p99: the worst round's p99)")
     print()
 
-    throughput = _ratio(ours.throughput, theirs.throughput)
-    per_cpu = _ratio(theirs.cpu_per_kilo(), ours.cpu_per_kilo())
+    throughput = ratio_of(ours.throughput, theirs.throughput)
+    per_cpu = ratio_of(theirs.cpu_per_kilo(), ours.cpu_per_kilo())
     print(f"Ratio imagecache / nginx (goal: throughput at least {GOAL_RATIO:g}x nginx's)")
     print()
     header = f"{'':<26}{'all rounds':>11}{'per round':>20}  goal"
@@ -982,36 +921,36 @@ def print_results(
             "throughput (req/s)",
             throughput,
             lambda s: s.wrk.requests_per_second,
-            f">= {GOAL_RATIO:g}x  {_verdict(throughput >= GOAL_RATIO)}",
+            f">= {GOAL_RATIO:g}x  {verdict(throughput >= GOAL_RATIO)}",
         ),
         (
             "requests per server CPU s",
             per_cpu,
             lambda s: 1 / s.cpu_per_kilo,
-            f"(>= {GOAL_RATIO:g}x  {_verdict(per_cpu >= GOAL_RATIO)} at one saturated core)",
+            f"(>= {GOAL_RATIO:g}x  {verdict(per_cpu >= GOAL_RATIO)} at one saturated core)",
         ),
         (
             "server CPU per request",
-            _ratio(ours.cpu_per_kilo(), theirs.cpu_per_kilo()),
+            ratio_of(ours.cpu_per_kilo(), theirs.cpu_per_kilo()),
             lambda s: s.cpu_per_kilo,
             "",
         ),
         (
             "p50 latency",
-            _ratio(ours.latency_ms(50, _median), theirs.latency_ms(50, _median)),
+            ratio_of(ours.latency_ms(50, _median), theirs.latency_ms(50, _median)),
             lambda s: s.wrk.latency[50],
             "",
         ),
         (
             "p99 latency",
-            _ratio(ours.latency_ms(99, max), theirs.latency_ms(99, max)),
+            ratio_of(ours.latency_ms(99, max), theirs.latency_ms(99, max)),
             lambda s: s.wrk.latency[99],
             "",
         ),
     ]
     for label, overall, figure, goal in rows:
         per_round = " ".join(
-            f"{_ratio(figure(a), figure(b)):.2f}"
+            f"{ratio_of(figure(a), figure(b)):.2f}"
             for a, b in zip(ours.samples, theirs.samples, strict=True)
         )
         print(f"{label:<26}{overall:>10.2f}x{per_round:>20}  {goal}")
@@ -1144,14 +1083,6 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     return responses_ok and all_hits
 
 
-class Terminated(SystemExit):
-    """SIGTERM arrived: stop everything and exit with 143."""
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1190,7 +1121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, {CLIENT_CORE})
     else:
         progress("fewer than 2 cores: nothing is pinned, figures are not comparable")
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started ignoring it
     children = Children(args.pin)
     started = time.perf_counter()

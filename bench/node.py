@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import math
 import os
 import re
@@ -36,15 +35,26 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any, Final, TypeVar, cast
 
 import uvloop
 
+from benchkit import (
+    Terminated,
+    child_setup,
+    cpu_seconds,
+    free_port,
+    imagecache_command,
+    machine_cpu,
+    progress,
+    ratio_of,
+    terminate,
+    verdict,
+)
 from cachenode.client import NodeClient
 from cachenode.protocol import HEADER, HEADER_SIZE, MAGIC_REQUEST, MAGIC_RESPONSE, Opcode
 from cachenode.status import Status
@@ -90,31 +100,6 @@ class Proto(Enum):
 # -- child processes -----------------------------------------------------------
 
 
-def _load_prctl() -> Callable[[int, int], int] | None:
-    """libc's prctl, looked up before any fork (a forked child should only call it)."""
-    try:
-        function: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return function
-
-
-_PRCTL: Final = _load_prctl()
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def _child_setup(core: int | None) -> Callable[[], None]:
-    """What a child runs between fork and exec: its CPU, and death with this process."""
-
-    def setup() -> None:
-        if core is not None:
-            os.sched_setaffinity(0, {core})
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return setup
-
-
 class Children:
     """Every process started through ``start``; ``close`` stops them all, newest first."""
 
@@ -135,7 +120,7 @@ class Children:
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
-            preexec_fn=_child_setup(core if self.pin else None),
+            preexec_fn=child_setup(core if self.pin else None),
         )
         self._processes.append(process)
         return process
@@ -166,13 +151,6 @@ class Server:
     name: str  # "memcached" or "node"
     port: int
     pid: int
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _wait_until_listening(process: subprocess.Popen[bytes], port: int, what: str) -> None:
@@ -211,7 +189,7 @@ def start_memcached(children: Children, memory_mb: int, largest_value: int) -> S
     item_max_mb = 2
     while item_max_mb * MIB < largest_value + 64 * KIB:
         item_max_mb *= 2
-    port = _free_port()
+    port = free_port()
     argv = [
         binary,
         "-l",
@@ -236,19 +214,9 @@ def start_memcached(children: Children, memory_mb: int, largest_value: int) -> S
     return Server("memcached", port, process.pid)
 
 
-def _imagecache_command() -> list[str]:
-    script = Path(sys.executable).with_name("imagecache")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("imagecache")
-    if found is not None:
-        return [found]
-    return [sys.executable, "-m", "imagecache"]
-
-
 def start_node(children: Children, capacity_mb: int, max_item_mb: int, log: IO[bytes]) -> Server:
     argv = [
-        *_imagecache_command(),
+        *imagecache_command(),
         "--log-level",
         "WARNING",
         "node",
@@ -293,22 +261,6 @@ def _read_listening_port(process: subprocess.Popen[bytes], stdout: IO[bytes]) ->
 
 
 # -- /proc ----------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        text = stat.read()
-    fields = text[text.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_cpu() -> tuple[float, float]:
-    """All cores' user+nice+system seconds and steal seconds since boot (/proc/stat)."""
-    with open("/proc/stat", "rb") as stat:
-        fields = stat.readline().split()
-    user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, fields[1:9])
-    return (user + nice + system) / CLOCK_TICKS, steal / CLOCK_TICKS
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -954,10 +906,6 @@ def memaslap_config(directory: Path, size: int) -> Path:
 # -- output ---------------------------------------------------------------------
 
 
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def format_size(size: int) -> str:
     if size % MIB == 0:
         return f"{size // MIB} MB"
@@ -979,16 +927,6 @@ def parse_size(text: str) -> int:
 
 def parse_sizes(text: str) -> list[int]:
     return [parse_size(part) for part in text.split(",") if part.strip()]
-
-
-def _ratio(value: float, reference: float) -> float:
-    if not reference or math.isnan(reference) or math.isnan(value):
-        return math.nan
-    return value / reference
-
-
-def _verdict(passed: bool) -> str:
-    return "PASS" if passed else "FAIL"
 
 
 def print_results(
@@ -1059,23 +997,23 @@ def print_results(
             for op in Op:
                 mine = cells[rival.label, op, size]
                 theirs = cells[reference.label, op, size]
-                throughput = _ratio(mine.throughput, theirs.throughput)
-                cpu = _ratio(mine.cpu_per_kop, theirs.cpu_per_kop)
+                throughput = ratio_of(mine.throughput, theirs.throughput)
+                cpu = ratio_of(mine.cpu_per_kop, theirs.cpu_per_kop)
                 rounds_throughput = " ".join(
-                    f"{_ratio(a.ops / a.seconds, b.ops / b.seconds):.2f}"
+                    f"{ratio_of(a.ops / a.seconds, b.ops / b.seconds):.2f}"
                     for a, b in zip(mine.samples, theirs.samples, strict=True)
                 )
                 rounds_cpu = " ".join(
-                    f"{_ratio(a.server_cpu / max(a.ops, 1), b.server_cpu / max(b.ops, 1)):.2f}"
+                    f"{ratio_of(a.server_cpu / max(a.ops, 1), b.server_cpu / max(b.ops, 1)):.2f}"
                     for a, b in zip(mine.samples, theirs.samples, strict=True)
                 )
                 checks = []
                 if op is Op.GET:
                     checks.append(
-                        f"thr >= {GOAL_THROUGHPUT:g}x {_verdict(throughput >= GOAL_THROUGHPUT)}"
+                        f"thr >= {GOAL_THROUGHPUT:g}x {verdict(throughput >= GOAL_THROUGHPUT)}"
                     )
                 if size >= GOAL_CPU_FROM_SIZE:
-                    checks.append(f"CPU <= {GOAL_CPU:g}x {_verdict(cpu <= GOAL_CPU)}")
+                    checks.append(f"CPU <= {GOAL_CPU:g}x {verdict(cpu <= GOAL_CPU)}")
                 if theirs.generator_load > 0.9 and op is Op.GET:
                     checks.append("(memcached figure generator-bound: see memaslap)")
                 print(
@@ -1117,16 +1055,16 @@ def print_memaslap(
         def cpu(group: list[MemaslapRun]) -> float:
             return sum(run.server_cpu for run in group) / sum(run.ops for run in group) * 1000
 
-        ratio = _ratio(tps(mine), tps(theirs))
+        ratio = ratio_of(tps(mine), tps(theirs))
         rounds_text = " ".join(
-            f"{_ratio(a.tps, b.tps):.2f}" for a, b in zip(mine, theirs, strict=True)
+            f"{ratio_of(a.tps, b.tps):.2f}" for a, b in zip(mine, theirs, strict=True)
         )
         misses = sum(run.get_misses for run in mine + theirs)
         print(
             f"{format_size(size):>8}{tps(theirs):>15,.0f}{cpu(theirs):>10.4f}"
             f"{tps(mine):>11,.0f}{cpu(mine):>10.4f}{ratio:>10.2f}x"
-            f"{_ratio(cpu(mine), cpu(theirs)):>10.2f}x{rounds_text:>21}"
-            f"  thr >= {GOAL_THROUGHPUT:g}x (90% get) {_verdict(ratio >= GOAL_THROUGHPUT)}"
+            f"{ratio_of(cpu(mine), cpu(theirs)):>10.2f}x{rounds_text:>21}"
+            f"  thr >= {GOAL_THROUGHPUT:g}x (90% get) {verdict(ratio >= GOAL_THROUGHPUT)}"
             + (f"  ({misses} get misses)" if misses else "")
         )
     print()
@@ -1234,21 +1172,13 @@ def memory_check(children: Children, args: argparse.Namespace, workdir: Path) ->
     print(header)
     print("-" * len(header))
     print(f"{'VmRSS empty node':<28}{empty['VmRSS'] / KIB:>9.1f}")
-    print(f"{'VmRSS after the fill':<28}{rss_mb:>9.1f}  {_verdict(rss_mb <= goal_mb)}")
-    print(f"{'VmHWM (peak RSS)':<28}{hwm_mb:>9.1f}  {_verdict(hwm_mb <= goal_mb)}")
+    print(f"{'VmRSS after the fill':<28}{rss_mb:>9.1f}  {verdict(rss_mb <= goal_mb)}")
+    print(f"{'VmHWM (peak RSS)':<28}{hwm_mb:>9.1f}  {verdict(hwm_mb <= goal_mb)}")
     for name in ("RssAnon", "RssFile", "VmSize"):
         if name in full:
             print(f"{name:<28}{full[name] / KIB:>9.1f}")
     print()
     return rss_mb <= goal_mb and hwm_mb <= goal_mb
-
-
-class Terminated(SystemExit):
-    """SIGTERM arrived: stop everything and exit with 143."""
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(128 + signum)
 
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -1270,7 +1200,7 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     except asyncio.CancelledError:
         raise Terminated(128 + signal.SIGTERM) from None
     finally:
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1327,7 +1257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, {CLIENT_CORE})
     else:
         progress("fewer than 2 cores: nothing is pinned, figures are not comparable")
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started ignoring it
     children = Children(args.pin)
     started = time.perf_counter()

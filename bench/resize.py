@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import io
 import itertools
 import math
@@ -38,16 +37,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import Final
 
 import aiohttp
 import uvloop
 from PIL import Image
 
+from benchkit import (
+    Terminated,
+    die_with_parent,
+    free_port,
+    imagecache_command,
+    progress,
+    ratio_of,
+    terminate,
+    verdict,
+)
 from cachenode.client import NodeClient
 from imagecache.ring import Ring
 
@@ -79,36 +87,10 @@ READ_AROUND_LINE: Final = "failed, reading around it"
 # -- the imagecache up process ----------------------------------------------------
 
 
-def _load_prctl() -> Callable[[int, int], int] | None:
-    """libc's prctl, looked up before any fork (a forked child should only call it)."""
-    try:
-        function: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return function
-
-
-_PRCTL: Final = _load_prctl()
-_PR_SET_PDEATHSIG: Final = 1
-
-
-def _die_with_parent() -> None:
-    """Between fork and exec: SIGTERM to the child when this process dies."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _free_port_range(span: int, avoid: Sequence[int]) -> int:
     """A first port with ``span`` bindable ports after it (probed, best effort)."""
     for _ in range(100):
-        first = _free_port()
+        first = free_port()
         if first + span >= 65000 or any(first <= p < first + span for p in avoid):
             continue
         ports = range(first, first + span)
@@ -125,16 +107,6 @@ def _can_bind(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _imagecache_command() -> list[str]:
-    script = Path(sys.executable).with_name("imagecache")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("imagecache")
-    if found is not None:
-        return [found]
-    return [sys.executable, "-m", "imagecache"]
 
 
 @dataclass
@@ -167,8 +139,8 @@ class Up:
 
 def start_up(workdir: Path, log_level: str) -> Up:
     """Start ``imagecache up`` in ``workdir`` (its own process group) and wait for its banner."""
-    gateway_port = _free_port()
-    manager_port = _free_port()
+    gateway_port = free_port()
+    manager_port = free_port()
     first_node_port = _free_port_range(PORT_SPAN, (gateway_port, manager_port))
     # Only this run's settings: no configuration file or variable of the caller's.
     env = {name: value for name, value in os.environ.items() if not name.startswith("IMAGECACHE_")}
@@ -184,7 +156,7 @@ def start_up(workdir: Path, log_level: str) -> Up:
     log_path = workdir / "up.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [*_imagecache_command(), "--log-level", log_level, "up"],
+            [*imagecache_command(), "--log-level", log_level, "up"],
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -192,7 +164,7 @@ def start_up(workdir: Path, log_level: str) -> Up:
             stderr=subprocess.STDOUT,
             # Its own process group: the nodes it starts can be found and stopped with it.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     up = Up(process, workdir, log_path, gateway_port, manager_port, first_node_port)
     deadline = time.monotonic() + START_TIMEOUT
@@ -503,11 +475,11 @@ class Step:
 
     @property
     def moved_ratio(self) -> float:
-        return _ratio(self.moved_share, self.ideal)
+        return ratio_of(self.moved_share, self.ideal)
 
     @property
     def hits_kept(self) -> float:
-        return _ratio(
+        return ratio_of(
             self.windows["after"].counters.hit_rate, self.windows["before"].counters.hit_rate
         )
 
@@ -610,26 +582,12 @@ async def resize(
 # -- output ---------------------------------------------------------------------------
 
 
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def percentile(values: Sequence[float], share: float) -> float:
     """The nearest-rank percentile (``share`` in 0..1); NaN for no values."""
     if not values:
         return math.nan
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]
-
-
-def _ratio(value: float, reference: float) -> float:
-    if not reference or math.isnan(reference) or math.isnan(value):
-        return math.nan
-    return value / reference
-
-
-def _verdict(passed: bool) -> str:
-    return "PASS" if passed else "FAIL"
 
 
 def _percent(value: float) -> str:
@@ -683,7 +641,7 @@ def print_results(
         print(
             f"{f'{old}->{new}':<8}{f'{step.moved_keys}/{step.total_keys}':>11}"
             f"{step.moved_share:>8.1%}{step.ideal:>7.1%}{step.moved_ratio:>6.2f}x"
-            f"{step.sample_moved:>8.1%}{_ratio(step.sample_moved, step.ideal):>6.2f}x  "
+            f"{step.sample_moved:>8.1%}{ratio_of(step.sample_moved, step.ideal):>6.2f}x  "
             f"{reported:<38}"
             f"{step.placement.on_owner / step.placement.total:>9.1%}{step.placement.elsewhere:>7}"
         )
@@ -733,16 +691,16 @@ def print_goals(steps: Sequence[Step], reads: Reads) -> bool:
     worst_kept = min(s.hits_kept for s in steps)
     print(
         f"goal: keys moved at most {GOAL_MOVED:g}x the ideal share: worst {worst_moved:.2f}x  "
-        f"{_verdict(moved_ok)}"
+        f"{verdict(moved_ok)}"
     )
     print(
         f"goal: hit rate after at least {GOAL_HITS_AFTER:.0%} of before: worst "
-        f"{worst_kept:.1%}  {_verdict(hits_ok)}"
+        f"{worst_kept:.1%}  {verdict(hits_ok)}"
     )
-    print(f"goal: no read error in the whole run: {errors}  {_verdict(errors == 0)}")
+    print(f"goal: no read error in the whole run: {errors}  {verdict(errors == 0)}")
     print(
         "check: every configure_cache call answered the size asked for, and the nodes table "
-        f"listed that many active nodes  {_verdict(sizes_ok)}"
+        f"listed that many active nodes  {verdict(sizes_ok)}"
     )
     for _started, problem in reads.errors[:10]:
         print(f"  {problem}")
@@ -879,14 +837,6 @@ def parse_steps(text: str) -> list[int]:
     return steps
 
 
-class Terminated(SystemExit):
-    """SIGTERM arrived: stop everything and exit with 143."""
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -930,7 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rate < 0 or args.settle_seconds < 1:
         parser.error("--rate must not be negative, --settle-seconds at least 1")
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started ignoring it
     started = time.perf_counter()
     up: Up | None = None
