@@ -744,3 +744,81 @@ def test_text_exptime_of_30_days_is_relative() -> None:
     assert text(session, b"get k\r\n") != b"END\r\n"
     clock.advance(1)
     assert text(session, b"get k\r\n") == b"END\r\n"
+
+
+# -- one whole request per receive (the sessions' fast paths) -------------------------------------
+
+# Each entry is one receive. Whole GETs take the fast path; the others are
+# shapes it must leave to the decoder: a GET split over two receives, one that
+# carries a value, a key over the limit, a reserved field set, two GETs in one
+# read, and text lines that are not a single plain "get".
+BINARY_RECEIVES = [
+    encode_request(Opcode.SET, 1, b"a", b"1" * 100),
+    encode_request(Opcode.GET, 2, b"a"),
+    encode_request(Opcode.GET, 3, b"missing"),
+    encode_request(Opcode.GET, 4, b"a")[:10],
+    encode_request(Opcode.GET, 4, b"a")[10:],
+    encode_request(Opcode.GET, 5, b"a", b"ignored value"),
+    encode_request(Opcode.GET, 6, b"a") + encode_request(Opcode.GET, 7, b"a"),
+    encode_request(Opcode.GET, 8, b""),
+    encode_request(Opcode.GET, 9, b"k" * 251),
+]
+TEXT_RECEIVES = [
+    b"set a 5 0 3\r\nabc\r\n",
+    b"get a\r\n",
+    b"get a missing a\r\n",
+    b"get missing\r\n",
+    b"get a",
+    b"\r\n",
+    b"get a\r\nget a\r\n",
+    b"get a\n",
+    b"get \r\n",
+    b"get " + b"k" * 251 + b"\r\n",
+    b"gets a\r\n",
+    b"get " + b"a " * 1100 + b"\r\n",
+]
+
+
+def receive_byte_by_byte(session: BinarySession | TextSession, stream: bytes) -> bytes:
+    """The replies to ``stream`` fed one byte per receive, until the session closes."""
+    out: list[bytes] = []
+    for index in range(len(stream)):
+        if session.closing:  # the server closes the connection here
+            break
+        out += session.receive(stream[index : index + 1])
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("count", range(1, len(BINARY_RECEIVES) + 1))
+def test_binary_whole_requests_answer_as_byte_by_byte_ones(count: int) -> None:
+    receives = BINARY_RECEIVES[:count]
+    whole, split = BinarySession(make_node()), BinarySession(make_node())
+    out_whole = [reply for data in receives for reply in whole.receive(data)]
+    out_split = receive_byte_by_byte(split, b"".join(receives))
+    assert b"".join(out_whole) == out_split
+    assert whole.closing == split.closing
+    # The fast path counts its lookups like the decoder's path does.
+    assert whole._node.stats() == split._node.stats()
+
+
+def test_fast_binary_get_replies_with_value_flags_version_and_request_id() -> None:
+    session = BinarySession(make_node())
+    exchange(session, encode_request(Opcode.SET, 1, b"photo", b"v" * 5000, flags=3, version=42))
+    (reply,) = exchange(session, encode_request(Opcode.GET, 0xABCDEF, b"photo"))
+    assert (reply.status, reply.request_id, reply.value, reply.flags) == (
+        Status.OK,
+        0xABCDEF,
+        b"v" * 5000,
+        3,
+    )
+    assert reply.version == 42
+
+
+@pytest.mark.parametrize("count", range(1, len(TEXT_RECEIVES) + 1))
+def test_text_whole_lines_answer_as_byte_by_byte_ones(count: int) -> None:
+    receives = TEXT_RECEIVES[:count]
+    whole, split = TextSession(make_node()), TextSession(make_node())
+    out_whole = b"".join(reply for data in receives for reply in whole.receive(data))
+    out_split = receive_byte_by_byte(split, b"".join(receives))
+    assert out_whole == out_split
+    assert whole.closing == split.closing

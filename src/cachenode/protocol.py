@@ -201,9 +201,16 @@ class FrameDecoder:
             self._pos = 0
 
     @property
+    def idle(self) -> bool:
+        """True when every byte fed so far has come out as frames."""
+        return self._pos >= len(self._data) and not self._skip and self._partial is None
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as frames."""
         collected = sum(len(part) for part in self._parts)
+        if self._partial is not None:  # its header and key were consumed with the first part
+            collected += HEADER_SIZE + len(self._partial.key)
         return collected + len(self._data) - self._pos
 
     def next_frame(self) -> Frame | OversizedFrame | None:

@@ -124,6 +124,11 @@ class TextDecoder:
         self._buffer = bytearray()
         self._skip = 0  # bytes of an oversized data block still to discard
 
+    @property
+    def idle(self) -> bool:
+        """True when no partial command is buffered."""
+        return not self._buffer and not self._skip
+
     def feed(self, data: bytes) -> None:
         if self._skip:
             skipped = min(self._skip, len(data))
