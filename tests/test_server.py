@@ -10,7 +10,7 @@ import pytest
 from pymemcache.client.base import Client as MemcacheClient
 from pymemcache.exceptions import MemcacheServerError, MemcacheUnexpectedCloseError
 
-from cachenode.client import NodeClient
+from cachenode.client import LEASE_GRANTED, CachedItem, LeaseHeld, NodeClient
 from cachenode.errors import NodeReplyError, NodeTimeout, NodeUnavailable
 from cachenode.protocol import (
     MAGIC_RESPONSE,
@@ -298,3 +298,17 @@ def test_sigterm_stops_the_node_cleanly_with_clients_connected() -> None:
             client.get("k")
     finally:
         client.close()
+
+
+async def test_lease_check_and_release_through_the_client(node_server: NodeServer) -> None:
+    async with client_for(node_server) as first, client_for(node_server) as second:
+        assert await first.lease(b"photo", 2.0) is LEASE_GRANTED
+        held = await second.lease(b"photo", 2.0)
+        assert isinstance(held, LeaseHeld)
+        assert 1.5 < held.seconds_left <= 2.0
+        await first.release(b"photo")
+        assert await second.lease(b"photo", 2.0) is LEASE_GRANTED
+        assert await second.add(b"photo", b"jpeg", flags=1, version=4)
+        assert await first.lease(b"photo", 2.0) == CachedItem(b"jpeg", 1, 4)
+        assert await first.check(b"photo") == 4
+        assert await first.check(b"other") is None

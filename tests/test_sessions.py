@@ -822,3 +822,87 @@ def test_text_whole_lines_answer_as_byte_by_byte_ones(count: int) -> None:
     out_split = receive_byte_by_byte(split, b"".join(receives))
     assert out_whole == out_split
     assert whole.closing == split.closing
+
+
+# -- binary: fill leases and CHECK ----------------------------------------------------------------
+
+
+def test_lease_is_granted_once_and_others_are_told_to_wait() -> None:
+    clock = FakeClock()
+    session = BinarySession(make_node(clock=clock))
+    first = call(session, Opcode.LEASE, b"k", flags=2000)
+    assert first.status == Status.NOT_FOUND  # granted: load and fill
+    second = call(session, Opcode.LEASE, b"k", flags=2000)
+    assert second.status == Status.LEASED
+    assert second.flags == 2000  # milliseconds left on the holder's lease
+    clock.advance(1.5)
+    assert call(session, Opcode.LEASE, b"k").flags == 500
+    clock.advance(0.5)  # the holder never filled: the lease ran out
+    assert call(session, Opcode.LEASE, b"k", flags=100).status == Status.NOT_FOUND
+    stats = session._node.stats()
+    assert (stats["leases_granted"], stats["lease_waits"]) == (2, 2)
+    # Asking for leases is not a lookup: the GET before it counted the miss.
+    assert (stats["lookups"], stats["misses"]) == (0, 0)
+
+
+def test_lease_of_a_cached_key_returns_the_item() -> None:
+    session = BinarySession(make_node())
+    call(session, Opcode.SET, b"k", b"value", flags=2, version=9)
+    reply = call(session, Opcode.LEASE, b"k")
+    assert (reply.status, reply.value, reply.flags, reply.version) == (Status.OK, b"value", 2, 9)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        pytest.param(encode_request(Opcode.ADD, 5, b"k", b"v", version=3), id="fill"),
+        pytest.param(encode_request(Opcode.SET, 5, b"k", b"v"), id="set"),
+        pytest.param(encode_request(Opcode.DELETE, 5, b"k", version=7), id="invalidation"),
+        pytest.param(encode_request(Opcode.RELEASE, 5, b"k"), id="release"),
+        pytest.param(encode_request(Opcode.CLEAR, 5), id="clear"),
+    ],
+)
+def test_a_write_delete_release_or_clear_ends_the_lease(ending: bytes) -> None:
+    session = BinarySession(make_node())
+    assert call(session, Opcode.LEASE, b"k").status == Status.NOT_FOUND
+    assert call(session, Opcode.LEASE, b"k").status == Status.LEASED
+    (reply,) = exchange(session, ending)
+    assert reply.status in (Status.OK, Status.NOT_FOUND)  # a DELETE of nothing is NOT_FOUND
+    after = call(session, Opcode.LEASE, b"k")
+    assert after.status in (Status.OK, Status.NOT_FOUND)  # the item, or a new lease
+
+
+def test_a_refused_stale_fill_still_ends_the_lease() -> None:
+    session = BinarySession(make_node())
+    call(session, Opcode.DELETE, b"k", version=10)  # an upload of version 10 invalidated
+    assert call(session, Opcode.LEASE, b"k").status == Status.NOT_FOUND
+    assert call(session, Opcode.ADD, b"k", b"old", version=9).status == Status.NOT_STORED
+    assert call(session, Opcode.LEASE, b"k").status == Status.NOT_FOUND  # a new lease
+
+
+def test_text_set_and_delete_end_a_lease() -> None:
+    node = make_node()
+    binary, text_session = BinarySession(node), TextSession(node)
+    assert call(binary, Opcode.LEASE, b"k").status == Status.NOT_FOUND
+    assert text(text_session, b"set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+    assert call(binary, Opcode.LEASE, b"k").status == Status.OK
+    assert text(text_session, b"delete k\r\n") == b"DELETED\r\n"
+    assert call(binary, Opcode.LEASE, b"k").status == Status.NOT_FOUND
+    assert text(text_session, b"delete k\r\n") == b"NOT_FOUND\r\n"
+    assert call(binary, Opcode.LEASE, b"k").status == Status.NOT_FOUND
+
+
+def test_lease_time_is_capped_at_sixty_seconds() -> None:
+    session = BinarySession(make_node())
+    call(session, Opcode.LEASE, b"k", flags=3_600_000)
+    assert call(session, Opcode.LEASE, b"k").flags == 60_000
+
+
+def test_check_gives_the_version_without_the_value_and_counts_a_lookup() -> None:
+    session = BinarySession(make_node())
+    call(session, Opcode.SET, b"k", b"v" * 1000, flags=1, version=12)
+    reply = call(session, Opcode.CHECK, b"k")
+    assert (reply.status, reply.version, reply.flags, reply.value) == (Status.OK, 12, 1, b"")
+    assert call(session, Opcode.CHECK, b"gone").status == Status.NOT_FOUND
+    stats = session._node.stats()
+    assert (stats["lookups"], stats["hits"], stats["misses"]) == (2, 1, 1)

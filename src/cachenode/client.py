@@ -40,6 +40,21 @@ class CachedItem:
     version: int
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseHeld:
+    """Another client is loading the key; ask again, at most this many seconds later."""
+
+    seconds_left: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGranted:
+    """The key is missing and this client should load and fill it (or release it)."""
+
+
+LEASE_GRANTED = LeaseGranted()
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection with its in-flight requests."""
 
@@ -184,6 +199,30 @@ class NodeClient:
         if frame.status == Status.NOT_FOUND:
             return None
         return CachedItem(frame.value, frame.flags, frame.version)
+
+    async def lease(self, key: bytes, seconds: float) -> CachedItem | LeaseGranted | LeaseHeld:
+        """The item; or, on a miss, the lease to fill it for ``seconds`` (at most 60),
+        unless another client holds it. Not counted as a lookup by the node."""
+        frame = await self._call(
+            Opcode.LEASE,
+            key,
+            flags=max(1, round(seconds * 1000)),
+            accept=(Status.NOT_FOUND, Status.LEASED),
+        )
+        if frame.status == Status.NOT_FOUND:
+            return LEASE_GRANTED
+        if frame.status == Status.LEASED:
+            return LeaseHeld(frame.flags / 1000)
+        return CachedItem(frame.value, frame.flags, frame.version)
+
+    async def release(self, key: bytes) -> None:
+        """Give back a lease without filling the key (the load failed)."""
+        await self._call(Opcode.RELEASE, key)
+
+    async def check(self, key: bytes) -> int | None:
+        """The version of the cached item of ``key`` (counted as a lookup), or None."""
+        frame = await self._call(Opcode.CHECK, key, accept=(Status.NOT_FOUND,))
+        return None if frame.status == Status.NOT_FOUND else frame.version
 
     async def set(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
         """Store ``value``; False when ``version`` is older than the node's for this key.

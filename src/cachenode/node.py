@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from cachenode import __version__
+from cachenode.leases import Leases
 from cachenode.store import MIB, Store
 
 StatValue = int | float | str
@@ -23,6 +24,7 @@ class Node:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.leases = Leases(store.clock)
         self.version = __version__
         self.wall_clock = wall_clock
         self.current_connections = 0
@@ -32,6 +34,8 @@ class Node:
         """Store statistics and connection counts under this project's names."""
         stats: dict[str, StatValue] = dict(asdict(self.store.stats()))
         stats["capacity_mb"] = self.store.capacity / MIB
+        stats["leases_granted"] = self.leases.granted
+        stats["lease_waits"] = self.leases.waits
         stats["current_connections"] = self.current_connections
         stats["total_connections"] = self.total_connections
         stats["pid"] = os.getpid()

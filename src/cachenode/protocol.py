@@ -42,6 +42,9 @@ class Opcode(IntEnum):
     CONFIG = 0x07
     PING = 0x08
     KEYS = 0x09
+    LEASE = 0x0A  # GET, and on a miss the right to fill the key (or LEASED)
+    CHECK = 0x0B  # the version of the cached item, without its value
+    RELEASE = 0x0C  # give a lease back without filling
 
 
 @dataclass(slots=True)

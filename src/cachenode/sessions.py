@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import Protocol
 
 from cachenode import textprotocol as text
 from cachenode.errors import CacheNodeError, InvalidConfig, ProtocolError, StoreError
+from cachenode.leases import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS
 from cachenode.node import Node
 from cachenode.protocol import (
     DEFAULT_KEYS_COUNT,
@@ -32,7 +34,7 @@ from cachenode.protocol import (
     encode_response,
 )
 from cachenode.status import Status
-from cachenode.store import MIB, Policy
+from cachenode.store import MIB, Item, Policy
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,9 @@ class BinarySession:
             Opcode.CONFIG: self._config,
             Opcode.PING: self._ping,
             Opcode.KEYS: self._keys,
+            Opcode.LEASE: self._lease,
+            Opcode.CHECK: self._check,
+            Opcode.RELEASE: self._release,
         }
 
     def receive(self, data: bytes) -> list[bytes]:
@@ -128,14 +133,16 @@ class BinarySession:
         return self._get_reply(frame.key, frame.request_id)
 
     def _get_reply(self, key: bytes, request_id: int) -> list[bytes]:
-        item = self._node.store.get(key)
+        return self._item_reply(_GET, self._node.store.get(key), request_id)
+
+    def _item_reply(self, opcode: int, item: Item | None, request_id: int) -> list[bytes]:
         if item is None:
-            return [encode_response(Opcode.GET, request_id, Status.NOT_FOUND)]
+            return [encode_response(opcode, request_id, Status.NOT_FOUND)]
         value = item.value
         # Plain ints: packing enum members costs a conversion each on the hot path.
         header = HEADER.pack(
             MAGIC_RESPONSE,
-            _GET,
+            opcode,
             _OK,
             0,
             0,
@@ -148,28 +155,69 @@ class BinarySession:
             return [header + value]
         return [header, value]
 
+    # Any write or delete of a key ends its lease, whatever its outcome: a
+    # refused fill must let the next client that asks load the key.
+
     def _set(self, frame: Frame) -> list[bytes]:
-        item = self._node.store.set(
-            frame.key, frame.value, flags=frame.flags, version=frame.version
-        )
+        try:
+            item = self._node.store.set(
+                frame.key, frame.value, flags=frame.flags, version=frame.version
+            )
+        finally:
+            self._node.leases.release(frame.key)
         return [encode_response(Opcode.SET, frame.request_id, version=item.version)]
 
     def _add(self, frame: Frame) -> list[bytes]:
-        item = self._node.store.add(
-            frame.key, frame.value, flags=frame.flags, version=frame.version
-        )
+        try:
+            item = self._node.store.add(
+                frame.key, frame.value, flags=frame.flags, version=frame.version
+            )
+        finally:
+            self._node.leases.release(frame.key)
         if item is None:
             return [encode_response(Opcode.ADD, frame.request_id, Status.NOT_STORED)]
         return [encode_response(Opcode.ADD, frame.request_id, version=item.version)]
 
     def _delete(self, frame: Frame) -> list[bytes]:
-        found = self._node.store.delete(frame.key, frame.version)
+        try:
+            found = self._node.store.delete(frame.key, frame.version)
+        finally:
+            self._node.leases.release(frame.key)
         status = Status.OK if found else Status.NOT_FOUND
         return [encode_response(Opcode.DELETE, frame.request_id, status)]
 
     def _clear(self, frame: Frame) -> list[bytes]:
         self._node.store.clear(frame.version)
+        self._node.leases.clear()
         return [encode_response(Opcode.CLEAR, frame.request_id)]
+
+    def _lease(self, frame: Frame) -> list[bytes]:
+        # Not a lookup: the client's GET before it counted the miss, and
+        # asking again while another client loads is no new request.
+        item = self._node.store.peek(frame.key)
+        if item is not None or not frame.key:
+            return self._item_reply(frame.opcode, item, frame.request_id)
+        seconds = min(frame.flags / 1000 or DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS)
+        left = self._node.leases.acquire(frame.key, seconds)
+        if not left:
+            return [encode_response(Opcode.LEASE, frame.request_id, Status.NOT_FOUND)]
+        return [
+            encode_response(
+                Opcode.LEASE, frame.request_id, Status.LEASED, flags=math.ceil(left * 1000)
+            )
+        ]
+
+    def _check(self, frame: Frame) -> list[bytes]:
+        item = self._node.store.get(frame.key)
+        if item is None:
+            return [encode_response(Opcode.CHECK, frame.request_id, Status.NOT_FOUND)]
+        return [
+            encode_response(Opcode.CHECK, frame.request_id, flags=item.flags, version=item.version)
+        ]
+
+    def _release(self, frame: Frame) -> list[bytes]:
+        self._node.leases.release(frame.key)
+        return [encode_response(Opcode.RELEASE, frame.request_id)]
 
     def _stats(self, frame: Frame) -> list[bytes]:
         body = json.dumps(self._node.stats()).encode()
@@ -299,6 +347,7 @@ class TextSession:
                     out.append(text.TOO_LARGE)
             case text.Delete(key, noreply):
                 found = store.delete(key)
+                self._node.leases.release(key)
                 if not noreply:
                     out.append(text.DELETED if found else text.NOT_FOUND)
             case text.FlushAll(delay, noreply):
@@ -306,6 +355,7 @@ class TextSession:
                     out.append(text.client_error("flush_all with a delay is not supported"))
                     return
                 store.clear()
+                self._node.leases.clear()
                 if not noreply:
                     out.append(text.OK)
             case text.Stats(group):
@@ -341,6 +391,7 @@ class TextSession:
     ) -> bytes:
         store = self._node.store
         expires_at = self._node.expiry_time(exptime)
+        self._node.leases.release(key)
         try:
             if only_if_absent:
                 stored = store.add(key, value, flags=flags, expires_at=expires_at)

@@ -14,5 +14,6 @@ class Status(IntEnum):
     UNKNOWN_OPCODE = 0x05
     MALFORMED = 0x06  # framing broken: the node closes the connection after this reply
     INTERNAL_ERROR = 0x07
+    LEASED = 0x08  # LEASE of a key another client is loading: ask again shortly
     # Never sent on the wire: the client's status for a node it could not reach.
     UNAVAILABLE = 0xFF

@@ -130,6 +130,17 @@ class Store:
         self.hits += 1
         return item
 
+    def peek(self, key: bytes) -> Item | None:
+        """Like ``get``, but not counted as a lookup (a client asking again)."""
+        item = self._items.get(key)
+        if item is not None and item.expires_at and item.expires_at <= self._clock():
+            self._remove(key, item)
+            self.expirations += 1
+            return None
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
     def __contains__(self, key: bytes) -> bool:
         item = self._items.get(key)
         return item is not None and not (item.expires_at and item.expires_at <= self._clock())
