@@ -380,6 +380,18 @@ def check_response(server: Server, path: str, image: bytes) -> Fetched:
     return got
 
 
+def gateway_counters(port: int) -> dict[str, float]:
+    """The gateway's Prometheus counters and gauges (``GET /metrics``), by name."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            counters[name] = float(value)
+    return counters
+
+
 def node_counters(port: int) -> dict[str, int]:
     """The node's memcached-style counters (text protocol ``stats``)."""
     with socket.create_connection((HOST, port), timeout=10) as connection:
@@ -991,6 +1003,7 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     gateway_response = check_response(gateway, path, image)
     nginx_response = check_response(nginx, path, image)
     after_check = node_counters(node.port)
+    gateway_before = gateway_counters(gateway.port)
     if after_check.get("get_hits", 0) - first.get("get_hits", 0) != 1:
         raise RuntimeError(f"the first GET after the upload was not a cache hit: {after_check}")
     for server, response in ((gateway, gateway_response), (nginx, nginx_response)):
@@ -1043,12 +1056,22 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
                 f"  other {sample.other_cores:.2f} cores" + (f"  ERRORS {errors}" if errors else "")
             )
     last = node_counters(node.port)
+    gateway_after = gateway_counters(gateway.port)
 
     print_results(cells, args, image_text, wrk_version)
-    hits = last.get("get_hits", 0) - after_check.get("get_hits", 0)
-    misses = last.get("get_misses", 0) - after_check.get("get_misses", 0)
+
+    def gateway_delta(name: str) -> int:
+        name = f"imagecache_gateway_{name}_total"
+        return round(gateway_after.get(name, 0) - gateway_before.get(name, 0))
+
+    # The gateway counts a hit per request; the node counts one per lookup,
+    # and hot keys' requests share their version CHECKs (src/imagecache/fastpath.py).
+    hits, misses = gateway_delta("cache_hits"), gateway_delta("cache_misses")
+    served, checks = gateway_delta("fast_path_served"), gateway_delta("version_checks")
+    node_misses = last.get("get_misses", 0) - after_check.get("get_misses", 0)
+    node_lookups = last.get("cmd_get", 0) - after_check.get("cmd_get", 0)
     # wrk leaves up to one request per connection unanswered at the end of a run.
-    all_hits = misses == 0 and hits >= gateway_requests
+    all_hits = misses == 0 and node_misses == 0 and hits >= gateway_requests
     responses_ok = all(
         cell.bad_status == 0 and cell.socket_errors == 0 and cell.size_ok(args.connections)
         for cell in cells.values()
@@ -1063,9 +1086,13 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
         )
     )
     print(
-        f"        the node counted {hits:,} hits and {misses:,} misses for the gateway's "
-        f"{gateway_requests:,} completed requests: "
+        f"        the gateway counted {hits:,} cache hits and {misses:,} misses for wrk's "
+        f"{gateway_requests:,} completed requests (the node: {node_misses:,} misses): "
         + ("every one was a cache hit" if all_hits else "NOT ALL CACHE HITS")
+    )
+    print(
+        f"        {served:,} answered by the fast path from the gateway's kept copy, after "
+        f"{checks:,} version CHECKs with the node ({node_lookups:,} node lookups in all)"
     )
     print()
     sys.stdout.flush()

@@ -78,6 +78,8 @@ def free_ports() -> tuple[int, int, int]:
 
 def _can_bind(port: int) -> bool:
     with socket.socket() as probe:
+        # As the servers bind: a port that only closed connections hold is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

@@ -16,7 +16,9 @@ from imagecache import api, pages, prometheus
 from imagecache.appkeys import (
     BLOBS,
     CONFIG,
+    FAST_PATH_COUNTERS,
     FLASH_SECRET,
+    KEPT_COPIES,
     MANAGER,
     MEMBERSHIP,
     METADATA,
@@ -25,7 +27,9 @@ from imagecache.appkeys import (
 )
 from imagecache.blobs import open_blob_store
 from imagecache.cachepool import CachePool
-from imagecache.config import Config
+from imagecache.config import MIB, Config
+from imagecache.fastpath import FastPath, FastPathCounters, FastPathSite
+from imagecache.keptcopies import KeptCopies
 from imagecache.manager_link import ManagerLink
 from imagecache.membership import MembershipFollower
 from imagecache.metadata import MetadataStore
@@ -39,6 +43,22 @@ HEAL_SECONDS = 1.0
 CLEAN_UP_SECONDS = 600.0
 
 
+def gateway_site(runner: web.AppRunner, host: str, port: int) -> FastPathSite:
+    """The gateway's listening site: connections start on the fast path for cache hits."""
+    app = runner.app
+
+    def fast_path(aiohttp_protocol: Callable[[], asyncio.Protocol]) -> FastPath:
+        return FastPath(
+            app[KEPT_COPIES],
+            app[POOL],
+            aiohttp_protocol,
+            app[FAST_PATH_COUNTERS],
+            timeout=app[CONFIG].gateway.node_timeout,
+        )
+
+    return FastPathSite(runner, host, port, fast_path)
+
+
 def create_app(config: Config) -> web.Application:
     """The gateway for ``config``; resources open when the application starts."""
     app = web.Application(
@@ -46,6 +66,8 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.gateway.max_upload_bytes + (1 << 20),
     )
     app[CONFIG] = config
+    app[KEPT_COPIES] = KeptCopies(int(config.gateway.kept_copies_mb * MIB))
+    app[FAST_PATH_COUNTERS] = FastPathCounters()
     app[FLASH_SECRET] = config.gateway.secret_key.encode() or secrets.token_bytes(32)
     aiohttp_jinja2.setup(
         app,

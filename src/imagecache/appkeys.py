@@ -7,6 +7,8 @@ from aiohttp import web
 from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool
 from imagecache.config import Config
+from imagecache.fastpath import FastPathCounters
+from imagecache.keptcopies import KeptCopies
 from imagecache.manager_link import ManagerLink
 from imagecache.membership import MembershipFollower
 from imagecache.metadata import MetadataStore
@@ -16,6 +18,8 @@ CONFIG = web.AppKey("config", Config)
 METADATA = web.AppKey("metadata", MetadataStore)
 BLOBS = web.AppKey("blobs", BlobStore)
 POOL = web.AppKey("pool", CachePool)
+KEPT_COPIES = web.AppKey("kept_copies", KeptCopies)
+FAST_PATH_COUNTERS = web.AppKey("fast_path_counters", FastPathCounters)
 SERVICE = web.AppKey("service", ImageService)
 MANAGER = web.AppKey("manager", ManagerLink)
 FLASH_SECRET = web.AppKey("flash_secret", bytes)

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cachenode.client import CachedItem, NodeClient
+from cachenode.client import CachedItem, LeaseGranted, LeaseHeld, NodeClient
 from cachenode.errors import NodeError, NodeReplyError
 from imagecache.config import parse_address
 from imagecache.ring import Ring
@@ -123,6 +123,30 @@ class CachePool:
             self.counters.hits += 1
         return item
 
+    async def lease(self, key: str, seconds: float) -> CachedItem | LeaseGranted | LeaseHeld | None:
+        """Ask ``key``'s owner who loads it: the item if it is cached by now,
+        LeaseGranted (this caller loads and fills), or LeaseHeld (another
+        gateway is loading it: ask again later). None when the owner cannot
+        answer: the caller loads without a lease, as a node failure never
+        fails a read.
+
+        Not counted in ``counters``: the ``get`` before it already counted
+        this read as a miss, and an item found here (another gateway's fill)
+        is still that same read; counting it as a hit too would count one
+        read twice.
+        """
+        member = self._usable_owner(key)
+        if member is None:
+            return None
+        return await self._attempt(member, member.client.lease(key.encode(), seconds))
+
+    async def release(self, key: str) -> None:
+        """Give back a lease on ``key`` without filling it (best effort: an
+        unreleased lease still ends after its time)."""
+        member = self._usable_owner(key)
+        if member is not None:
+            await self._attempt(member, member.client.release(key.encode()))
+
     async def fill(self, key: str, value: bytes, flags: int, version: int) -> None:
         """Cache a value read from the blob store, unless a newer version is known there."""
         member = self._usable_owner(key)
@@ -191,6 +215,11 @@ class CachePool:
         self._retired = []
         self._members.clear()
         self._ring = Ring(())
+
+    def usable_client(self, key: str) -> NodeClient | None:
+        """The client of ``key``'s owner, when that node may serve reads now."""
+        member = self._usable_owner(key)
+        return None if member is None else member.client
 
     # -- internals ----------------------------------------------------------
 

@@ -48,6 +48,9 @@ class GatewayConfig:
     # Cache nodes as host:port, used until the manager publishes a membership.
     nodes: tuple[str, ...] = ("127.0.0.1:11311",)
     node_timeout: float = 0.5
+    # Copies of hot images the gateway keeps as ready responses, served after
+    # a version CHECK with their node (src/imagecache/fastpath.py); 0: none.
+    kept_copies_mb: float = 64.0
     manager_url: str = "http://127.0.0.1:5001"
     manager_token: str = ""  # shared secret, from IMAGECACHE_MANAGER_TOKEN
     secret_key: str = ""  # signs flash-message cookies; a random one when empty
@@ -98,6 +101,10 @@ class Config:
             raise ConfigError(f"gateway.port must be a TCP port, not {self.gateway.port}")
         if self.gateway.max_upload_bytes < 1:
             raise ConfigError("gateway.max_upload_mb must be positive")
+        if not 0 <= self.gateway.kept_copies_mb <= 1 << 20:
+            raise ConfigError(
+                f"gateway.kept_copies_mb must be 0 to 1048576, not {self.gateway.kept_copies_mb}"
+            )
         for node in self.gateway.nodes:
             parse_address(node)
         if self.manager.pool not in ("local", "aws"):
@@ -134,6 +141,7 @@ _ENVIRONMENT: dict[str, tuple[str, str]] = {
     "IMAGECACHE_MAX_UPLOAD_MB": ("gateway", "max_upload_mb"),
     "IMAGECACHE_NODES": ("gateway", "nodes"),
     "IMAGECACHE_NODE_TIMEOUT": ("gateway", "node_timeout"),
+    "IMAGECACHE_KEPT_COPIES_MB": ("gateway", "kept_copies_mb"),
     "IMAGECACHE_MANAGER_URL": ("gateway", "manager_url"),
     "IMAGECACHE_MANAGER_TOKEN": ("gateway", "manager_token"),
     "IMAGECACHE_SECRET_KEY": ("gateway", "secret_key"),

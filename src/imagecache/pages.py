@@ -7,10 +7,11 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from imagecache.appkeys import CONFIG, FLASH_SECRET, SERVICE
+from imagecache.appkeys import CONFIG, FLASH_SECRET, KEPT_COPIES, SERVICE
 from imagecache.errors import BadRequest, ImagecacheError, ImageNotFound
 from imagecache.flash import set_flash, take_flash
 from imagecache.images import KEY_RULE, check_key
+from imagecache.keptcopies import etag_of
 from imagecache.uploads import read_upload
 
 
@@ -83,7 +84,9 @@ async def image(request: web.Request) -> web.StreamResponse:
         found = await request.app[SERVICE].read(request.match_info["key"])
     except ImagecacheError as error:
         raise _http_error(error) from error
-    etag = f'"v{found.version}"'
+    # The fast path serves later hits of this key from this copy (fastpath.py).
+    request.app[KEPT_COPIES].keep(found.key, found.version, found.content_type, found.data)
+    etag = etag_of(found.version)
     # no-cache: browsers revalidate every time (cheap: a 304), so an updated
     # image shows at once, never a stale copy.
     headers = {"ETag": etag, "Cache-Control": "no-cache"}

@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from imagecache.appkeys import POOL, SERVICE
+from imagecache.appkeys import FAST_PATH_COUNTERS, KEPT_COPIES, POOL, SERVICE
 
 
 class _GatewayMetrics:
@@ -17,7 +17,11 @@ class _GatewayMetrics:
 
     def collect(self) -> Iterator[Metric]:
         counters = self._app[POOL].counters
+        fast = self._app[FAST_PATH_COUNTERS]
         for name, value, help_text in (
+            ("fast_path_served", fast.served, "Cache hits answered from a kept copy"),
+            ("fast_path_handed_over", fast.handed_over, "Connections given to aiohttp"),
+            ("version_checks", fast.checks, "CHECKs of kept copies sent to cache nodes"),
             ("cache_hits", counters.hits, "Reads answered by a cache node"),
             ("cache_misses", counters.misses, "Reads the cache could not answer"),
             ("cache_node_errors", counters.errors, "Cache node failures read around"),
@@ -26,6 +30,9 @@ class _GatewayMetrics:
             family = CounterMetricFamily(f"imagecache_gateway_{name}", help_text)
             family.add_metric([], value)
             yield family
+        kept = GaugeMetricFamily("imagecache_gateway_kept_copies_bytes", "Kept copies' size")
+        kept.add_metric([], self._app[KEPT_COPIES].used)
+        yield kept
         nodes = GaugeMetricFamily("imagecache_gateway_cache_nodes", "Cache nodes routed over")
         nodes.add_metric([], len(self._app[POOL].node_ids))
         yield nodes

@@ -9,7 +9,10 @@ The order of steps is what keeps the invariants (docs/design.md):
   a crash interrupted;
 - read: cache first; on a miss one load per key (single flight) reads the row
   and the blob and fills the cache with ADD at the row's version, which a node
-  refuses if it has seen a newer version of the key.
+  refuses if it has seen a newer version of the key. Before loading, the load
+  asks the key's node for a fill lease, so that concurrent misses in several
+  gateways cost about one blob read: the others wait for that fill. The lease
+  only decides who loads, never what a read may return.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from cachenode.client import CachedItem, LeaseGranted
 from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool
 from imagecache.errors import BlobNotFound, ImagecacheError, ImageNotFound, StorageError
@@ -35,6 +39,19 @@ log = logging.getLogger(__name__)
 FILL_DEADLINE_SECONDS = 5.0
 # An upload journaled this long ago and never committed was interrupted.
 ABANDONED_UPLOAD_AGE = timedelta(hours=1)
+# How long a load may take before another gateway takes the key over: a
+# holder that died delays the other gateways' reads of its key this long.
+# Shorter than FILL_DEADLINE_SECONDS: a load too slow to fill (which sends no
+# fill, so does not end its lease) has lost its lease by then anyway.
+FILL_LEASE_SECONDS = 2.0
+# A load that finds another gateway loading asks again after 5 ms, then
+# doubling up to 50 ms: a fill usually lands within a few milliseconds.
+LEASE_POLL_FIRST_SECONDS = 0.005
+LEASE_POLL_MAX_SECONDS = 0.05
+# ... and waits at most this many lease times in all before it loads anyway:
+# the lease it found (a dead holder's ends within one) and one taken over by
+# another gateway after it. Waiting never fails a read.
+LEASE_WAIT_LIMIT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +98,19 @@ class SingleFlight:
 
 
 class ImageService:
-    def __init__(self, metadata: MetadataStore, blobs: BlobStore, pool: CachePool) -> None:
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        blobs: BlobStore,
+        pool: CachePool,
+        *,
+        fill_lease_seconds: float = FILL_LEASE_SECONDS,
+    ) -> None:
+        """``fill_lease_seconds`` 0 turns fill leases off: every gateway loads its own misses."""
         self._metadata = metadata
         self._blobs = blobs
         self._pool = pool
+        self._lease_seconds = fill_lease_seconds
         self._loads = SingleFlight()
         self.blob_reads = 0  # for tests and metrics: loads that reached the blob store
 
@@ -152,6 +178,54 @@ class ImageService:
         await self._pool.heal(self._metadata.current_version)
 
     async def _load(self, key: str) -> Image:
+        """Load ``key`` into the cache, or wait for another gateway that is loading it."""
+        turn = await self._wait_for_turn(key)
+        if isinstance(turn, Image):
+            return turn
+        holds_lease = turn
+        try:
+            return await self._load_from_store(key)
+        except Exception:
+            # Let the waiting gateways go on now, not at the end of the lease:
+            # a missing key must answer 404 there promptly too. A load that
+            # succeeds needs no release: its fill ends the lease on the node.
+            if holds_lease:
+                await self._pool.release(key)
+            raise
+
+    async def _wait_for_turn(self, key: str) -> Image | bool:
+        """The image another gateway's load put in the cache meanwhile; else
+        whether this load holds the key's fill lease (it loads either way)."""
+        if self._lease_seconds <= 0:
+            return False
+        started = time.monotonic()
+        give_up_at = started + LEASE_WAIT_LIMIT * self._lease_seconds
+        pause = LEASE_POLL_FIRST_SECONDS
+        while True:
+            answer = await self._pool.lease(key, self._lease_seconds)
+            if answer is None:
+                return False  # the node cannot answer: load without it
+            if isinstance(answer, LeaseGranted):
+                return True
+            if isinstance(answer, CachedItem):
+                # Another gateway filled it: a cache read like the GET in
+                # ``read``, and fresh for the same reasons (docs/design.md).
+                content_type = content_type_for(answer.flags)
+                if content_type is None:
+                    return False  # a foreign item is a miss, as in ``read``
+                return Image(key, answer.value, content_type, answer.version)
+            left = give_up_at - time.monotonic()
+            if left <= 0:
+                log.info(
+                    "%r: no fill after %.1f s of waiting, loading it here",
+                    key,
+                    time.monotonic() - started,
+                )
+                return False
+            await asyncio.sleep(min(pause, answer.seconds_left, left))
+            pause = min(pause * 2, LEASE_POLL_MAX_SECONDS)
+
+    async def _load_from_store(self, key: str) -> Image:
         for _ in range(3):
             started = time.monotonic()
             record = await self._metadata.get_image(key)

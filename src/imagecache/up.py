@@ -7,25 +7,30 @@ import contextlib
 import logging
 import secrets
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from aiohttp import web
 
-from imagecache.app import create_app
+from imagecache.app import create_app, gateway_site
 from imagecache.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[None]:
+async def serving(
+    app: web.Application,
+    host: str,
+    port: int,
+    site: Callable[[web.AppRunner, str, int], web.BaseSite] = web.TCPSite,
+) -> AsyncIterator[None]:
     """``app`` listening on host:port for the duration of the block."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         try:
-            await web.TCPSite(runner, host, port).start()
+            await site(runner, host, port).start()
         except OSError as error:
             raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from error
         yield
@@ -44,7 +49,7 @@ async def until_signalled() -> None:
 
 async def gateway(config: Config) -> None:
     """Run the gateway alone until SIGINT or SIGTERM."""
-    async with serving(create_app(config), config.gateway.host, config.gateway.port):
+    async with serving(create_app(config), config.gateway.host, config.gateway.port, gateway_site):
         print(f"gateway on http://{config.gateway.host}:{config.gateway.port}", flush=True)
         await until_signalled()
 
@@ -62,7 +67,7 @@ async def up(config: Config) -> None:
             serving(create_manager(config), manager_settings.host, manager_settings.port)
         )
         await stack.enter_async_context(
-            serving(create_app(config), gateway_settings.host, gateway_settings.port)
+            serving(create_app(config), gateway_settings.host, gateway_settings.port, gateway_site)
         )
         print(
             f"imagecache is up, data in {config.data_dir.resolve()}\n"

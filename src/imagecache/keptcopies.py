@@ -1,0 +1,85 @@
+"""The gateway's own copies of hot images, kept as ready HTTP responses.
+
+A copy is only ever served after the key's cache node has confirmed that it
+still holds the same version (``fastpath``): a copy is a way to skip moving
+the bytes from the node, never a second source of truth, so it cannot make a
+read older than what the node would have returned.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class KeptImage:
+    version: int
+    etag: bytes  # as sent, quotes included: b'"v12"'
+    headers: bytes  # the 200 response's header lines after the status line, up to the blank line
+    not_modified_headers: bytes  # the same for a 304
+    body: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + len(self.headers) + len(self.not_modified_headers)
+
+
+def etag_of(version: int) -> str:
+    """The ETag of an image version, quotes included (weak comparison is never needed)."""
+    return f'"v{version}"'
+
+
+class KeptCopies:
+    """Least recently used images up to ``capacity`` bytes; 0 keeps nothing."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._images: OrderedDict[str, KeptImage] = OrderedDict()
+        self._used = 0
+
+    def get(self, key: str) -> KeptImage | None:
+        image = self._images.get(key)
+        if image is not None:
+            self._images.move_to_end(key)
+        return image
+
+    def keep(self, key: str, version: int, content_type: str, body: bytes) -> None:
+        current = self._images.get(key)
+        if current is not None and current.version >= version:
+            return
+        etag = etag_of(version).encode()
+        common = b"ETag: %s\r\nCache-Control: no-cache\r\n" % etag
+        image = KeptImage(
+            version,
+            etag,
+            b"Content-Type: %s\r\nContent-Length: %d\r\n%s"
+            % (content_type.encode(), len(body), common),
+            common,
+            body,
+        )
+        if image.size > self.capacity // 4:  # one image must not flush the rest
+            return
+        self.drop(key)
+        self._images[key] = image
+        self._used += image.size
+        while self._used > self.capacity:
+            _, evicted = self._images.popitem(last=False)
+            self._used -= evicted.size
+
+    def drop(self, key: str) -> None:
+        image = self._images.pop(key, None)
+        if image is not None:
+            self._used -= image.size
+
+    def clear(self) -> None:
+        self._images.clear()
+        self._used = 0
+
+    @property
+    def used(self) -> int:
+        """Bytes held: bodies and their prepared header lines."""
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._images)
