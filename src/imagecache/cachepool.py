@@ -23,6 +23,7 @@ from imagecache.ring import Ring
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_OWNERS_KEPT = 10_000
 
 
 @dataclass
@@ -58,6 +59,10 @@ class CachePool:
         self._members: dict[str, PoolMember] = {}
         self._retired: list[tuple[float, NodeClient]] = []  # (when, client) of removed nodes
         self._ring = Ring(())
+        # Owners of recently asked keys under the ring they were computed for:
+        # hashing a key for every member costs more than the fast path's lookup.
+        self._owners_ring = self._ring
+        self._owners: dict[str, PoolMember] = {}
         self.counters = PoolCounters()
 
     # -- membership ---------------------------------------------------------
@@ -218,8 +223,19 @@ class CachePool:
 
     def usable_client(self, key: str) -> NodeClient | None:
         """The client of ``key``'s owner, when that node may serve reads now."""
-        member = self._usable_owner(key)
-        return None if member is None else member.client
+        if self._owners_ring is not self._ring:
+            self._owners_ring, self._owners = self._ring, {}
+        member = self._owners.get(key)
+        if member is None:
+            member = self.owner_of(key)
+            if member is None:
+                return None
+            if len(self._owners) >= _OWNERS_KEPT:
+                self._owners.clear()
+            self._owners[key] = member
+        if member.dirty or member.unusable_until > self._clock():
+            return None
+        return member.client
 
     # -- internals ----------------------------------------------------------
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
+from typing import NamedTuple
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
@@ -40,12 +41,15 @@ log = logging.getLogger(__name__)
 
 # Heads longer than this go to aiohttp, which applies its own limits.
 MAX_HEAD = 8192
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110)
+# Header lines, each "\r\n" name ":" value; a name is an RFC 9110 token.
+_HEADER_LINES = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*)*")
+_HEADERS_OF_NOTE = re.compile(  # in the lowered head
+    rb"\r\n(if-none-match|connection|content-length|transfer-encoding|expect|upgrade):([^\r\n]*)"
+)
 _REQUEST_LINE = re.compile(rb"GET /image/([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}) HTTP/1\.1")
 
 
-@dataclass(frozen=True, slots=True)
-class ImageRequest:
+class ImageRequest(NamedTuple):  # a tuple: made for every request, and cheaply
     key: str
     if_none_match: bytes  # the header's value, or b""
     close: bool  # "Connection: close": answer, then close
@@ -56,18 +60,19 @@ def parse_image_request(head: bytes) -> ImageRequest | None:
 
     None means "let aiohttp decide": it is not an error here.
     """
-    lines = head.split(b"\r\n")
-    match = _REQUEST_LINE.fullmatch(lines[0])
-    if match is None:
-        return None
+    line_end = head.find(b"\r\n")
+    if line_end < 0:
+        line_end = len(head)
+    match = _REQUEST_LINE.fullmatch(head, 0, line_end)
+    if match is None or _HEADER_LINES.fullmatch(head, line_end) is None:
+        return None  # not an image GET, or a malformed or folded header line
     if_none_match = b""
     close = False
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None:
-            return None  # malformed, or an obsolete folded line
-        name = name.lower()
-        value = value.strip()
+    # Names are matched in a lowered copy; values come from the original
+    # (an ETag is case-sensitive).
+    for header in _HEADERS_OF_NOTE.finditer(head.lower(), line_end):
+        name = header.group(1)
+        value = head[header.start(2) : header.end(2)].strip()
         if name == b"if-none-match":
             if_none_match = value
         elif name == b"connection":
@@ -75,11 +80,8 @@ def parse_image_request(head: bytes) -> ImageRequest | None:
             if b"upgrade" in tokens:
                 return None
             close = b"close" in tokens
-        elif name == b"content-length":
-            if value != b"0":
-                return None
-        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
-            return None
+        elif name != b"content-length" or value != b"0":
+            return None  # a body, or a protocol change: aiohttp's business
     return ImageRequest(match.group(1).decode("ascii"), if_none_match, close)
 
 
