@@ -453,3 +453,38 @@ def test_store_commands_round_trip_with_arbitrary_chunking(
         for add, key, flags, exptime, value, noreply in commands
     ]
     assert decode_chunks(data.draw(chunkings(stream))) == expected
+
+
+# -- large values spanning reads (collected in parts) ---------------------------------------------
+
+LARGE = bytes(range(256)) * 800  # 200 KiB, above the collecting threshold
+
+
+@pytest.mark.parametrize(
+    "cuts",
+    [
+        [20],  # the line and a little of the value, then the rest
+        [20, 70_000, 140_000, 204_818],  # the CRLF split from the value's end
+        [20, 204_819],  # the CRLF split in two
+        [204_820],  # the whole block, and the next command separately
+        list(range(20, 204_900, 4096)),  # many small reads
+    ],
+)
+def test_large_value_split_across_reads_is_collected_whole(cuts: list[int]) -> None:
+    data = b"set big 3 0 %d\r\n" % len(LARGE) + LARGE + b"\r\nget big\r\n"
+    bounds = [0, *cuts, len(data)]
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    assert decode_chunks(chunks, max_value_length=1 << 20) == [
+        StoreCommand(False, b"big", 3, 0, LARGE, False),
+        Retrieve([b"big"], False),
+    ]
+
+
+def test_large_value_without_crlf_after_it_raises_protocol_error() -> None:
+    decoder = TextDecoder(1 << 20)
+    decoder.feed(b"add big 0 0 %d\r\n" % len(LARGE) + LARGE[:1000])
+    assert decoder.next_command() is None
+    assert not decoder.idle
+    decoder.feed(LARGE[1000:] + b"XX")
+    with pytest.raises(ProtocolError):
+        decoder.next_command()

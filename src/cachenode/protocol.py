@@ -253,7 +253,10 @@ class FrameDecoder:
             if value_length >= _COLLECT_THRESHOLD and len(data) >= value_start:
                 key = bytes(data[key_start:value_start])
                 self._partial = Frame(opcode, request_id, key, b"", status, flags, version)
-                self._parts = [bytes(memoryview(data)[value_start:])]
+                # A view keeps the received chunk without copying it; a
+                # bytearray buffer changes later, so its part is copied.
+                rest = memoryview(data)[value_start:]
+                self._parts = [rest if type(data) is bytes else bytes(rest)]
                 self._missing = end - len(data)
                 self._data = b""
                 self._pos = 0

@@ -15,6 +15,8 @@ from cachenode.errors import ProtocolError
 from cachenode.protocol import MAX_KEY_LENGTH
 
 MAX_LINE_LENGTH = 2048
+# Values at least this large are collected in parts when they span reads.
+_COLLECT_THRESHOLD = 64 * 1024
 MAX_FLAGS = (1 << 32) - 1
 CRLF = b"\r\n"
 
@@ -121,36 +123,78 @@ class TextDecoder:
 
     def __init__(self, max_value_length: int) -> None:
         self.max_value_length = max_value_length  # may change between feeds
-        self._buffer = bytearray()
+        # Unconsumed input starts at _pos. While everything fed before has
+        # been consumed, _data is the last fed chunk itself: commands that
+        # arrive whole are decoded without copying them into a buffer first.
+        self._data: bytes | bytearray = b""
+        self._pos = 0
         self._skip = 0  # bytes of an oversized data block still to discard
+        # A large value that spans reads is kept as the chunks it arrives in
+        # and joined once: growing a buffer would copy it again at every
+        # read. Its CRLF then comes through _data like any other bytes.
+        self._collecting: StoreCommand | None = None  # the command whose value is collected
+        self._parts: list[bytes | memoryview] = []
+        self._missing = 0  # value bytes still to come
 
     @property
     def idle(self) -> bool:
         """True when no partial command is buffered."""
-        return not self._buffer and not self._skip
+        return self._pos >= len(self._data) and not self._skip and self._collecting is None
 
     def feed(self, data: bytes) -> None:
         if self._skip:
             skipped = min(self._skip, len(data))
             self._skip -= skipped
             data = data[skipped:]
-        self._buffer += data
+        if self._missing:
+            if len(data) <= self._missing:
+                self._parts.append(data)
+                self._missing -= len(data)
+                return
+            self._parts.append(memoryview(data)[: self._missing])
+            data = data[self._missing :]
+            self._missing = 0
+        if self._pos >= len(self._data):
+            self._data = data
+        elif isinstance(self._data, bytearray):
+            del self._data[: self._pos]
+            self._data += data
+        else:
+            self._data = bytearray(memoryview(self._data)[self._pos :])
+            self._data += data
+        self._pos = 0
 
     def next_command(self) -> TextCommand | None:
         if self._skip:
             return None
-        buffer = self._buffer
-        newline = buffer.find(b"\n", 0, MAX_LINE_LENGTH + 1)
+        data, pos = self._data, self._pos
+        if self._collecting is not None:
+            if self._missing or len(data) - pos < len(CRLF):
+                return None
+            if data[pos : pos + len(CRLF)] != CRLF:
+                raise ProtocolError("bad data chunk")
+            self._pos = pos + len(CRLF)
+            command, self._collecting = self._collecting, None
+            value, self._parts = b"".join(self._parts), []
+            return StoreCommand(
+                command.only_if_absent,
+                command.key,
+                command.flags,
+                command.exptime,
+                value,
+                command.noreply,
+            )
+        newline = data.find(b"\n", pos, pos + MAX_LINE_LENGTH + 1)
         if newline < 0:
-            if len(buffer) > MAX_LINE_LENGTH:
+            if len(data) - pos > MAX_LINE_LENGTH:
                 raise ProtocolError("line too long")
             return None
         line_end = newline + 1
-        parts = bytes(buffer[:newline]).split()
+        parts = bytes(data[pos:newline]).split()
         name = parts[0] if parts else b""
         if name == b"set" or name == b"add":
             return self._storage_command(parts, line_end)
-        del buffer[:line_end]
+        self._pos = line_end
         if name == b"get" or name == b"gets":
             return _retrieve(parts)
         if name == b"delete":
@@ -166,28 +210,42 @@ class TextDecoder:
         return BadCommand(ERROR)
 
     def _storage_command(self, parts: list[bytes], line_end: int) -> TextCommand | None:
-        buffer = self._buffer
+        data = self._data
         fields = _storage_fields(parts)
         if fields is None:
-            del buffer[:line_end]
+            self._pos = line_end
             return BadCommand(BAD_FORMAT)
         key, flags, exptime, length, noreply = fields
         if length > self.max_value_length or len(key) > MAX_KEY_LENGTH:
             block = length + len(CRLF)
-            available = len(buffer) - line_end
+            available = len(data) - line_end
             self._skip = max(0, block - available)
-            del buffer[: line_end + min(block, available)]
+            self._pos = line_end + min(block, available)
             if len(key) > MAX_KEY_LENGTH:
                 return BadCommand(BAD_FORMAT)
             return OversizedStore(key, length, noreply)
         end = line_end + length
-        if len(buffer) < end + len(CRLF):
+        if len(data) < end + len(CRLF):
+            if length >= _COLLECT_THRESHOLD and len(data) < end:
+                self._collecting = StoreCommand(
+                    parts[0] == b"add", key, flags, exptime, b"", noreply
+                )
+                # A view keeps the received chunk without copying it; a
+                # bytearray buffer changes later, so its part is copied.
+                with memoryview(data) as view:
+                    rest = view[line_end:]
+                    self._parts = [rest if type(data) is bytes else bytes(rest)]
+                self._missing = end - len(data)
+                self._data, self._pos = b"", 0
             return None
-        if buffer[end : end + len(CRLF)] != CRLF:
+        if data[end : end + len(CRLF)] != CRLF:
             raise ProtocolError("bad data chunk")
-        with memoryview(buffer) as view:
-            value = bytes(view[line_end:end])
-        del buffer[: end + len(CRLF)]
+        if type(data) is bytes:  # slicing bytes copies once; a bytearray needs a view
+            value = data[line_end:end]
+        else:
+            with memoryview(data) as view:
+                value = bytes(view[line_end:end])
+        self._pos = end + len(CRLF)
         return StoreCommand(parts[0] == b"add", key, flags, exptime, value, noreply)
 
 
