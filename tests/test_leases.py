@@ -8,12 +8,17 @@ image service, over the same SQLite file, blob folder and cache nodes.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from cachenode.client import LEASE_GRANTED, NodeClient
@@ -23,7 +28,7 @@ from imagecache.cachepool import CachePool
 from imagecache.errors import ImageNotFound
 from imagecache.metadata import ImageRecord, MetadataStore
 from imagecache.service import FILL_LEASE_SECONDS, Image, ImageService
-from tests.conftest import image_bytes
+from tests.conftest import NodeProcess, image_bytes
 
 OLD = image_bytes("PNG", (8, 8), "red")
 NEW = image_bytes("PNG", (8, 8), "blue")
@@ -273,3 +278,88 @@ async def test_reads_waiting_on_other_gateways_never_return_an_image_older_than_
         for started, seen in checked:
             newest_before = max(i for acked, i in acknowledged if acked <= started)
             assert seen >= newest_before, f"read at {started} saw {seen}, {newest_before} acked"
+
+
+# -- real gateway processes ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextmanager
+def gateway_processes(data_dir: Path, node: NodeProcess, count: int) -> Iterator[list[int]]:
+    """``count`` ``imagecache gateway`` processes over one data folder and node; their ports."""
+    processes: list[subprocess.Popen[str]] = []
+    ports: list[int] = []
+    try:
+        for _ in range(count):
+            port = _free_port()
+            environment = {
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "IMAGECACHE_DATA_DIR": str(data_dir),
+                "IMAGECACHE_NODES": f"{node.host}:{node.port}",
+                "IMAGECACHE_GATEWAY_PORT": str(port),
+                "IMAGECACHE_MANAGER_URL": "http://127.0.0.1:9",
+            }
+            process = subprocess.Popen(
+                [sys.executable, "-m", "imagecache", "gateway"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=environment,
+            )
+            processes.append(process)
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert f":{port}" in line, f"gateway did not start: {line!r}"
+            ports.append(port)
+        yield ports
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(10)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+async def test_gateway_processes_share_one_blob_read_per_stampede(
+    tmp_path: Path, node_process: NodeProcess
+) -> None:
+    image = image_bytes("PNG", (64, 64), "green")
+    with gateway_processes(tmp_path / "data", node_process, 3) as ports:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            form = aiohttp.FormData()
+            form.add_field("key", "hot")
+            form.add_field("file", image, filename="hot.png")
+            async with http.post(f"http://127.0.0.1:{ports[0]}/api/upload", data=form) as reply:
+                assert reply.status == 200
+            # Evicted: the next reads of every gateway miss at once.
+            async with NodeClient(node_process.host, node_process.port) as client:
+                assert await client.delete(b"hot")
+
+            async def read(port: int) -> bytes:
+                async with http.get(f"http://127.0.0.1:{port}/image/hot") as reply:
+                    assert reply.status == 200
+                    return await reply.read()
+
+            bodies = await asyncio.gather(*(read(port) for port in ports for _ in range(15)))
+            assert all(body == image for body in bodies)
+
+            async def blob_reads(port: int) -> float:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as reply:
+                    text = await reply.text()
+                (line,) = [x for x in text.splitlines() if x.startswith("imagecache_gateway_blob_")]
+                return float(line.split()[-1])
+
+            reads = [await blob_reads(port) for port in ports]
+            async with NodeClient(node_process.host, node_process.port) as client:
+                stats = await client.stats()
+    assert sum(reads) == 1, reads  # 45 concurrent misses in 3 processes, one blob read
+    assert stats["leases_granted"] >= 1
+    assert stats["lease_waits"] >= 1
