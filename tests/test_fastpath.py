@@ -8,6 +8,8 @@ fast path answers and which go to aiohttp.
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -15,12 +17,14 @@ from dataclasses import dataclass, replace
 import aiohttp
 import pytest
 from aiohttp import web
+from PIL import Image as PILImage
 
 from cachenode.server import NodeServer
 from imagecache.app import create_app, gateway_site
 from imagecache.appkeys import FAST_PATH_COUNTERS, KEPT_COPIES
 from imagecache.config import Config
-from imagecache.fastpath import FastPathCounters, etag_matches, parse_image_request
+from imagecache.fastpath import FastPathCounters, FastPathSite, parse_image_request
+from imagecache.keptcopies import etag_matches
 from tests.conftest import image_bytes
 
 
@@ -35,6 +39,7 @@ class Reply:
 class Gateway:
     app: web.Application
     port: int
+    site: FastPathSite
 
     @property
     def counters(self) -> FastPathCounters:
@@ -43,7 +48,7 @@ class Gateway:
     async def upload(self, key: str, data: bytes) -> None:
         form = aiohttp.FormData()
         form.add_field("key", key)
-        form.add_field("file", data, filename="x.png")
+        form.add_field("file", io.BytesIO(data), filename="x.png")
         async with (
             aiohttp.ClientSession() as http,
             http.post(f"http://127.0.0.1:{self.port}/api/upload", data=form) as reply,
@@ -52,14 +57,14 @@ class Gateway:
 
 
 @asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Gateway]:
+async def running(config: Config, idle_timeout: float = 75.0) -> AsyncIterator[Gateway]:
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = gateway_site(runner, "127.0.0.1", 0)
+    site = gateway_site(runner, "127.0.0.1", 0, idle_timeout=idle_timeout)
     await site.start()
     try:
-        yield Gateway(app, site.port)
+        yield Gateway(app, site.port, site)
     finally:
         await runner.cleanup()
 
@@ -242,20 +247,35 @@ async def test_without_kept_copies_everything_goes_to_aiohttp(gateway_config: Co
     ("head", "parsed"),
     [
         (b"GET /image/cat HTTP/1.1\r\nHost: x", ("cat", b"", False)),
-        (b'GET /image/a.b-c_d HTTP/1.1\r\nIf-None-Match: "v3"', ("a.b-c_d", b'"v3"', False)),
-        (b"GET /image/cat HTTP/1.1\r\nConnection: keep-alive, Close", ("cat", b"", True)),
-        (b"GET /image/cat HTTP/1.1\r\nContent-Length: 0", ("cat", b"", False)),
-        (b"GET /image/cat HTTP/1.0", None),
-        (b"HEAD /image/cat HTTP/1.1", None),
-        (b"GET /image/cat?x=1 HTTP/1.1", None),
-        (b"GET /image/.hidden HTTP/1.1", None),
-        (b"GET /image/a%2Fb HTTP/1.1", None),
-        (b"GET /image/cat HTTP/1.1\r\nContent-Length: 5", None),
-        (b"GET /image/cat HTTP/1.1\r\nTransfer-Encoding: chunked", None),
-        (b"GET /image/cat HTTP/1.1\r\nConnection: Upgrade", None),
-        (b"GET /image/cat HTTP/1.1\r\nX-A: 1\r\n folded", None),
-        (b"GET /image/cat HTTP/1.1\r\nno colon", None),
-        (b"GET /image/cat HTTP/1.1\r\nBad Name: 1", None),
+        (
+            b'GET /image/a.b-c_d HTTP/1.1\r\nIf-None-Match: "v3"\r\nHost: x',
+            ("a.b-c_d", b'"v3"', False),
+        ),
+        (
+            b"GET /image/cat HTTP/1.1\r\nHOST: x\r\nConnection: keep-alive, Close",
+            ("cat", b"", True),
+        ),
+        (b"GET /image/cat HTTP/1.1\r\nHost: x\r\nContent-Length: 0", ("cat", b"", False)),
+        (b"GET /image/cat HTTP/1.1\r\nHost: x\r\nUser-Agent: a\tb", ("cat", b"", False)),
+        (b"GET /image/cat HTTP/1.1", None),  # no Host
+        (b"GET /image/cat HTTP/1.1\r\nHost: x\r\nhost: y", None),
+        (b"GET /image/cat HTTP/1.0\r\nHost: x", None),
+        (b"HEAD /image/cat HTTP/1.1\r\nHost: x", None),
+        (b"GET /image/cat?x=1 HTTP/1.1\r\nHost: x", None),
+        (b"GET /image/.hidden HTTP/1.1\r\nHost: x", None),
+        (b"GET /image/a%2Fb HTTP/1.1\r\nHost: x", None),
+        (b"GET /image/cat HTTP/1.1\r\nHost: x\r\nContent-Length: 5", None),
+        (b"GET /image/cat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked", None),
+        (b"GET /image/cat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade", None),
+        (
+            b"GET /image/cat HTTP/1.1\r\nHost: x\r\nConnection: close\r\nConnection: keep-alive",
+            None,
+        ),
+        (b'GET /image/cat HTTP/1.1\r\nHost: x\r\nIf-None-Match: "a"\r\nIf-None-Match: "b"', None),
+        (b"GET /image/cat HTTP/1.1\r\nHost: x\r\nX-A: 1\x00", None),
+        (b"GET /image/cat HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded", None),
+        (b"GET /image/cat HTTP/1.1\r\nHost: x\r\nno colon", None),
+        (b"GET /image/cat HTTP/1.1\r\nHost: x\r\nBad Name: 1", None),
     ],
 )
 def test_only_plain_image_gets_take_the_fast_path(
@@ -275,3 +295,69 @@ def test_etag_matching() -> None:
     assert etag_matches(b'W/"v2"', b'"v2"')
     assert not etag_matches(b'"v12"', b'"v1"')
     assert not etag_matches(b"", b'"v1"')
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG of random pixels: it does not compress, so it is about 3 x side^2 bytes."""
+    buffer = io.BytesIO()
+    PILImage.frombytes("RGB", (side, side), os.urandom(3 * side * side)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def test_a_client_that_does_not_read_does_not_make_the_gateway_buffer(
+    gateway: Gateway,
+) -> None:
+    big = noise_png(600)  # about 1 MB
+    await gateway.upload("big", big)
+    await exchange(gateway.port, get("/image/big"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(get("/image/big") * 40)  # 40 MB of responses asked for, none read
+        await asyncio.sleep(1.0)
+        assert gateway.site.fast is not None
+        buffered = sum(
+            connection._transport.get_write_buffer_size()
+            for connection in gateway.site.fast.connections
+            if connection._transport is not None
+        )
+        assert buffered < 8 * len(big)
+        for _ in range(40):  # nothing is lost: every response arrives whole, in order
+            reply = await read_reply(reader)
+            assert (reply.status, reply.body) == (200, big)
+    finally:
+        writer.close()
+
+
+async def test_a_hand_over_behind_a_big_pipelined_response_keeps_the_connection_working(
+    gateway: Gateway,
+) -> None:
+    big = noise_png(1500)  # about 6.5 MB: the transport pushes back while it goes out
+    await gateway.upload("big", big)
+    await exchange(gateway.port, get("/image/big"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        keys = b"POST /api/list_keys HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n"
+        writer.write(get("/image/big") + keys)
+        await asyncio.sleep(0.3)  # let the gateway fill its buffer before reading
+        first, second = await read_reply(reader), await read_reply(reader)
+        assert (first.body, second.status) == (big, 200)
+        writer.write(get("/image/big"))  # the connection is aiohttp's now, and alive
+        third = await asyncio.wait_for(read_reply(reader), 5)
+        assert third.body == big
+    finally:
+        writer.close()
+
+
+async def test_idle_fast_path_connections_are_closed(gateway_config: Config) -> None:
+    async with running(gateway_config, idle_timeout=0.3) as gateway:
+        await gateway.upload("cat", PNG)
+        await exchange(gateway.port, get("/image/cat"))
+        silent = await asyncio.open_connection("127.0.0.1", gateway.port)
+        served = await asyncio.open_connection("127.0.0.1", gateway.port)
+        half = await asyncio.open_connection("127.0.0.1", gateway.port)
+        served[1].write(get("/image/cat"))
+        assert (await read_reply(served[0])).body == PNG
+        half[1].write(b"GET /image/cat HTTP/1.1\r\nHo")
+        for reader, writer in (silent, served, half):
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the gateway
+            writer.close()

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from cachenode import __version__
+from cachenode.leases import Leases
 from cachenode.node import Node
 from cachenode.protocol import (
     HEADER,
@@ -898,11 +899,40 @@ def test_lease_time_is_capped_at_sixty_seconds() -> None:
     assert call(session, Opcode.LEASE, b"k").flags == 60_000
 
 
-def test_check_gives_the_version_without_the_value_and_counts_a_lookup() -> None:
+def test_check_gives_the_version_without_the_value_and_counts_the_reads_it_answers() -> None:
     session = BinarySession(make_node())
     call(session, Opcode.SET, b"k", b"v" * 1000, flags=1, version=12)
-    reply = call(session, Opcode.CHECK, b"k")
+    reply = call(session, Opcode.CHECK, b"k", flags=3)  # on behalf of three reads
     assert (reply.status, reply.version, reply.flags, reply.value) == (Status.OK, 12, 1, b"")
-    assert call(session, Opcode.CHECK, b"gone").status == Status.NOT_FOUND
+    # A miss counts nothing: the reads go on to a GET, which counts them.
+    assert call(session, Opcode.CHECK, b"gone", flags=3).status == Status.NOT_FOUND
     stats = session._node.stats()
-    assert (stats["lookups"], stats["hits"], stats["misses"]) == (2, 1, 1)
+    assert (stats["lookups"], stats["hits"], stats["misses"]) == (3, 3, 0)
+
+
+def test_an_oversized_write_ends_the_lease() -> None:
+    node = make_node(max_item_size=100)
+    binary, text_session = BinarySession(node), TextSession(node)
+    assert call(binary, Opcode.LEASE, b"k").status == Status.NOT_FOUND
+    assert call(binary, Opcode.ADD, b"k", b"v" * 200, version=3).status == Status.TOO_LARGE
+    assert call(binary, Opcode.LEASE, b"k").status == Status.NOT_FOUND  # a new lease
+    assert text(text_session, b"set k 0 0 200\r\n" + b"v" * 200 + b"\r\n").startswith(
+        b"SERVER_ERROR"
+    )
+    assert call(binary, Opcode.LEASE, b"k").status == Status.NOT_FOUND
+
+
+def test_expired_leases_are_swept_without_rebuilding_at_every_grant() -> None:
+    clock = FakeClock()
+    leases = Leases(clock)
+    for number in range(20_000):
+        assert leases.acquire(b"key%d" % number, 1.0) == 0.0
+        clock.advance(0.001)  # about 1,000 leases live at any time
+    assert len(leases) < 3_000  # expired ones were swept
+    # Live leases outnumbering the first sweep are kept, and each sweep at
+    # least halves the work until the next one (amortised O(1) per grant).
+    crowded = Leases(FakeClock())
+    for number in range(5_000):
+        crowded.acquire(b"key%d" % number, 60.0)
+    assert len(crowded) == 5_000
+    assert crowded.acquire(b"key0", 60.0) > 0

@@ -9,12 +9,14 @@ timeout) or ``NodeReplyError`` for an error status; a miss is not an error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
 
 from cachenode.errors import NodeReplyError, NodeTimeout, NodeUnavailable, ProtocolError
+from cachenode.leases import MAX_LEASE_SECONDS
 from cachenode.protocol import (
     DEFAULT_KEYS_COUNT,
     MAGIC_REQUEST,
@@ -34,6 +36,8 @@ _COALESCE_LIMIT = 16 * 1024
 # check_soon queues behind at most this many requests; beyond, the caller
 # takes the slower way, which may open another connection.
 _SEND_SOON_MAX_IN_FLIGHT = 32
+_MAX_U32 = (1 << 32) - 1
+MAX_LEASE_MS = int(MAX_LEASE_SECONDS * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +230,7 @@ class NodeClient:
         frame = await self._call(
             Opcode.LEASE,
             key,
-            flags=max(1, round(seconds * 1000)),
+            flags=min(max(1, round(seconds * 1000)), MAX_LEASE_MS),
             accept=(Status.NOT_FOUND, Status.LEASED),
         )
         if frame.status == Status.NOT_FOUND:
@@ -240,21 +244,25 @@ class NodeClient:
         await self._call(Opcode.RELEASE, key)
 
     async def check(self, key: bytes) -> int | None:
-        """The version of the cached item of ``key`` (counted as a lookup), or None."""
-        frame = await self._call(Opcode.CHECK, key, accept=(Status.NOT_FOUND,))
+        """The version of the cached item of ``key`` (a hit counts one lookup), or None."""
+        frame = await self._call(Opcode.CHECK, key, flags=1, accept=(Status.NOT_FOUND,))
         return None if frame.status == Status.NOT_FOUND else frame.version
 
-    def check_soon(self, key: bytes) -> asyncio.Future[Frame] | None:
-        """Send a CHECK of ``key`` now, without awaiting anything, on a connection
-        that is open and idle enough; None when there is none (then use ``check``).
+    def check_soon(self, key: bytes, requests: int = 1) -> asyncio.Future[Frame] | None:
+        """Send a CHECK of ``key`` on behalf of ``requests`` reads now, without
+        awaiting anything, on a connection that is open and idle enough; None
+        when there is none (then use ``check``).
 
         For callers that cannot afford a task per request (the gateway's fast
         path). The future gives the reply frame (OK with the version, or
-        NOT_FOUND) or fails with NodeUnavailable; the caller sets its own timeout.
+        NOT_FOUND) or fails with NodeUnavailable; the caller sets its own
+        timeout by cancelling it, which also forgets the request.
         """
         for connection in self._connections:
             if connection.ready and connection.in_flight < _SEND_SOON_MAX_IN_FLIGHT:
-                return connection.send(Opcode.CHECK, key, b"", 0, 0)
+                future = connection.send(Opcode.CHECK, key, b"", min(requests, _MAX_U32), 0)
+                future.add_done_callback(functools.partial(_forget_if_cancelled, connection))
+                return future
         return None
 
     async def set(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
@@ -389,6 +397,11 @@ class NodeClient:
         except (OSError, TimeoutError) as error:
             raise NodeUnavailable(f"cannot connect to {self.address}: {error}") from error
         return connection
+
+
+def _forget_if_cancelled(connection: _Connection, future: asyncio.Future[Frame]) -> None:
+    if future.cancelled():
+        connection.forget(future)
 
 
 def _status(code: int) -> Status:

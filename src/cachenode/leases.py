@@ -14,15 +14,17 @@ from collections.abc import Callable
 
 DEFAULT_LEASE_SECONDS = 2.0
 MAX_LEASE_SECONDS = 60.0
-# Expired leases are swept when this many are outstanding; below it they are
-# only replaced when their key is asked for again.
-_SWEEP_AT = 1024
+# Expired leases are swept once this many are outstanding, and then each time
+# their number has doubled since the last sweep (amortised O(1) per lease);
+# until then an expired lease is only replaced when its key is asked for again.
+_FIRST_SWEEP = 1024
 
 
 class Leases:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._until: dict[bytes, float] = {}  # key -> end of its lease on the clock
+        self._sweep_at = _FIRST_SWEEP
         self.granted = 0
         self.waits = 0  # times a client was told that another one is loading
 
@@ -34,8 +36,9 @@ class Leases:
         if until is not None and until > now:
             self.waits += 1
             return until - now
-        if len(self._until) >= _SWEEP_AT:
+        if len(self._until) >= self._sweep_at:
             self._until = {k: t for k, t in self._until.items() if t > now}
+            self._sweep_at = max(_FIRST_SWEEP, 2 * len(self._until))
         self._until[key] = now + seconds
         self.granted += 1
         return 0.0

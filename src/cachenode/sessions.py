@@ -106,6 +106,8 @@ class BinarySession:
         try:
             while (frame := decoder.next_frame()) is not None:
                 if isinstance(frame, OversizedFrame):
+                    # A refused write ends the key's lease like any other.
+                    self._node.leases.release(frame.key)
                     message = (
                         f"value of {frame.value_length} bytes exceeds the maximum item size "
                         f"of {self._node.store.max_item_size} bytes"
@@ -208,9 +210,12 @@ class BinarySession:
         ]
 
     def _check(self, frame: Frame) -> list[bytes]:
-        item = self._node.store.get(frame.key)
+        # A hit counts as many lookups as the reads the CHECK answers (flags);
+        # a miss counts none: those reads go on to a GET, which counts them.
+        item = self._node.store.peek(frame.key)
         if item is None:
             return [encode_response(Opcode.CHECK, frame.request_id, Status.NOT_FOUND)]
+        self._node.store.count_hits(max(1, frame.flags))
         return [
             encode_response(Opcode.CHECK, frame.request_id, flags=item.flags, version=item.version)
         ]
@@ -342,7 +347,8 @@ class TextSession:
                 reply = self._store(only_if_absent, key, flags, exptime, value)
                 if not noreply:
                     out.append(reply)
-            case text.OversizedStore(_, _, noreply):
+            case text.OversizedStore(key, _, noreply):
+                self._node.leases.release(key)
                 if not noreply:
                     out.append(text.TOO_LARGE)
             case text.Delete(key, noreply):

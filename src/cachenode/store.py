@@ -130,6 +130,11 @@ class Store:
         self.hits += 1
         return item
 
+    def count_hits(self, count: int) -> None:
+        """Count ``count`` lookups that hit, answered without ``get`` (CHECK)."""
+        self.lookups += count
+        self.hits += count
+
     def peek(self, key: bytes) -> Item | None:
         """Like ``get``, but not counted as a lookup (a client asking again)."""
         item = self._items.get(key)

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from imagecache.appkeys import CONFIG, MANAGER, SERVICE
+from imagecache.appkeys import CONFIG, KEPT_COPIES, MANAGER, SERVICE
 from imagecache.errors import ImagecacheError
 from imagecache.uploads import read_upload
 
@@ -60,6 +60,7 @@ async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 async def delete_all(request: web.Request) -> web.Response:
     await request.app[SERVICE].delete_all()
+    request.app[KEPT_COPIES].clear()  # never served again anyway; free the memory now
     return success()
 
 

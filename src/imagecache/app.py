@@ -43,8 +43,14 @@ HEAL_SECONDS = 1.0
 CLEAN_UP_SECONDS = 600.0
 
 
-def gateway_site(runner: web.AppRunner, host: str, port: int) -> FastPathSite:
-    """The gateway's listening site: connections start on the fast path for cache hits."""
+def gateway_site(
+    runner: web.AppRunner, host: str, port: int, *, idle_timeout: float = 75.0
+) -> FastPathSite:
+    """The gateway's listening site: connections start on the fast path for cache hits.
+
+    ``idle_timeout`` closes fast-path connections that send nothing for that
+    long, as aiohttp's keep-alive timeout (75 s by default) does for its own.
+    """
     app = runner.app
 
     def fast_path(aiohttp_protocol: Callable[[], asyncio.Protocol]) -> FastPath:
@@ -54,6 +60,7 @@ def gateway_site(runner: web.AppRunner, host: str, port: int) -> FastPathSite:
             aiohttp_protocol,
             app[FAST_PATH_COUNTERS],
             timeout=app[CONFIG].gateway.node_timeout,
+            idle_timeout=idle_timeout,
         )
 
     return FastPathSite(runner, host, port, fast_path)

@@ -20,13 +20,14 @@ never older than the last acknowledged upload.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
@@ -35,16 +36,20 @@ from aiohttp.web_runner import BaseRunner
 from cachenode.protocol import Frame
 from cachenode.status import Status
 from imagecache.cachepool import CachePool
-from imagecache.keptcopies import KeptCopies, KeptImage
+from imagecache.keptcopies import KeptCopies, KeptImage, etag_matches
 
 log = logging.getLogger(__name__)
 
 # Heads longer than this go to aiohttp, which applies its own limits.
 MAX_HEAD = 8192
+# On shutdown, requests in progress get this long to be answered.
+SHUTDOWN_SECONDS = 5.0
 # Header lines, each "\r\n" name ":" value; a name is an RFC 9110 token.
-_HEADER_LINES = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*)*")
+# Values hold no control characters but tab (aiohttp answers those 400).
+_HEADER_LINES = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*)*")
 _HEADERS_OF_NOTE = re.compile(  # in the lowered head
-    rb"\r\n(if-none-match|connection|content-length|transfer-encoding|expect|upgrade):([^\r\n]*)"
+    rb"\r\n(host|if-none-match|connection|content-length|transfer-encoding|expect|upgrade):"
+    rb"([^\r\n]*)"
 )
 _REQUEST_LINE = re.compile(rb"GET /image/([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}) HTTP/1\.1")
 
@@ -68,11 +73,17 @@ def parse_image_request(head: bytes) -> ImageRequest | None:
         return None  # not an image GET, or a malformed or folded header line
     if_none_match = b""
     close = False
+    seen: set[bytes] = set()
     # Names are matched in a lowered copy; values come from the original
     # (an ETag is case-sensitive).
     for header in _HEADERS_OF_NOTE.finditer(head.lower(), line_end):
         name = header.group(1)
+        if name in seen:
+            return None  # a repeated header: aiohttp's reading of it decides
+        seen.add(name)
         value = head[header.start(2) : header.end(2)].strip()
+        if name == b"host":
+            continue
         if name == b"if-none-match":
             if_none_match = value
         elif name == b"connection":
@@ -82,15 +93,9 @@ def parse_image_request(head: bytes) -> ImageRequest | None:
             close = b"close" in tokens
         elif name != b"content-length" or value != b"0":
             return None  # a body, or a protocol change: aiohttp's business
+    if b"host" not in seen:
+        return None  # HTTP/1.1 requires it; aiohttp answers 400
     return ImageRequest(match.group(1).decode("ascii"), if_none_match, close)
-
-
-def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
-    """If-None-Match as aiohttp's image handler reads it: ``*`` or a list holding the ETag."""
-    if not if_none_match:
-        return False
-    tokens = [token.strip() for token in if_none_match.split(b",")]
-    return b"*" in tokens or etag in tokens or b"W/" + etag in tokens
 
 
 @dataclass
@@ -100,6 +105,9 @@ class FastPathCounters:
     checks: int = 0  # CHECKs sent (requests share them)
 
 
+# What a CHECK told: the node's version of the key, None when it holds no
+# item, or NO_ANSWER when the node failed or did not answer in time.
+NO_ANSWER = -1
 VersionCallback = Callable[[int | None], None]
 
 
@@ -120,20 +128,19 @@ class VersionChecks:
         self._next: dict[str, list[VersionCallback]] = {}  # key -> who waits for the next
 
     def ask(self, key: str, callback: VersionCallback) -> bool:
-        """Call ``callback`` with the node's version of ``key`` (None: no item, or
-        the node failed) from a CHECK sent from now on; False when no node can
-        be asked without waiting (then the callback is never called)."""
+        """Call ``callback`` with what a CHECK of ``key`` sent from now on tells;
+        False when no node can be asked without waiting (then it is never called)."""
         if key in self._in_flight:
             self._next.setdefault(key, []).append(callback)
             return True
-        if not self._send(key):
+        if not self._send(key, 1):
             return False
         self._in_flight[key] = [callback]
         return True
 
-    def _send(self, key: str) -> bool:
+    def _send(self, key: str, requests: int) -> bool:
         client = self._pool.usable_client(key)
-        check = client.check_soon(key.encode()) if client is not None else None
+        check = client.check_soon(key.encode(), requests) if client is not None else None
         if check is None:
             return False
         self._counters.checks += 1
@@ -145,22 +152,23 @@ class VersionChecks:
         self, key: str, check: asyncio.Future[Frame], timeout: asyncio.TimerHandle
     ) -> None:
         timeout.cancel()
-        version: int | None = None
+        version: int | None = NO_ANSWER
         if not check.cancelled() and check.exception() is None:
             reply = check.result()
             version = reply.version if reply.status == Status.OK else None
         callbacks = self._in_flight.pop(key)
-        unasked: list[VersionCallback] = []
-        waiting = self._next.pop(key, None)
-        if waiting is not None:
-            if self._send(key):
-                self._in_flight[key] = waiting
-            else:
-                unasked = waiting
+        waiting = self._next.pop(key, None) or []
+        # After a failure the waiting requests go the full way at once, which
+        # reads around the node, rather than waiting on it once more.
+        if waiting and version != NO_ANSWER and self._send(key, len(waiting)):
+            self._in_flight[key] = waiting
+        else:
+            callbacks += waiting
         for callback in callbacks:
-            callback(version)
-        for callback in unasked:
-            callback(None)  # no node to ask: their requests go the full way
+            try:
+                callback(version)
+            except Exception:  # one connection's failure must not strand the others
+                log.exception("fast path: answering a request failed")
 
 
 class FastPath:
@@ -174,13 +182,19 @@ class FastPath:
         counters: FastPathCounters,
         *,
         timeout: float = 0.5,
+        idle_timeout: float = 75.0,
     ) -> None:
         self.counters = counters
         self.copies = copies
         self.pool = pool
         self.aiohttp_protocol = aiohttp_protocol
         self.checks = VersionChecks(pool, timeout, counters)
+        # As aiohttp's keep-alive timeout: a connection that sends nothing
+        # (or never finishes a request) for this long is closed.
+        self.idle_timeout = idle_timeout
         self.connections: set[FastConnection] = set()
+        self.stopping = False
+        self._drained: asyncio.Event | None = None  # set when the last connection is gone
         self._date_second = -1
         self._date_line = b""
 
@@ -195,7 +209,22 @@ class FastPath:
             )
         return self._date_line
 
-    def close_all(self) -> None:
+    def forget(self, connection: FastConnection) -> None:
+        """``connection`` closed or went to aiohttp."""
+        self.connections.discard(connection)
+        if not self.connections and self._drained is not None:
+            self._drained.set()
+
+    async def shut_down(self) -> None:
+        """Close every connection once its request in progress is answered."""
+        self.stopping = True
+        for connection in list(self.connections):
+            connection.close_when_idle()
+        if self.connections:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_SECONDS):
+                    await self._drained.wait()
         for connection in list(self.connections):
             connection.close()
 
@@ -208,39 +237,76 @@ class FastConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._checking = False  # a CHECK is in flight: later requests wait their turn
+        self._write_paused = False  # the transport's buffer is full
+        self._read_paused = False
+        self._hand_over_waiting = False  # to aiohttp once the transport can write again
+        self._last_active = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = cast(asyncio.Transport, transport)
         self._fast.connections.add(self)
+        self._last_active = asyncio.get_running_loop().time()
+        self._arm_idle_timer(self._fast.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fast.connections.discard(self)
+        self._fast.forget(self)
         self._transport = None
+        self._cancel_idle_timer()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         if not self._checking:
             self._serve_next()
+        else:
+            self._update_reading()
 
     def eof_received(self) -> bool:
         return False  # close; anything half-sent is not worth answering
 
-    # Big responses to a client that does not read must not pile up here.
+    # A client that does not read its responses must not make the gateway
+    # buffer them: no new request is started while the transport pushes back.
     def pause_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._write_paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
+        self._write_paused = False
+        self._update_reading()
+        if self._hand_over_waiting:
+            self._hand_over()
+        elif not self._checking:
+            self._serve_next()
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
 
+    def close_when_idle(self) -> None:
+        """Close now if no request is in progress, else once it is answered."""
+        if not self._checking and not self._write_paused:
+            self.close()
+
+    def _update_reading(self) -> None:
+        """Read while there is room: no response piling up, no long queue of requests."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        pause = self._write_paused or (self._checking and len(self._buffer) > 4 * MAX_HEAD)
+        if pause != self._read_paused:
+            self._read_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
     def _serve_next(self) -> None:
         transport = self._transport
-        if transport is None or transport.is_closing() or not self._buffer:
+        if transport is None or transport.is_closing() or self._write_paused:
+            return
+        self._last_active = asyncio.get_running_loop().time()
+        if self._fast.stopping and not self._buffer:
+            transport.close()
             return
         end = self._buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
         if end < 0:
@@ -258,6 +324,7 @@ class FastConnection(asyncio.Protocol):
             self._hand_over()
             return
         self._checking = True
+        self._update_reading()
 
     def _checked(
         self, version: int | None, request: ImageRequest, kept: KeptImage, size: int
@@ -269,7 +336,7 @@ class FastConnection(asyncio.Protocol):
         if version != kept.version:
             # Gone, replaced, or the node failed: aiohttp's handler reads it
             # the full way (around a failed node) and keeps a fresh copy.
-            if version is not None:
+            if version != NO_ANSWER:
                 self._fast.copies.drop(request.key)
             self._hand_over()
             return
@@ -277,26 +344,37 @@ class FastConnection(asyncio.Protocol):
         self._fast.pool.counters.hits += 1
         self._fast.counters.served += 1
         date = self._fast.date_line()
-        closing = b"Connection: close\r\n" if request.close else b""
+        closing = request.close or self._fast.stopping
+        connection = b"Connection: close\r\n" if closing else b""
         if etag_matches(request.if_none_match, kept.etag):
             transport.write(
                 b"HTTP/1.1 304 Not Modified\r\n%s%s%s\r\n"
-                % (date, closing, kept.not_modified_headers)
+                % (date, connection, kept.not_modified_headers)
             )
         else:
             transport.writelines(
-                [b"HTTP/1.1 200 OK\r\n%s%s%s\r\n" % (date, closing, kept.headers), kept.body]
+                [b"HTTP/1.1 200 OK\r\n%s%s%s\r\n" % (date, connection, kept.headers), kept.body]
             )
-        if request.close:
+        if closing:
             transport.close()
             return
+        self._update_reading()
         self._serve_next()
 
     def _hand_over(self) -> None:
         """From now on aiohttp serves this connection, starting with the unanswered bytes."""
         transport = self._transport
         assert transport is not None
-        self._fast.connections.discard(self)
+        if self._write_paused:
+            # aiohttp's protocol must not inherit a transport that reports
+            # itself paused: it would never be told to resume.
+            self._hand_over_waiting = True
+            return
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        self._cancel_idle_timer()
+        self._fast.forget(self)
         self._fast.counters.handed_over += 1
         self._transport = None
         protocol = self._fast.aiohttp_protocol()
@@ -305,6 +383,26 @@ class FastConnection(asyncio.Protocol):
         if self._buffer:
             protocol.data_received(bytes(self._buffer))
         self._buffer.clear()
+
+    # One timer per connection, re-armed only when it fires: requests just
+    # note the time, which costs less than moving a timer each time.
+    def _arm_idle_timer(self, delay: float) -> None:
+        self._idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_check)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_check(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        idle_for = asyncio.get_running_loop().time() - self._last_active
+        if idle_for >= self._fast.idle_timeout and not self._checking and not self._write_paused:
+            transport.close()
+            return
+        self._arm_idle_timer(max(0.1, self._fast.idle_timeout - idle_for))
 
 
 class FastPathSite(web.BaseSite):
@@ -353,4 +451,4 @@ class FastPathSite(web.BaseSite):
     async def stop(self) -> None:
         await super().stop()
         if self.fast is not None:
-            self.fast.close_all()
+            await self.fast.shut_down()

@@ -30,6 +30,17 @@ def etag_of(version: int) -> str:
     return f'"v{version}"'
 
 
+def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
+    """Whether If-None-Match (RFC 9110: ``*``, or a list of ETags, weak comparison) holds ``etag``.
+
+    Both the image handler of ``pages`` and the fast path read the header with this.
+    """
+    if not if_none_match:
+        return False
+    tokens = [token.strip() for token in if_none_match.split(b",")]
+    return b"*" in tokens or etag in tokens or b"W/" + etag in tokens
+
+
 class KeptCopies:
     """Least recently used images up to ``capacity`` bytes; 0 keeps nothing."""
 
@@ -45,6 +56,8 @@ class KeptCopies:
         return image
 
     def keep(self, key: str, version: int, content_type: str, body: bytes) -> None:
+        if version <= 0:
+            return  # unversioned (a text protocol write): CHECK could not tell it apart
         current = self._images.get(key)
         if current is not None and current.version >= version:
             return

@@ -11,7 +11,7 @@ from imagecache.appkeys import CONFIG, FLASH_SECRET, KEPT_COPIES, SERVICE
 from imagecache.errors import BadRequest, ImagecacheError, ImageNotFound
 from imagecache.flash import set_flash, take_flash
 from imagecache.images import KEY_RULE, check_key
-from imagecache.keptcopies import etag_of
+from imagecache.keptcopies import etag_matches, etag_of
 from imagecache.uploads import read_upload
 
 
@@ -90,7 +90,7 @@ async def image(request: web.Request) -> web.StreamResponse:
     # no-cache: browsers revalidate every time (cheap: a 304), so an updated
     # image shows at once, never a stale copy.
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if etag in request.headers.get("If-None-Match", ""):
+    if etag_matches(request.headers.get("If-None-Match", "").encode(), etag.encode()):
         return web.Response(status=304, headers=headers)
     return web.Response(body=found.data, content_type=found.content_type, headers=headers)
 
