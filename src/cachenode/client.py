@@ -74,7 +74,9 @@ class _Connection(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.closed = False
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call each time.
+        self._loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = self._loop.create_future()
 
     @property
     def in_flight(self) -> int:
@@ -141,7 +143,7 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         request_id = self._next_id
         self._next_id = request_id + 1 if request_id < MAX_REQUEST_ID else 1
-        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[request_id] = future
         header = encode_header(
             MAGIC_REQUEST, opcode, request_id, key, len(value), 0, flags, version

@@ -121,6 +121,8 @@ class VersionChecks:
     """
 
     def __init__(self, pool: CachePool, timeout: float, counters: FastPathCounters) -> None:
+        # Kept: asyncio.get_running_loop() costs a getpid() system call each time.
+        self._loop = asyncio.get_running_loop()
         self._pool = pool
         self._timeout = timeout
         self._counters = counters
@@ -144,7 +146,7 @@ class VersionChecks:
         if check is None:
             return False
         self._counters.checks += 1
-        timeout = asyncio.get_running_loop().call_later(self._timeout, check.cancel)
+        timeout = self._loop.call_later(self._timeout, check.cancel)
         check.add_done_callback(lambda done: self._answered(key, done, timeout))
         return True
 
@@ -184,6 +186,7 @@ class FastPath:
         timeout: float = 0.5,
         idle_timeout: float = 75.0,
     ) -> None:
+        self.loop = asyncio.get_running_loop()  # kept: getting it costs a system call
         self.counters = counters
         self.copies = copies
         self.pool = pool
@@ -246,7 +249,7 @@ class FastConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self._fast.connections.add(self)
-        self._last_active = asyncio.get_running_loop().time()
+        self._last_active = self._fast.loop.time()
         self._arm_idle_timer(self._fast.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -304,7 +307,7 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing() or self._write_paused:
             return
-        self._last_active = asyncio.get_running_loop().time()
+        self._last_active = self._fast.loop.time()
         if self._fast.stopping and not self._buffer:
             transport.close()
             return
@@ -387,7 +390,7 @@ class FastConnection(asyncio.Protocol):
     # One timer per connection, re-armed only when it fires: requests just
     # note the time, which costs less than moving a timer each time.
     def _arm_idle_timer(self, delay: float) -> None:
-        self._idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_check)
+        self._idle_timer = self._fast.loop.call_later(delay, self._idle_check)
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -398,7 +401,7 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        idle_for = asyncio.get_running_loop().time() - self._last_active
+        idle_for = self._fast.loop.time() - self._last_active
         if idle_for >= self._fast.idle_timeout and not self._checking and not self._write_paused:
             transport.close()
             return
