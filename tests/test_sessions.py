@@ -936,3 +936,8 @@ def test_expired_leases_are_swept_without_rebuilding_at_every_grant() -> None:
         crowded.acquire(b"key%d" % number, 60.0)
     assert len(crowded) == 5_000
     assert crowded.acquire(b"key0", 60.0) > 0
+
+
+def test_lease_of_the_empty_key_is_an_invalid_argument() -> None:
+    session = BinarySession(make_node())
+    assert call(session, Opcode.LEASE, b"").status == Status.INVALID_ARGUMENT

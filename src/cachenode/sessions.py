@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from cachenode import textprotocol as text
-from cachenode.errors import CacheNodeError, InvalidConfig, ProtocolError, StoreError
+from cachenode.errors import CacheNodeError, InvalidConfig, InvalidKey, ProtocolError, StoreError
 from cachenode.leases import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS
 from cachenode.node import Node
 from cachenode.protocol import (
@@ -196,8 +196,10 @@ class BinarySession:
     def _lease(self, frame: Frame) -> list[bytes]:
         # Not a lookup: the client's GET before it counted the miss, and
         # asking again while another client loads is no new request.
+        if not frame.key:  # NOT_FOUND would read as a granted lease
+            raise InvalidKey("key is empty")
         item = self._node.store.peek(frame.key)
-        if item is not None or not frame.key:
+        if item is not None:
             return self._item_reply(frame.opcode, item, frame.request_id)
         seconds = min(frame.flags / 1000 or DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS)
         left = self._node.leases.acquire(frame.key, seconds)
