@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # Heads longer than this go to aiohttp, which applies its own limits.
 MAX_HEAD = 8192
+# A connection stops taking requests while more than this waits to be sent.
+WRITE_BUFFER_HIGH = 1 << 20
 # On shutdown, requests in progress get this long to be answered.
 SHUTDOWN_SECONDS = 5.0
 # Header lines, each "\r\n" name ":" value; a name is an RFC 9110 token.
@@ -243,14 +245,17 @@ class FastConnection(asyncio.Protocol):
         self._write_paused = False  # the transport's buffer is full
         self._read_paused = False
         self._hand_over_waiting = False  # to aiohttp once the transport can write again
-        self._last_active = 0.0
+        self._active = False  # served or received something since the idle timer last fired
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        # Pushing back at the default 64 KiB would stall every response of a
+        # 100 KB image for a loop iteration; this still bounds what one
+        # client that does not read can make the gateway hold.
+        self._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self._fast.connections.add(self)
-        self._last_active = self._fast.loop.time()
-        self._arm_idle_timer(self._fast.idle_timeout)
+        self._arm_idle_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fast.forget(self)
@@ -307,7 +312,7 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing() or self._write_paused:
             return
-        self._last_active = self._fast.loop.time()
+        self._active = True
         if self._fast.stopping and not self._buffer:
             transport.close()
             return
@@ -327,7 +332,8 @@ class FastConnection(asyncio.Protocol):
             self._hand_over()
             return
         self._checking = True
-        self._update_reading()
+        if len(self._buffer) > 4 * MAX_HEAD:
+            self._update_reading()
 
     def _checked(
         self, version: int | None, request: ImageRequest, kept: KeptImage, size: int
@@ -360,9 +366,8 @@ class FastConnection(asyncio.Protocol):
             )
         if closing:
             transport.close()
-            return
-        self._update_reading()
-        self._serve_next()
+        elif self._buffer:  # pipelined requests (pause_writing has stopped reading if need be)
+            self._serve_next()
 
     def _hand_over(self) -> None:
         """From now on aiohttp serves this connection, starting with the unanswered bytes."""
@@ -376,6 +381,7 @@ class FastConnection(asyncio.Protocol):
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
+        transport.set_write_buffer_limits()  # aiohttp's flow control, on the defaults
         self._cancel_idle_timer()
         self._fast.forget(self)
         self._fast.counters.handed_over += 1
@@ -388,9 +394,10 @@ class FastConnection(asyncio.Protocol):
         self._buffer.clear()
 
     # One timer per connection, re-armed only when it fires: requests just
-    # note the time, which costs less than moving a timer each time.
-    def _arm_idle_timer(self, delay: float) -> None:
-        self._idle_timer = self._fast.loop.call_later(delay, self._idle_check)
+    # set a flag, which costs less than moving a timer each time. So an idle
+    # connection closes after one to two idle timeouts.
+    def _arm_idle_timer(self) -> None:
+        self._idle_timer = self._fast.loop.call_later(self._fast.idle_timeout, self._idle_check)
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
@@ -401,11 +408,11 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        idle_for = self._fast.loop.time() - self._last_active
-        if idle_for >= self._fast.idle_timeout and not self._checking and not self._write_paused:
+        if not self._active and not self._checking and not self._write_paused:
             transport.close()
             return
-        self._arm_idle_timer(max(0.1, self._fast.idle_timeout - idle_for))
+        self._active = False
+        self._arm_idle_timer()
 
 
 class FastPathSite(web.BaseSite):
