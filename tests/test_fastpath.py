@@ -361,3 +361,18 @@ async def test_idle_fast_path_connections_are_closed(gateway_config: Config) -> 
         for reader, writer in (silent, served, half):
             assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the gateway
             writer.close()
+
+
+async def test_a_connection_alternating_between_images_gets_each_right(gateway: Gateway) -> None:
+    await gateway.upload("cat", PNG)
+    await gateway.upload("dog", PNG_2)
+    await exchange(gateway.port, get("/image/cat"))
+    await exchange(gateway.port, get("/image/dog"))
+    heads = [get("/image/cat"), get("/image/cat"), get("/image/dog"), get("/image/cat")]
+    replies = await exchange(gateway.port, *heads)
+    assert [reply.body for reply in replies] == [PNG, PNG, PNG_2, PNG]
+    etag = replies[0].headers["etag"]
+    tagged = get("/image/cat", f"If-None-Match: {etag}")
+    statuses = await exchange(gateway.port, get("/image/cat"), tagged, tagged, get("/image/cat"))
+    assert [reply.status for reply in statuses] == [200, 304, 304, 200]
+    assert gateway.counters.served == 8

@@ -246,6 +246,8 @@ class FastConnection(asyncio.Protocol):
         self._read_paused = False
         self._hand_over_waiting = False  # to aiohttp once the transport can write again
         self._active = False  # served or received something since the idle timer last fired
+        self._last_head = b""  # the last head parsed, blank line included, and its request
+        self._last_request: ImageRequest | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -316,18 +318,28 @@ class FastConnection(asyncio.Protocol):
         if self._fast.stopping and not self._buffer:
             transport.close()
             return
-        end = self._buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
-        if end < 0:
-            if len(self._buffer) >= MAX_HEAD:
+        buffer = self._buffer
+        request = self._last_request
+        # A keep-alive client mostly repeats its last head byte for byte; the
+        # head ends at its first blank line, so a buffer that starts with the
+        # last head (blank line included) holds that same head.
+        if request is not None and buffer.startswith(self._last_head):
+            size = len(self._last_head)
+        else:
+            end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
+            if end < 0:
+                if len(buffer) >= MAX_HEAD:
+                    self._hand_over()
+                return
+            size = end + 4
+            self._last_head = bytes(buffer[:size])
+            request = self._last_request = parse_image_request(self._last_head[:end])
+            if request is None:
                 self._hand_over()
-            return
-        request = parse_image_request(bytes(self._buffer[:end]))
-        if request is None:
-            self._hand_over()
-            return
+                return
         kept = self._fast.copies.get(request.key)
         if kept is None or not self._fast.checks.ask(
-            request.key, lambda version: self._checked(version, request, kept, end + 4)
+            request.key, lambda version: self._checked(version, request, kept, size)
         ):
             self._hand_over()
             return
