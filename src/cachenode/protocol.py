@@ -14,6 +14,7 @@ from enum import IntEnum
 
 from cachenode.errors import ProtocolError
 from cachenode.status import Status
+from cachenode.streaminput import StreamInput
 
 MAGIC_REQUEST = 0xCA
 MAGIC_RESPONSE = 0xCB
@@ -154,7 +155,7 @@ def decode_keys_entries(value: bytes) -> list[tuple[bytes, int]]:
     return entries
 
 
-class FrameDecoder:
+class FrameDecoder(StreamInput):
     """Splits a byte stream into frames of one direction (requests or responses).
 
     ``max_value_length`` is the largest value to buffer; a bigger but legal
@@ -163,45 +164,10 @@ class FrameDecoder:
     """
 
     def __init__(self, magic: int, max_value_length: int = MAX_VALUE_LENGTH) -> None:
+        super().__init__()
         self._magic = magic
         self.max_value_length = max_value_length  # may change between feeds
-        # Unconsumed input starts at _pos. While everything fed so far has been
-        # consumed, _data is the last fed chunk itself, so whole frames in one
-        # chunk are decoded without copying them into a buffer first.
-        self._data: bytes | bytearray = b""
-        self._pos = 0
-        self._skip = 0  # body bytes of an oversized frame still to discard
-        # A large value that spans reads is kept as the chunks it arrived in
-        # and joined once when complete: one copy, where growing a buffer
-        # would copy it again at every read.
         self._partial: Frame | None = None  # the frame whose value is being collected
-        self._parts: list[bytes | memoryview] = []
-        self._missing = 0
-
-    def feed(self, data: bytes) -> None:
-        if self._skip:
-            skipped = min(self._skip, len(data))
-            self._skip -= skipped
-            data = data[skipped:]
-        if self._missing:
-            if len(data) <= self._missing:
-                self._parts.append(data)
-                self._missing -= len(data)
-                return
-            self._parts.append(memoryview(data)[: self._missing])
-            data = data[self._missing :]
-            self._missing = 0
-        if self._pos >= len(self._data):
-            self._data = data
-            self._pos = 0
-        elif isinstance(self._data, bytearray):
-            del self._data[: self._pos]
-            self._data += data
-            self._pos = 0
-        else:
-            self._data = bytearray(memoryview(self._data)[self._pos :])
-            self._data += data
-            self._pos = 0
 
     @property
     def idle(self) -> bool:

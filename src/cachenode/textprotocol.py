@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from cachenode.errors import ProtocolError
 from cachenode.protocol import MAX_KEY_LENGTH
+from cachenode.streaminput import StreamInput
 
 MAX_LINE_LENGTH = 2048
 # Values at least this large are collected in parts when they span reads.
@@ -118,51 +119,19 @@ def server_error(message: str) -> bytes:
     return b"SERVER_ERROR " + message.encode() + CRLF
 
 
-class TextDecoder:
+class TextDecoder(StreamInput):
     """Splits a byte stream of memcached text commands into command objects."""
 
     def __init__(self, max_value_length: int) -> None:
+        super().__init__()
         self.max_value_length = max_value_length  # may change between feeds
-        # Unconsumed input starts at _pos. While everything fed before has
-        # been consumed, _data is the last fed chunk itself: commands that
-        # arrive whole are decoded without copying them into a buffer first.
-        self._data: bytes | bytearray = b""
-        self._pos = 0
-        self._skip = 0  # bytes of an oversized data block still to discard
-        # A large value that spans reads is kept as the chunks it arrives in
-        # and joined once: growing a buffer would copy it again at every
-        # read. Its CRLF then comes through _data like any other bytes.
+        # A collected value's CRLF comes through _data like any other bytes.
         self._collecting: StoreCommand | None = None  # the command whose value is collected
-        self._parts: list[bytes | memoryview] = []
-        self._missing = 0  # value bytes still to come
 
     @property
     def idle(self) -> bool:
         """True when no partial command is buffered."""
         return self._pos >= len(self._data) and not self._skip and self._collecting is None
-
-    def feed(self, data: bytes) -> None:
-        if self._skip:
-            skipped = min(self._skip, len(data))
-            self._skip -= skipped
-            data = data[skipped:]
-        if self._missing:
-            if len(data) <= self._missing:
-                self._parts.append(data)
-                self._missing -= len(data)
-                return
-            self._parts.append(memoryview(data)[: self._missing])
-            data = data[self._missing :]
-            self._missing = 0
-        if self._pos >= len(self._data):
-            self._data = data
-        elif isinstance(self._data, bytearray):
-            del self._data[: self._pos]
-            self._data += data
-        else:
-            self._data = bytearray(memoryview(self._data)[self._pos :])
-            self._data += data
-        self._pos = 0
 
     def next_command(self) -> TextCommand | None:
         if self._skip:
