@@ -6,17 +6,21 @@ so this folder is on sys.path).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Final
+from typing import IO, Final
 
 HOST: Final = "127.0.0.1"
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
@@ -106,3 +110,77 @@ class Terminated(SystemExit):
 
 def terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated(128 + signum)
+
+
+class Children:
+    """Every process started through ``start``; ``close`` stops them all, newest first."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        core: int,
+        stdout: int | IO[bytes] | None = None,
+        stderr: int | IO[bytes] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=None if env is None else dict(env),
+            preexec_fn=child_setup(core if self.pin else None),
+        )
+        self._processes.append(process)
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+        if process in self._processes:
+            self._processes.remove(process)
+
+    def close(self) -> None:
+        for process in reversed(list(self._processes)):
+            self.stop(process)
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server under test: its name in the results, its port and its process id."""
+
+    name: str
+    port: int
+    pid: int
+
+
+def wait_until_listening(
+    process: subprocess.Popen[bytes], port: int, what: str, timeout: float = 30.0
+) -> None:
+    """Return once ``process`` accepts connections on ``port``; raise if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode} while starting")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} does not accept connections on port {port}") from None
+            time.sleep(0.05)

@@ -25,7 +25,6 @@ Ctrl-C or SIGTERM (and, through PR_SET_PDEATHSIG, if this process is killed).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import io
 import json
@@ -45,16 +44,17 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 
 from PIL import Image
 
 from benchkit import (
+    Children,
+    Server,
     Terminated,
-    child_setup,
     cpu_seconds,
     free_port,
     imagecache_command,
@@ -63,6 +63,7 @@ from benchkit import (
     ratio_of,
     terminate,
     verdict,
+    wait_until_listening,
 )
 
 HOST: Final = "127.0.0.1"
@@ -83,75 +84,6 @@ PROFILE_TOP: Final = 22
 
 
 # -- child processes -----------------------------------------------------------
-
-
-class Children:
-    """Every process started through ``start``; ``close`` stops them all, newest first."""
-
-    def __init__(self, pin: bool) -> None:
-        self.pin = pin
-        self._processes: list[subprocess.Popen[bytes]] = []
-
-    def start(
-        self,
-        argv: Sequence[str],
-        *,
-        core: int,
-        stdout: int | IO[bytes] | None = None,
-        stderr: int | IO[bytes] | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=None if env is None else dict(env),
-            preexec_fn=child_setup(core if self.pin else None),
-        )
-        self._processes.append(process)
-        return process
-
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
-        if process in self._processes:
-            self._processes.remove(process)
-
-    def close(self) -> None:
-        for process in reversed(list(self._processes)):
-            self.stop(process)
-
-
-@dataclass(frozen=True)
-class Server:
-    name: str
-    port: int
-    pid: int
-
-
-def _wait_until_listening(process: subprocess.Popen[bytes], port: int, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode} while starting")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} does not accept connections on port {port}") from None
-            time.sleep(0.05)
 
 
 def _read_ready_line(
@@ -209,7 +141,7 @@ def start_node(children: Children, workdir: Path) -> Server:
         )
     match = _read_ready_line(process, rb"cachenode listening on [0-9.]+:(\d+)", "the node")
     port = int(match.group(1))
-    _wait_until_listening(process, port, "the node")
+    wait_until_listening(process, port, "the node")
     return Server("node", port, process.pid)
 
 
@@ -236,7 +168,7 @@ def start_gateway(children: Children, workdir: Path, node: Server) -> Server:
             env=env,
         )
     _read_ready_line(process, rb"gateway on http://", "the gateway")
-    _wait_until_listening(process, port, "the gateway")
+    wait_until_listening(process, port, "the gateway")
     return Server("gateway", port, process.pid)
 
 
@@ -291,7 +223,7 @@ def start_nginx(children: Children, workdir: Path, key: str, image: bytes) -> Se
             stdout=log,
             stderr=log,
         )
-    _wait_until_listening(process, port, "nginx")
+    wait_until_listening(process, port, "nginx")
     return Server("nginx", port, process.pid)
 
 

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,8 +42,9 @@ from typing import IO, Any, Final, TypeVar, cast
 import uvloop
 
 from benchkit import (
+    Children,
+    Server,
     Terminated,
-    child_setup,
     cpu_seconds,
     free_port,
     imagecache_command,
@@ -54,6 +53,7 @@ from benchkit import (
     ratio_of,
     terminate,
     verdict,
+    wait_until_listening,
 )
 from cachenode.client import NodeClient
 from cachenode.protocol import HEADER, HEADER_SIZE, MAGIC_REQUEST, MAGIC_RESPONSE, Opcode
@@ -100,73 +100,6 @@ class Proto(Enum):
 # -- child processes -----------------------------------------------------------
 
 
-class Children:
-    """Every process started through ``start``; ``close`` stops them all, newest first."""
-
-    def __init__(self, pin: bool) -> None:
-        self.pin = pin
-        self._processes: list[subprocess.Popen[bytes]] = []
-
-    def start(
-        self,
-        argv: Sequence[str],
-        *,
-        core: int,
-        stdout: int | IO[bytes] | None = None,
-        stderr: int | IO[bytes] | None = None,
-    ) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            preexec_fn=child_setup(core if self.pin else None),
-        )
-        self._processes.append(process)
-        return process
-
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
-        if process in self._processes:
-            self._processes.remove(process)
-
-    def close(self) -> None:
-        for process in reversed(list(self._processes)):
-            self.stop(process)
-
-
-@dataclass(frozen=True)
-class Server:
-    name: str  # "memcached" or "node"
-    port: int
-    pid: int
-
-
-def _wait_until_listening(process: subprocess.Popen[bytes], port: int, what: str) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode} while starting")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} does not accept connections on port {port}") from None
-            time.sleep(0.05)
-
-
 def _memcached_binary() -> str:
     found = shutil.which("memcached")
     if found is None:
@@ -210,7 +143,7 @@ def start_memcached(children: Children, memory_mb: int, largest_value: int) -> S
     if os.geteuid() == 0:
         argv += ["-u", "root"]
     process = children.start(argv, core=SERVER_CORE, stdout=subprocess.DEVNULL)
-    _wait_until_listening(process, port, "memcached")
+    wait_until_listening(process, port, "memcached", timeout=10)
     return Server("memcached", port, process.pid)
 
 
@@ -234,7 +167,7 @@ def start_node(children: Children, capacity_mb: int, max_item_mb: int, log: IO[b
     process = children.start(argv, core=SERVER_CORE, stdout=subprocess.PIPE, stderr=log)
     assert process.stdout is not None
     port = _read_listening_port(process, process.stdout)
-    _wait_until_listening(process, port, "the node")
+    wait_until_listening(process, port, "the node", timeout=10)
     return Server("node", port, process.pid)
 
 
