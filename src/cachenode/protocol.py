@@ -14,7 +14,7 @@ from enum import IntEnum
 
 from cachenode.errors import ProtocolError
 from cachenode.status import Status
-from cachenode.streaminput import StreamInput
+from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput
 
 MAGIC_REQUEST = 0xCA
 MAGIC_RESPONSE = 0xCB
@@ -26,8 +26,6 @@ MAX_KEY_LENGTH = 250
 # item size (default 16 MiB) with TOO_LARGE and skips them without buffering.
 MAX_VALUE_LENGTH = 1 << 30
 MAX_REQUEST_ID = (1 << 32) - 1
-# Values at least this large are collected in parts when they span reads.
-_COLLECT_THRESHOLD = 64 * 1024
 KEYS_ENTRY = struct.Struct(">HI")  # key length, counted size; then the key
 DEFAULT_KEYS_COUNT = 1000
 MAX_KEYS_COUNT = 10_000
@@ -216,7 +214,7 @@ class FrameDecoder(StreamInput):
             return OversizedFrame(opcode, request_id, key, value_length)
         end = value_start + value_length
         if len(data) < end:
-            if value_length >= _COLLECT_THRESHOLD and len(data) >= value_start:
+            if value_length >= COLLECT_THRESHOLD and len(data) >= value_start:
                 key = bytes(data[key_start:value_start])
                 self._partial = Frame(opcode, request_id, key, b"", status, flags, version)
                 # A view keeps the received chunk without copying it; a

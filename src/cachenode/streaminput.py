@@ -14,6 +14,9 @@ value are dropped as they arrive (``_skip``).
 
 from __future__ import annotations
 
+# Values at least this large are collected in parts when they span reads.
+COLLECT_THRESHOLD = 64 * 1024
+
 
 class StreamInput:
     def __init__(self) -> None:

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 from cachenode.errors import ProtocolError
 from cachenode.protocol import MAX_KEY_LENGTH
-from cachenode.streaminput import StreamInput
+from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput
 
 MAX_LINE_LENGTH = 2048
-# Values at least this large are collected in parts when they span reads.
-_COLLECT_THRESHOLD = 64 * 1024
 MAX_FLAGS = (1 << 32) - 1
 CRLF = b"\r\n"
 
@@ -195,7 +193,7 @@ class TextDecoder(StreamInput):
             return OversizedStore(key, length, noreply)
         end = line_end + length
         if len(data) < end + len(CRLF):
-            if length >= _COLLECT_THRESHOLD and len(data) < end:
+            if length >= COLLECT_THRESHOLD and len(data) < end:
                 self._collecting = StoreCommand(
                     parts[0] == b"add", key, flags, exptime, b"", noreply
                 )

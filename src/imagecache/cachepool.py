@@ -60,7 +60,7 @@ class CachePool:
         self._retired: list[tuple[float, NodeClient]] = []  # (when, client) of removed nodes
         self._ring = Ring(())
         # Owners of recently asked keys under the ring they were computed for:
-        # hashing a key for every member costs more than the fast path's lookup.
+        # hashing a key for every member costs more than a hot read's lookup.
         self._owners_ring = self._ring
         self._owners: dict[str, PoolMember] = {}
         self.counters = PoolCounters()
@@ -110,8 +110,18 @@ class CachePool:
         )
 
     def owner_of(self, key: str) -> PoolMember | None:
-        node_id = self._ring.owner(key.encode())
-        return None if node_id is None else self._members[node_id]
+        if self._owners_ring is not self._ring:  # the membership changed
+            self._owners_ring, self._owners = self._ring, {}
+        member = self._owners.get(key)
+        if member is None:
+            node_id = self._ring.owner(key.encode())
+            if node_id is None:
+                return None
+            member = self._members[node_id]
+            if len(self._owners) >= _OWNERS_KEPT:
+                self._owners.clear()
+            self._owners[key] = member
+        return member
 
     # -- reads and fills ----------------------------------------------------
 
@@ -223,19 +233,8 @@ class CachePool:
 
     def usable_client(self, key: str) -> NodeClient | None:
         """The client of ``key``'s owner, when that node may serve reads now."""
-        if self._owners_ring is not self._ring:
-            self._owners_ring, self._owners = self._ring, {}
-        member = self._owners.get(key)
-        if member is None:
-            member = self.owner_of(key)
-            if member is None:
-                return None
-            if len(self._owners) >= _OWNERS_KEPT:
-                self._owners.clear()
-            self._owners[key] = member
-        if member.dirty or member.unusable_until > self._clock():
-            return None
-        return member.client
+        member = self._usable_owner(key)
+        return None if member is None else member.client
 
     # -- internals ----------------------------------------------------------
 
