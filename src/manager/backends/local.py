@@ -134,7 +134,12 @@ class LocalPool:
             if self._nodes.get(node.handle.node_id) is node:
                 self._nodes[node.handle.node_id] = replacement
                 if self._on_restart is not None:
-                    await self._on_restart(replacement.handle)
+                    try:
+                        await self._on_restart(replacement.handle)
+                    except PoolError as error:
+                        # Killed again before it took the settings: its own
+                        # watcher restarts it and configures it once more.
+                        log.error("configuring restarted %s failed: %s", node.handle.address, error)
             else:  # it was removed from the pool meanwhile
                 await self._stop(replacement)
             return
