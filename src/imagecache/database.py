@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -37,6 +37,27 @@ def storage_failures(store: str, where: str, action: str) -> Iterator[None]:
     except (DBAPIError, PoolTimeoutError, OSError) as error:
         reason = error.orig if isinstance(error, DBAPIError) and error.orig else error
         raise StorageError(f"{store} {where} could not {action}: {reason}") from error
+
+
+async def open_database(
+    url: str, store: str
+) -> tuple[AsyncEngine, AbstractAsyncContextManager[Any], str]:
+    """The engine for the database ``url``, its write gate (``create_engine``) and
+    the URL without its password, for messages about ``store``.
+
+    Raises ValueError for a URL that is not sqlite+aiosqlite or mysql+aiomysql,
+    StorageError when the database cannot be opened.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as error:
+        raise ValueError(f"not a database URL: {error}") from error
+    where = parsed.render_as_string(hide_password=True)
+    if parsed.drivername not in ("sqlite+aiosqlite", "mysql+aiomysql"):
+        raise ValueError(f"{store} URL must be sqlite+aiosqlite or mysql+aiomysql: {where}")
+    with storage_failures(f"{store} store", where, "open the database"):
+        engine, write_gate = await create_engine(parsed)
+    return engine, write_gate, where
 
 
 async def create_engine(url: URL) -> tuple[AsyncEngine, AbstractAsyncContextManager[Any]]:

@@ -51,12 +51,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import RowMapping, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateTable
 
-from imagecache.database import WRITE, create_engine, storage_failures
+from imagecache.database import WRITE, open_database, storage_failures
 from imagecache.errors import StorageError
 
 UPLOADING = "uploading"
@@ -202,15 +202,7 @@ class MetadataStore:
         The connections are closed on exit. Raises ValueError for a URL of
         another kind, StorageError when the database cannot be used.
         """
-        try:
-            parsed = make_url(url)
-        except ArgumentError as error:
-            raise ValueError(f"not a database URL: {error}") from error
-        where = parsed.render_as_string(hide_password=True)
-        if parsed.drivername not in ("sqlite+aiosqlite", "mysql+aiomysql"):
-            raise ValueError(f"metadata URL must be sqlite+aiosqlite or mysql+aiomysql: {where}")
-        with storage_failures("metadata store", where, "open the database"):
-            engine, write_gate = await create_engine(parsed)
+        engine, write_gate, where = await open_database(url, "metadata")
         try:
             store = cls(engine, write_gate, where)
             await store._create_schema()

@@ -33,12 +33,10 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateTable
 
-from imagecache.database import WRITE, create_engine, storage_failures
+from imagecache.database import WRITE, open_database, storage_failures
 from manager.metrics import MetricsStore, MinuteStats, PoolSample, minute_of
 
 RETENTION = timedelta(hours=2)
@@ -101,15 +99,7 @@ class SqlMetrics(MetricsStore):
         are closed on exit. Raises ValueError for a URL of another kind,
         StorageError when the database cannot be used.
         """
-        try:
-            parsed = make_url(url)
-        except ArgumentError as error:
-            raise ValueError(f"not a database URL: {error}") from error
-        where = parsed.render_as_string(hide_password=True)
-        if parsed.drivername not in ("sqlite+aiosqlite", "mysql+aiomysql"):
-            raise ValueError(f"metrics URL must be sqlite+aiosqlite or mysql+aiomysql: {where}")
-        with storage_failures("metrics store", where, "open the database"):
-            engine, write_gate = await create_engine(parsed)
+        engine, write_gate, where = await open_database(url, "metrics")
         store = cls(engine, write_gate, where)
         try:
             with storage_failures("metrics store", where, "create the table"):
