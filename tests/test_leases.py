@@ -351,13 +351,13 @@ async def test_gateway_processes_share_one_blob_read_per_stampede(
                 # the three processes happen to be scheduled.
                 assert await client.delete(b"hot")
                 assert await client.lease(b"hot", 30) is LEASE_GRANTED
-                reads = asyncio.gather(*(read(port) for port in ports for _ in range(15)))
+                pending = asyncio.gather(*(read(port) for port in ports for _ in range(15)))
                 async with asyncio.timeout(5):
                     while (await client.stats())["lease_waits"] < len(ports):  # noqa: ASYNC110 (the waits happen in other processes)
                         await asyncio.sleep(0.01)
                 # That load failed: the waiting gateways go on, one of them loads.
                 await client.release(b"hot")
-                bodies = await reads
+                bodies = await pending
             assert all(body == image for body in bodies)
 
             async def blob_reads(port: int) -> float:
