@@ -30,6 +30,7 @@ from cachenode.protocol import (
     encode_response,
 )
 from cachenode.status import Status
+from cachenode.streaminput import COLLECT_THRESHOLD, VIEW_MIN
 
 Decoded = Frame | OversizedFrame
 
@@ -559,3 +560,56 @@ def test_round_trip_with_arbitrary_chunking(
     ]
     assert decode_chunks(decoder, chunks) == expected
     assert decoder.buffered == 0
+
+
+# -- large values kept as views of their chunk ------------------------------------------------
+
+
+def _value_sizes() -> st.SearchStrategy[int]:
+    return st.sampled_from([0, 100, VIEW_MIN - 1, VIEW_MIN, 40_000, COLLECT_THRESHOLD + 5_000])
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(_value_sizes(), min_size=1, max_size=4), data=st.data())
+def test_decoded_values_are_exact_and_keep_little_else_alive(
+    sizes: list[int], data: st.DataObject
+) -> None:
+    # A value may be a view of the chunk it came in (no copy), but never one
+    # that keeps more than 1 KiB of other bytes alive with it: stored items
+    # must cost about what the node counts for them.
+    frames = [
+        Frame(Opcode.SET, number, b"k%d" % number, bytes([number]) * size)
+        for number, size in enumerate(sizes)
+    ]
+    stream = b"".join(encode(MAGIC_REQUEST, frame) for frame in frames)
+    chunks = data.draw(st.one_of(st.just([stream]), chunkings(stream)))
+    decoded = decode_chunks(FrameDecoder(MAGIC_REQUEST), chunks)
+    assert decoded == frames
+    for frame in decoded:
+        assert isinstance(frame, Frame)
+        if isinstance(frame.value, memoryview):
+            assert frame.value.readonly
+            assert len(frame.value) >= VIEW_MIN
+            assert len(frame.value.obj) - len(frame.value) <= 1024
+
+
+def test_large_value_alone_in_its_chunk_is_not_copied() -> None:
+    value = bytes(range(256)) * 100
+    chunk = encode_request(Opcode.SET, 1, b"key", value)
+    decoder = FrameDecoder(MAGIC_REQUEST)
+    decoder.feed(chunk)
+    (frame,) = drain(decoder)
+    assert isinstance(frame, Frame)
+    assert isinstance(frame.value, memoryview)
+    assert frame.value.obj is chunk
+    assert frame.value == value
+
+
+def test_large_values_sharing_a_chunk_are_copied_out_of_it() -> None:
+    values = [b"a" * VIEW_MIN, b"b" * VIEW_MIN]
+    chunk = b"".join(encode_request(Opcode.SET, n, b"k", v) for n, v in enumerate(values))
+    decoder = FrameDecoder(MAGIC_REQUEST)
+    decoder.feed(chunk)
+    frames = drain(decoder)
+    assert [frame.value for frame in frames if isinstance(frame, Frame)] == values
+    assert all(type(frame.value) is bytes for frame in frames if isinstance(frame, Frame))

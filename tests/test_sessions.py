@@ -25,6 +25,7 @@ from cachenode.protocol import (
 from cachenode.sessions import BinarySession, TextSession, session_for
 from cachenode.status import Status
 from cachenode.store import MIB, Policy, Store, counted_size
+from cachenode.streaminput import Value
 
 WALL_TIME = 1_700_000_000.0
 
@@ -59,7 +60,7 @@ def make_node(
     return Node(store, wall_clock=lambda: WALL_TIME)
 
 
-def decode_replies(out: list[bytes]) -> list[Frame]:
+def decode_replies(out: list[Value]) -> list[Frame]:
     decoder = FrameDecoder(MAGIC_RESPONSE)
     decoder.feed(b"".join(out))
     frames: list[Frame] = []
@@ -95,7 +96,7 @@ def call(
     return reply
 
 
-def store_contents(node: Node) -> list[tuple[bytes, bytes]]:
+def store_contents(node: Node) -> list[tuple[bytes, Value]]:
     """(key, value) of every item, in recency order, without touching recency."""
     return [(key, item.value) for key, item in node.store._items.items()]
 
@@ -103,7 +104,7 @@ def store_contents(node: Node) -> list[tuple[bytes, bytes]]:
 def config_of(session: BinarySession) -> dict[str, object]:
     reply = call(session, Opcode.CONFIG)
     assert reply.status == Status.OK
-    config = json.loads(reply.value)
+    config = json.loads(bytes(reply.value))
     assert isinstance(config, dict)
     return config
 
@@ -210,7 +211,7 @@ def test_stats_reports_store_counters_as_json() -> None:
     call(session, Opcode.GET, b"b")
     reply = call(session, Opcode.STATS)
     assert reply.status == Status.OK
-    stats = json.loads(reply.value)
+    stats = json.loads(bytes(reply.value))
     assert stats["items"] == 1
     assert stats["bytes"] == counted_size(b"a", b"xyz")
     assert (stats["lookups"], stats["hits"], stats["misses"], stats["sets"]) == (2, 1, 1, 1)
@@ -255,7 +256,11 @@ def test_config_changes_settings_at_run_time() -> None:
     body = b'{"capacity_mb": 1, "policy": "random", "max_item_mb": 0.25}'
     reply = call(session, Opcode.CONFIG, value=body)
     assert reply.status == Status.OK
-    assert json.loads(reply.value) == {"capacity_mb": 1.0, "policy": "random", "max_item_mb": 0.25}
+    assert json.loads(bytes(reply.value)) == {
+        "capacity_mb": 1.0,
+        "policy": "random",
+        "max_item_mb": 0.25,
+    }
     assert node.store.capacity == MIB
     assert node.store.policy is Policy.RANDOM
     assert node.store.max_item_size == MIB // 4
@@ -449,7 +454,7 @@ def test_pipelined_requests_are_answered_in_order() -> None:
 def test_pipelined_requests_fed_one_byte_at_a_time() -> None:
     session = BinarySession(make_node())
     data, expected = pipeline()
-    out: list[bytes] = []
+    out: list[Value] = []
     for index in range(len(data)):
         out += session.receive(data[index : index + 1])
     replies = decode_replies(out)
@@ -782,7 +787,7 @@ TEXT_RECEIVES = [
 
 def receive_byte_by_byte(session: BinarySession | TextSession, stream: bytes) -> bytes:
     """The replies to ``stream`` fed one byte per receive, until the session closes."""
-    out: list[bytes] = []
+    out: list[Value] = []
     for index in range(len(stream)):
         if session.closing:  # the server closes the connection here
             break

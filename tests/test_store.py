@@ -22,6 +22,7 @@ from cachenode.store import (
     StoreStats,
     counted_size,
 )
+from cachenode.streaminput import Value
 
 # -- helpers -----------------------------------------------------------------
 
@@ -55,7 +56,7 @@ def lru_order(store: Store) -> list[bytes]:
     return list(store._items)
 
 
-def snapshot(store: Store) -> list[tuple[bytes, bytes]]:
+def snapshot(store: Store) -> list[tuple[bytes, Value]]:
     """(key, value) of every item in recency order, without touching recency."""
     return [(key, item.value) for key, item in store._items.items()]
 
@@ -71,7 +72,7 @@ def scan_all(store: Store, count: int = 1000) -> list[tuple[bytes, int]]:
             return entries
 
 
-def state(store: Store) -> tuple[list[tuple[bytes, bytes]], int, StoreStats]:
+def state(store: Store) -> tuple[list[tuple[bytes, Value]], int, StoreStats]:
     """What must not change when an operation is refused (uptime aside)."""
     return snapshot(store), store.used, dataclasses.replace(store.stats(), uptime=0.0)
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachenode.errors import ProtocolError
+from cachenode.streaminput import COLLECT_THRESHOLD, VIEW_MIN
 from cachenode.textprotocol import (
     BAD_FORMAT,
     ERROR,
@@ -488,3 +489,50 @@ def test_large_value_without_crlf_after_it_raises_protocol_error() -> None:
     decoder.feed(LARGE[1000:] + b"XX")
     with pytest.raises(ProtocolError):
         decoder.next_command()
+
+
+# -- large values kept as views of their chunk ------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(
+        st.sampled_from([0, 100, VIEW_MIN - 1, VIEW_MIN, 40_000, COLLECT_THRESHOLD + 5_000]),
+        min_size=1,
+        max_size=4,
+    ),
+    data=st.data(),
+)
+def test_decoded_values_are_exact_and_keep_little_else_alive(
+    sizes: list[int], data: st.DataObject
+) -> None:
+    # As in the binary decoder: a value may be a view of its chunk, never one
+    # that keeps more than 1 KiB of other bytes alive with it.
+    commands = [
+        StoreCommand(False, b"k%d" % number, 0, 0, bytes([number]) * size, False)
+        for number, size in enumerate(sizes)
+    ]
+    stream = b"".join(
+        b"set %s 0 0 %d\r\n%s\r\n" % (command.key, len(command.value), command.value)
+        for command in commands
+    )
+    chunks = data.draw(st.one_of(st.just([stream]), chunkings(stream)))
+    decoded = decode_chunks(chunks, max_value_length=1 << 20)
+    assert decoded == commands
+    for command in decoded:
+        assert isinstance(command, StoreCommand)
+        if isinstance(command.value, memoryview):
+            assert command.value.readonly
+            assert len(command.value) >= VIEW_MIN
+            assert len(command.value.obj) - len(command.value) <= 1024
+
+
+def test_large_value_alone_in_its_chunk_is_not_copied() -> None:
+    chunk = b"set big 0 0 %d\r\n" % len(LARGE) + LARGE + b"\r\n"
+    decoder = TextDecoder(1 << 20)
+    decoder.feed(chunk)
+    (command,) = drain(decoder)
+    assert isinstance(command, StoreCommand)
+    assert isinstance(command.value, memoryview)
+    assert command.value.obj is chunk
+    assert command.value == LARGE

@@ -30,6 +30,7 @@ from cachenode.protocol import (
     encode_header,
 )
 from cachenode.status import Status
+from cachenode.streaminput import Value
 
 # Values up to this size are copied behind their header into one write.
 _COALESCE_LIMIT = 16 * 1024
@@ -42,7 +43,7 @@ MAX_LEASE_MS = int(MAX_LEASE_SECONDS * 1000)
 
 @dataclass(frozen=True, slots=True)
 class CachedItem:
-    value: bytes
+    value: Value
     flags: int
     version: int
 
@@ -99,7 +100,9 @@ class _Connection(asyncio.Protocol):
                 if frame.status == Status.MALFORMED:
                     # The node could not parse what we sent and is closing.
                     self._fail_all(
-                        NodeReplyError(Status.MALFORMED, frame.value.decode("utf-8", "replace"))
+                        NodeReplyError(
+                            Status.MALFORMED, bytes(frame.value).decode("utf-8", "replace")
+                        )
                     )
                     self.close()
                     return
@@ -117,7 +120,7 @@ class _Connection(asyncio.Protocol):
         self._writable.set()
 
     async def request(
-        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int
+        self, opcode: Opcode, key: bytes, value: Value, flags: int, version: int
     ) -> asyncio.Future[Frame]:
         """Send one request; the returned future resolves to its reply frame."""
         if not self._writable.is_set():
@@ -137,7 +140,7 @@ class _Connection(asyncio.Protocol):
         )
 
     def send(
-        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int
+        self, opcode: Opcode, key: bytes, value: Value, flags: int, version: int
     ) -> asyncio.Future[Frame]:
         """``request`` for a connection known to be ready."""
         assert self._transport is not None
@@ -214,7 +217,7 @@ class NodeClient:
 
     # -- operations ---------------------------------------------------------
 
-    async def get(self, key: bytes) -> bytes | None:
+    async def get(self, key: bytes) -> Value | None:
         """The value under ``key``, or None on a miss."""
         item = await self.get_item(key)
         return None if item is None else item.value
@@ -267,7 +270,7 @@ class NodeClient:
                 return future
         return None
 
-    async def set(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
+    async def set(self, key: bytes, value: Value, *, flags: int = 0, version: int = 0) -> bool:
         """Store ``value``; False when ``version`` is older than the node's for this key.
 
         Raises NodeReplyError(TOO_LARGE) for a value the node refuses.
@@ -277,7 +280,7 @@ class NodeClient:
         )
         return frame.status == Status.OK
 
-    async def add(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
+    async def add(self, key: bytes, value: Value, *, flags: int = 0, version: int = 0) -> bool:
         """Store only if absent and not stale; False when the node did not store it."""
         frame = await self._call(
             Opcode.ADD, key, value, flags=flags, version=version, accept=(Status.NOT_STORED,)
@@ -299,7 +302,7 @@ class NodeClient:
 
     async def stats(self) -> dict[str, Any]:
         frame = await self._call(Opcode.STATS)
-        return cast(dict[str, Any], json.loads(frame.value))
+        return cast(dict[str, Any], json.loads(bytes(frame.value)))
 
     async def config(
         self,
@@ -320,12 +323,12 @@ class NodeClient:
         }
         body = json.dumps(settings).encode() if settings else b""
         frame = await self._call(Opcode.CONFIG, value=body)
-        return cast(dict[str, Any], json.loads(frame.value))
+        return cast(dict[str, Any], json.loads(bytes(frame.value)))
 
     async def ping(self) -> str:
         """The node's version; raises NodeUnavailable when it does not answer."""
         frame = await self._call(Opcode.PING)
-        return frame.value.decode()
+        return bytes(frame.value).decode()
 
     async def keys(
         self, cursor: bytes = b"", count: int = DEFAULT_KEYS_COUNT
@@ -350,7 +353,7 @@ class NodeClient:
         self,
         opcode: Opcode,
         key: bytes = b"",
-        value: bytes = b"",
+        value: Value = b"",
         *,
         flags: int = 0,
         version: int = 0,
@@ -368,7 +371,9 @@ class NodeClient:
         except TimeoutError:
             raise NodeTimeout(f"{self.address} did not answer within {self.timeout} s") from None
         if frame.status != Status.OK and frame.status not in accept:
-            raise NodeReplyError(_status(frame.status), frame.value.decode("utf-8", "replace"))
+            raise NodeReplyError(
+                _status(frame.status), bytes(frame.value).decode("utf-8", "replace")
+            )
         return frame
 
     async def _connection(self) -> _Connection:

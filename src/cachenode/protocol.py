@@ -14,7 +14,7 @@ from enum import IntEnum
 
 from cachenode.errors import ProtocolError
 from cachenode.status import Status
-from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput
+from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput, Value
 
 MAGIC_REQUEST = 0xCA
 MAGIC_RESPONSE = 0xCB
@@ -53,7 +53,7 @@ class Frame:
     opcode: int
     request_id: int
     key: bytes = b""
-    value: bytes = b""
+    value: Value = b""
     status: int = Status.OK
     flags: int = 0
     version: int = 0
@@ -74,7 +74,7 @@ def encode_frame(
     opcode: int,
     request_id: int,
     key: bytes = b"",
-    value: bytes = b"",
+    value: Value = b"",
     *,
     status: int = Status.OK,
     flags: int = 0,
@@ -137,7 +137,7 @@ def encode_keys_entries(entries: list[tuple[bytes, int]]) -> bytes:
     return b"".join(pack(len(key), size) + key for key, size in entries)
 
 
-def decode_keys_entries(value: bytes) -> list[tuple[bytes, int]]:
+def decode_keys_entries(value: Value) -> list[tuple[bytes, int]]:
     """Inverse of ``encode_keys_entries``; raises ProtocolError on a truncated value."""
     entries = []
     pos = 0
@@ -148,7 +148,7 @@ def decode_keys_entries(value: bytes) -> list[tuple[bytes, int]]:
         pos += KEYS_ENTRY.size
         if pos + key_length > len(value):
             raise ProtocolError("truncated KEYS entry key")
-        entries.append((value[pos : pos + key_length], size))
+        entries.append((bytes(value[pos : pos + key_length]), size))
         pos += key_length
     return entries
 
@@ -225,13 +225,8 @@ class FrameDecoder(StreamInput):
                 self._data = b""
                 self._pos = 0
             return None
-        if type(data) is bytes:  # slicing bytes copies once; a bytearray needs a view
-            key = data[key_start:value_start]
-            value = data[value_start:end] if value_length else b""
-        else:
-            with memoryview(data) as view:
-                key = bytes(view[key_start:value_start])
-                value = bytes(view[value_start:end])
+        key = bytes(data[key_start:value_start])  # of a bytes chunk: the slice itself
+        value = self._value_of(data, value_start, end) if value_length else b""
         self._pos = end
         return Frame(opcode, request_id, key, value, status, flags, version)
 

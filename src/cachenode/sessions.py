@@ -35,6 +35,7 @@ from cachenode.protocol import (
 )
 from cachenode.status import Status
 from cachenode.store import MIB, Item, Policy
+from cachenode.streaminput import Value
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ _COALESCE_LIMIT = 16 * 1024
 class Session(Protocol):
     closing: bool
 
-    def receive(self, data: bytes) -> list[bytes]: ...
+    def receive(self, data: bytes) -> list[Value]: ...
 
 
 def session_for(first_byte: int, node: Node) -> Session:
@@ -68,7 +69,7 @@ class BinarySession:
         self._node = node
         self._decoder = FrameDecoder(MAGIC_REQUEST, node.store.max_item_size)
         self.closing = False
-        self._handlers: dict[int, Callable[[Frame], list[bytes]]] = {
+        self._handlers: dict[int, Callable[[Frame], list[Value]]] = {
             Opcode.GET: self._get,
             Opcode.SET: self._set,
             Opcode.ADD: self._add,
@@ -83,7 +84,7 @@ class BinarySession:
             Opcode.RELEASE: self._release,
         }
 
-    def receive(self, data: bytes) -> list[bytes]:
+    def receive(self, data: bytes) -> list[Value]:
         decoder = self._decoder
         # Fast path for what a client waiting on each reply sends: one whole
         # GET per read. It halves the node's Python time per small GET; any
@@ -102,7 +103,7 @@ class BinarySession:
                 return self._get_reply(data[HEADER_SIZE:], request_id)
         decoder.max_value_length = self._node.store.max_item_size
         decoder.feed(data)
-        out: list[bytes] = []
+        out: list[Value] = []
         try:
             while (frame := decoder.next_frame()) is not None:
                 if isinstance(frame, OversizedFrame):
@@ -131,13 +132,13 @@ class BinarySession:
             self.closing = True
         return out
 
-    def _get(self, frame: Frame) -> list[bytes]:
+    def _get(self, frame: Frame) -> list[Value]:
         return self._get_reply(frame.key, frame.request_id)
 
-    def _get_reply(self, key: bytes, request_id: int) -> list[bytes]:
+    def _get_reply(self, key: bytes, request_id: int) -> list[Value]:
         return self._item_reply(_GET, self._node.store.get(key), request_id)
 
-    def _item_reply(self, opcode: int, item: Item | None, request_id: int) -> list[bytes]:
+    def _item_reply(self, opcode: int, item: Item | None, request_id: int) -> list[Value]:
         if item is None:
             return [encode_response(opcode, request_id, Status.NOT_FOUND)]
         value = item.value
@@ -160,7 +161,7 @@ class BinarySession:
     # Any write or delete of a key ends its lease, whatever its outcome: a
     # refused fill must let the next client that asks load the key.
 
-    def _set(self, frame: Frame) -> list[bytes]:
+    def _set(self, frame: Frame) -> list[Value]:
         try:
             item = self._node.store.set(
                 frame.key, frame.value, flags=frame.flags, version=frame.version
@@ -169,7 +170,7 @@ class BinarySession:
             self._node.leases.release(frame.key)
         return [encode_response(Opcode.SET, frame.request_id, version=item.version)]
 
-    def _add(self, frame: Frame) -> list[bytes]:
+    def _add(self, frame: Frame) -> list[Value]:
         try:
             item = self._node.store.add(
                 frame.key, frame.value, flags=frame.flags, version=frame.version
@@ -180,7 +181,7 @@ class BinarySession:
             return [encode_response(Opcode.ADD, frame.request_id, Status.NOT_STORED)]
         return [encode_response(Opcode.ADD, frame.request_id, version=item.version)]
 
-    def _delete(self, frame: Frame) -> list[bytes]:
+    def _delete(self, frame: Frame) -> list[Value]:
         try:
             found = self._node.store.delete(frame.key, frame.version)
         finally:
@@ -188,12 +189,12 @@ class BinarySession:
         status = Status.OK if found else Status.NOT_FOUND
         return [encode_response(Opcode.DELETE, frame.request_id, status)]
 
-    def _clear(self, frame: Frame) -> list[bytes]:
+    def _clear(self, frame: Frame) -> list[Value]:
         self._node.store.clear(frame.version)
         self._node.leases.clear()
         return [encode_response(Opcode.CLEAR, frame.request_id)]
 
-    def _lease(self, frame: Frame) -> list[bytes]:
+    def _lease(self, frame: Frame) -> list[Value]:
         # Not a lookup: the client's GET before it counted the miss, and
         # asking again while another client loads is no new request.
         if not frame.key:  # NOT_FOUND would read as a granted lease
@@ -211,7 +212,7 @@ class BinarySession:
             )
         ]
 
-    def _check(self, frame: Frame) -> list[bytes]:
+    def _check(self, frame: Frame) -> list[Value]:
         # A hit counts as many lookups as the reads the CHECK answers (flags);
         # a miss counts none: those reads go on to a GET, which counts them.
         item = self._node.store.peek(frame.key)
@@ -222,23 +223,23 @@ class BinarySession:
             encode_response(Opcode.CHECK, frame.request_id, flags=item.flags, version=item.version)
         ]
 
-    def _release(self, frame: Frame) -> list[bytes]:
+    def _release(self, frame: Frame) -> list[Value]:
         self._node.leases.release(frame.key)
         return [encode_response(Opcode.RELEASE, frame.request_id)]
 
-    def _stats(self, frame: Frame) -> list[bytes]:
+    def _stats(self, frame: Frame) -> list[Value]:
         body = json.dumps(self._node.stats()).encode()
         return [encode_response(Opcode.STATS, frame.request_id, value=body)]
 
-    def _config(self, frame: Frame) -> list[bytes]:
+    def _config(self, frame: Frame) -> list[Value]:
         if frame.value:
             apply_config(self._node, frame.value)
         return [encode_response(Opcode.CONFIG, frame.request_id, value=current_config(self._node))]
 
-    def _ping(self, frame: Frame) -> list[bytes]:
+    def _ping(self, frame: Frame) -> list[Value]:
         return [encode_response(Opcode.PING, frame.request_id, value=self._node.version.encode())]
 
-    def _keys(self, frame: Frame) -> list[bytes]:
+    def _keys(self, frame: Frame) -> list[Value]:
         try:
             cursor = int(frame.key) if frame.key else None
         except ValueError:
@@ -253,13 +254,13 @@ class BinarySession:
         ]
 
 
-def apply_config(node: Node, body: bytes) -> None:
+def apply_config(node: Node, body: Value) -> None:
     """Apply a CONFIG body: a JSON object with any of capacity_mb, policy, max_item_mb.
 
     Raises InvalidConfig, changing nothing, when any part of it is invalid.
     """
     try:
-        settings = json.loads(body)
+        settings = json.loads(bytes(body))
     except (ValueError, RecursionError):  # json's RecursionError: absurdly deep nesting
         raise InvalidConfig("CONFIG body is not JSON") from None
     if not isinstance(settings, dict):
@@ -313,7 +314,7 @@ class TextSession:
         self._decoder = text.TextDecoder(node.store.max_item_size)
         self.closing = False
 
-    def receive(self, data: bytes) -> list[bytes]:
+    def receive(self, data: bytes) -> list[Value]:
         decoder = self._decoder
         # Fast path for one whole "get <keys>" line per read, as a client that
         # waits on each reply sends it: no buffering, no command object.
@@ -325,7 +326,7 @@ class TextSession:
         ):
             keys = data[4:].split()
             if keys and max(map(len, keys)) <= MAX_KEY_LENGTH:
-                out: list[bytes] = []
+                out: list[Value] = []
                 self._retrieve(keys, False, out)
                 return out
         decoder.max_value_length = self._node.store.max_item_size
@@ -340,7 +341,7 @@ class TextSession:
             self.closing = True
         return out
 
-    def _apply(self, command: text.TextCommand, out: list[bytes]) -> None:
+    def _apply(self, command: text.TextCommand, out: list[Value]) -> None:
         store = self._node.store
         match command:
             case text.Retrieve(keys, with_cas):
@@ -380,7 +381,7 @@ class TextSession:
             case text.BadCommand(reply):
                 out.append(reply)
 
-    def _retrieve(self, keys: list[bytes], with_cas: bool, out: list[bytes]) -> None:
+    def _retrieve(self, keys: list[bytes], with_cas: bool, out: list[Value]) -> None:
         store = self._node.store
         for key in keys:
             item = store.get(key)
@@ -395,7 +396,7 @@ class TextSession:
         out.append(text.END)
 
     def _store(
-        self, only_if_absent: bool, key: bytes, flags: int, exptime: int, value: bytes
+        self, only_if_absent: bool, key: bytes, flags: int, exptime: int, value: Value
     ) -> bytes:
         store = self._node.store
         expires_at = self._node.expiry_time(exptime)

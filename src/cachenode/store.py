@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from cachenode.errors import InvalidConfig, InvalidKey, ItemTooLarge, StaleWrite
+from cachenode.streaminput import Value
 
 MIB = 1 << 20
 # Bytes counted per item beside its key and value. It approximates what an
 # item really costs in this process (item record, map entry, order link, array
-# slot, object headers) so that capacity tracks memory use; see docs/node.md.
+# slot, object headers) so that capacity tracks memory use; see docs/protocol.md.
 ITEM_OVERHEAD = 256
 MAX_KEY_LENGTH = 250
 DEFAULT_MAX_ITEM_SIZE = 16 * MIB
@@ -44,7 +45,7 @@ class Item:
     __slots__ = ("expires_at", "flags", "size", "slot", "value", "version")
 
     def __init__(
-        self, value: bytes, flags: int, version: int, expires_at: float, size: int, slot: int
+        self, value: Value, flags: int, version: int, expires_at: float, size: int, slot: int
     ) -> None:
         self.value = value
         self.flags = flags
@@ -72,7 +73,7 @@ class StoreStats:
     uptime: float
 
 
-def counted_size(key: bytes, value: bytes) -> int:
+def counted_size(key: bytes, value: Value) -> int:
     """The bytes an item of this key and value counts against the capacity."""
     return len(key) + len(value) + ITEM_OVERHEAD
 
@@ -200,7 +201,7 @@ class Store:
     # -- writing ------------------------------------------------------------
 
     def set(
-        self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0, expires_at: float = 0
+        self, key: bytes, value: Value, *, flags: int = 0, version: int = 0, expires_at: float = 0
     ) -> Item:
         """Store ``value`` under ``key``, evicting others as needed; returns the item.
 
@@ -228,7 +229,7 @@ class Store:
         return item
 
     def add(
-        self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0, expires_at: float = 0
+        self, key: bytes, value: Value, *, flags: int = 0, version: int = 0, expires_at: float = 0
     ) -> Item | None:
         """Store only if ``key`` holds no live item and ``version`` is not stale; else None."""
         self._check_item(key, value)
@@ -338,7 +339,7 @@ class Store:
             version = max(version, previous[0])
         tombstones[key] = (version, now + self._tombstone_seconds)
 
-    def _check_item(self, key: bytes, value: bytes) -> int:
+    def _check_item(self, key: bytes, value: Value) -> int:
         _check_key(key)
         size = counted_size(key, value)
         if len(value) > self._max_item_size:

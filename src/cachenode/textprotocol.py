@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from cachenode.errors import ProtocolError
 from cachenode.protocol import MAX_KEY_LENGTH
-from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput
+from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput, Value
 
 MAX_LINE_LENGTH = 2048
 MAX_FLAGS = (1 << 32) - 1
@@ -42,7 +42,7 @@ class StoreCommand:
     key: bytes
     flags: int
     exptime: int
-    value: bytes
+    value: Value
     noreply: bool
 
 
@@ -207,11 +207,7 @@ class TextDecoder(StreamInput):
             return None
         if data[end : end + len(CRLF)] != CRLF:
             raise ProtocolError("bad data chunk")
-        if type(data) is bytes:  # slicing bytes copies once; a bytearray needs a view
-            value = data[line_end:end]
-        else:
-            with memoryview(data) as view:
-                value = bytes(view[line_end:end])
+        value = self._value_of(data, line_end, end)
         self._pos = end + len(CRLF)
         return StoreCommand(parts[0] == b"add", key, flags, exptime, value, noreply)
 
