@@ -312,3 +312,112 @@ async def test_lease_check_and_release_through_the_client(node_server: NodeServe
         assert await first.lease(b"photo", 2.0) == CachedItem(b"jpeg", 1, 4)
         assert await first.check(b"photo") == 4
         assert await first.check(b"other") is None
+
+
+# -- large values received in place -----------------------------------------------------------
+
+BIG = bytes(range(256)) * 4096  # 1 MiB: spans many reads
+
+
+def _binary_stream() -> tuple[bytes, list[tuple[int, int, bytes]]]:
+    """Two large SETs, reads between and after them; the replies expected."""
+    requests = [
+        encode_request(Opcode.SET, 1, b"big", BIG),
+        encode_request(Opcode.GET, 2, b"big"),
+        encode_request(Opcode.SET, 3, b"big2", BIG[::-1]),
+        encode_request(Opcode.GET, 4, b"big2"),
+        encode_request(Opcode.GET, 5, b"missing"),
+    ]
+    expected: list[tuple[int, int, bytes]] = [
+        (1, Status.OK, b""),
+        (2, Status.OK, BIG),
+        (3, Status.OK, b""),
+        (4, Status.OK, BIG[::-1]),
+        (5, Status.NOT_FOUND, b""),
+    ]
+    return b"".join(requests), expected
+
+
+async def _send_in_pieces(writer: asyncio.StreamWriter, data: bytes, piece: int) -> None:
+    # Small pieces with pauses between: the node sees values start and stop
+    # anywhere in a read, and waits for their rest in between.
+    for start in range(0, len(data), piece):
+        writer.write(data[start : start + piece])
+        await writer.drain()
+        await asyncio.sleep(0)
+
+
+async def _binary_exchange(host: str, port: int, piece: int) -> None:
+    stream, expected = _binary_stream()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await _send_in_pieces(writer, stream, piece)
+        decoder = FrameDecoder(MAGIC_RESPONSE)
+        frames: list[Frame] = []
+        async with asyncio.timeout(10):
+            while len(frames) < len(expected):
+                decoder.feed(await reader.read(1 << 20))
+                while (frame := decoder.next_frame()) is not None:
+                    assert isinstance(frame, Frame)
+                    frames.append(frame)
+        assert [(f.request_id, f.status, bytes(f.value)) for f in frames] == expected
+    finally:
+        writer.close()
+
+
+async def _text_exchange(host: str, port: int, piece: int) -> None:
+    stream = (
+        b"set big 5 0 %d\r\n" % len(BIG) + BIG + b"\r\nget big\r\n"
+        b"set big2 0 0 %d noreply\r\n" % len(BIG) + BIG[::-1] + b"\r\nget big2 nothing\r\n"
+    )
+    expected = (
+        b"STORED\r\nVALUE big 5 %d\r\n" % len(BIG) + BIG + b"\r\nEND\r\n"
+        b"VALUE big2 0 %d\r\n" % len(BIG) + BIG[::-1] + b"\r\nEND\r\n"
+    )
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await _send_in_pieces(writer, stream, piece)
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(len(expected)) == expected
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("piece", [1 << 20, 100_003, 7_001])
+async def test_large_values_in_pieces_with_requests_behind_them(
+    node_server: NodeServer, piece: int
+) -> None:
+    host, port = node_server.address
+    await _binary_exchange(host, port, piece)
+    await _text_exchange(host, port, piece)
+
+
+@pytest.mark.parametrize("piece", [1 << 20, 7_001])
+async def test_large_values_in_pieces_on_a_node_process(
+    node_process: NodeProcess, piece: int
+) -> None:
+    # The node's own event loop (uvloop), where the in-place reads matter.
+    await _binary_exchange(node_process.host, node_process.port, piece)
+    await _text_exchange(node_process.host, node_process.port, piece)
+
+
+@pytest.mark.parametrize("text", [False, True])
+async def test_client_gone_in_the_middle_of_a_large_value(
+    node_process: NodeProcess, text: bool
+) -> None:
+    if text:
+        request = b"set big 0 0 %d\r\n" % len(BIG) + BIG + b"\r\n"
+    else:
+        request = encode_request(Opcode.SET, 1, b"big", BIG)
+    _, writer = await asyncio.open_connection(node_process.host, node_process.port)
+    writer.write(request[: len(request) // 2])
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.close()
+    async with NodeClient(node_process.host, node_process.port) as client:
+        async with asyncio.timeout(5):
+            while (await client.stats())["current_connections"] != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert await client.get(b"big") is None  # half a value is never stored
+        assert await client.set(b"big", BIG)
+        assert await client.get(b"big") == BIG

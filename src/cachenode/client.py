@@ -30,7 +30,6 @@ from cachenode.protocol import (
     encode_header,
 )
 from cachenode.status import Status
-from cachenode.streaminput import Value
 
 # Values up to this size are copied behind their header into one write.
 _COALESCE_LIMIT = 16 * 1024
@@ -43,9 +42,16 @@ MAX_LEASE_MS = int(MAX_LEASE_SECONDS * 1000)
 
 @dataclass(frozen=True, slots=True)
 class CachedItem:
-    value: Value
+    value: bytes
     flags: int
     version: int
+
+
+def _cached_item(frame: Frame) -> CachedItem:
+    # A large value may come as a view of the read it arrived in (or of the
+    # buffer it was collected in): callers get bytes, for web frameworks and
+    # hashing alike, at the cost of one copy of such values only.
+    return CachedItem(bytes(frame.value), frame.flags, frame.version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +126,7 @@ class _Connection(asyncio.Protocol):
         self._writable.set()
 
     async def request(
-        self, opcode: Opcode, key: bytes, value: Value, flags: int, version: int
+        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int
     ) -> asyncio.Future[Frame]:
         """Send one request; the returned future resolves to its reply frame."""
         if not self._writable.is_set():
@@ -140,7 +146,7 @@ class _Connection(asyncio.Protocol):
         )
 
     def send(
-        self, opcode: Opcode, key: bytes, value: Value, flags: int, version: int
+        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int
     ) -> asyncio.Future[Frame]:
         """``request`` for a connection known to be ready."""
         assert self._transport is not None
@@ -217,7 +223,7 @@ class NodeClient:
 
     # -- operations ---------------------------------------------------------
 
-    async def get(self, key: bytes) -> Value | None:
+    async def get(self, key: bytes) -> bytes | None:
         """The value under ``key``, or None on a miss."""
         item = await self.get_item(key)
         return None if item is None else item.value
@@ -227,7 +233,7 @@ class NodeClient:
         frame = await self._call(Opcode.GET, key, accept=(Status.NOT_FOUND,))
         if frame.status == Status.NOT_FOUND:
             return None
-        return CachedItem(frame.value, frame.flags, frame.version)
+        return _cached_item(frame)
 
     async def lease(self, key: bytes, seconds: float) -> CachedItem | LeaseGranted | LeaseHeld:
         """The item; or, on a miss, the lease to fill it for ``seconds`` (at most 60),
@@ -242,7 +248,7 @@ class NodeClient:
             return LEASE_GRANTED
         if frame.status == Status.LEASED:
             return LeaseHeld(frame.flags / 1000)
-        return CachedItem(frame.value, frame.flags, frame.version)
+        return _cached_item(frame)
 
     async def release(self, key: bytes) -> None:
         """Give back a lease without filling the key (the load failed)."""
@@ -270,7 +276,7 @@ class NodeClient:
                 return future
         return None
 
-    async def set(self, key: bytes, value: Value, *, flags: int = 0, version: int = 0) -> bool:
+    async def set(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
         """Store ``value``; False when ``version`` is older than the node's for this key.
 
         Raises NodeReplyError(TOO_LARGE) for a value the node refuses.
@@ -280,7 +286,7 @@ class NodeClient:
         )
         return frame.status == Status.OK
 
-    async def add(self, key: bytes, value: Value, *, flags: int = 0, version: int = 0) -> bool:
+    async def add(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
         """Store only if absent and not stale; False when the node did not store it."""
         frame = await self._call(
             Opcode.ADD, key, value, flags=flags, version=version, accept=(Status.NOT_STORED,)
@@ -353,7 +359,7 @@ class NodeClient:
         self,
         opcode: Opcode,
         key: bytes = b"",
-        value: Value = b"",
+        value: bytes = b"",
         *,
         flags: int = 0,
         version: int = 0,

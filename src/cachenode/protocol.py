@@ -175,18 +175,17 @@ class FrameDecoder(StreamInput):
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as frames."""
-        collected = sum(len(part) for part in self._parts)
+        collected = 0
         if self._partial is not None:  # its header and key were consumed with the first part
-            collected += HEADER_SIZE + len(self._partial.key)
+            collected = HEADER_SIZE + len(self._partial.key) + self._filled
         return collected + len(self._data) - self._pos
 
     def next_frame(self) -> Frame | OversizedFrame | None:
         if self._partial is not None:
-            if self._missing:
+            if self.missing:
                 return None
             frame, self._partial = self._partial, None
-            frame.value = b"".join(self._parts)
-            self._parts = []
+            frame.value = self._collected()
             return frame
         data = self._data
         pos = self._pos
@@ -217,13 +216,7 @@ class FrameDecoder(StreamInput):
             if value_length >= COLLECT_THRESHOLD and len(data) >= value_start:
                 key = bytes(data[key_start:value_start])
                 self._partial = Frame(opcode, request_id, key, b"", status, flags, version)
-                # A view keeps the received chunk without copying it; a
-                # bytearray buffer changes later, so its part is copied.
-                rest = memoryview(data)[value_start:]
-                self._parts = [rest if type(data) is bytes else bytes(rest)]
-                self._missing = end - len(data)
-                self._data = b""
-                self._pos = 0
+                self._collect(data, value_start, value_length)
             return None
         key = bytes(data[key_start:value_start])  # of a bytes chunk: the slice itself
         value = self._value_of(data, value_start, end) if value_length else b""

@@ -15,6 +15,7 @@ from typing import cast
 from cachenode.node import Node
 from cachenode.sessions import Session, session_for
 from cachenode.store import DEFAULT_MAX_ITEM_SIZE, MIB, Policy, Store
+from cachenode.streaminput import Value
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Connection(asyncio.Protocol):
         self._node = node
         self._connections = connections
         self._session: Session | None = None
+        self._value_reader = _ValueReader(self)
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -58,12 +60,32 @@ class Connection(asyncio.Protocol):
         self.lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        transport = self.transport
-        assert transport is not None
         session = self._session
         if session is None:
             session = self._session = session_for(data[0], self._node)
-        replies = session.receive(data)
+        self._send(session, session.receive(data))
+        if session.input.missing and not session.closing:
+            # The rest of a large value is on its way: receive it in place.
+            assert self.transport is not None
+            self.transport.set_protocol(self._value_reader)
+
+    def value_received(self, count: int) -> None:
+        """``count`` more bytes of a large value arrived in its buffer."""
+        session = self._session
+        assert session is not None
+        self._send(session, session.value_received(count))
+        if not session.input.missing:
+            assert self.transport is not None
+            self.transport.set_protocol(self)
+
+    @property
+    def value_buffer(self) -> memoryview:
+        assert self._session is not None
+        return self._session.input.value_buffer()
+
+    def _send(self, session: Session, replies: list[Value]) -> None:
+        transport = self.transport
+        assert transport is not None
         if len(replies) == 1:
             transport.write(replies[0])
         elif replies:
@@ -81,6 +103,34 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         if not self.transport.is_closing():
             self.transport.resume_reading()
+
+
+class _ValueReader(asyncio.BufferedProtocol):
+    """Stands in for a connection while the rest of a large value arrives.
+
+    The event loop would copy every read into a new bytes object, and the
+    value would be put together from those: two copies of every byte. Reads
+    into the value's own buffer leave the kernel's copy as the only one, as
+    memcached receives its items.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._connection.value_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._connection.value_received(nbytes)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connection.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._connection.resume_writing()
 
 
 class NodeServer:

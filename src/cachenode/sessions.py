@@ -35,7 +35,7 @@ from cachenode.protocol import (
 )
 from cachenode.status import Status
 from cachenode.store import MIB, Item, Policy
-from cachenode.streaminput import Value
+from cachenode.streaminput import StreamInput, Value
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,18 @@ _COALESCE_LIMIT = 16 * 1024
 class Session(Protocol):
     closing: bool
 
+    @property
+    def input(self) -> StreamInput:
+        """The session's decoder: while its ``missing`` is not 0, a reader may
+        receive those bytes into its ``value_buffer()`` and report them to
+        ``value_received`` instead of passing them to ``receive``."""
+        ...
+
     def receive(self, data: bytes) -> list[Value]: ...
+
+    def value_received(self, count: int) -> list[Value]:
+        """``count`` bytes arrived in ``input.value_buffer()``; the replies to send."""
+        ...
 
 
 def session_for(first_byte: int, node: Node) -> Session:
@@ -67,7 +78,7 @@ class BinarySession:
 
     def __init__(self, node: Node) -> None:
         self._node = node
-        self._decoder = FrameDecoder(MAGIC_REQUEST, node.store.max_item_size)
+        self._decoder = self.input = FrameDecoder(MAGIC_REQUEST, node.store.max_item_size)
         self.closing = False
         self._handlers: dict[int, Callable[[Frame], list[Value]]] = {
             Opcode.GET: self._get,
@@ -103,6 +114,15 @@ class BinarySession:
                 return self._get_reply(data[HEADER_SIZE:], request_id)
         decoder.max_value_length = self._node.store.max_item_size
         decoder.feed(data)
+        return self._answer()
+
+    def value_received(self, count: int) -> list[Value]:
+        self._decoder.value_received(count)
+        return self._answer()
+
+    def _answer(self) -> list[Value]:
+        """The replies to every request decoded so far."""
+        decoder = self._decoder
         out: list[Value] = []
         try:
             while (frame := decoder.next_frame()) is not None:
@@ -311,7 +331,7 @@ class TextSession:
 
     def __init__(self, node: Node) -> None:
         self._node = node
-        self._decoder = text.TextDecoder(node.store.max_item_size)
+        self._decoder = self.input = text.TextDecoder(node.store.max_item_size)
         self.closing = False
 
     def receive(self, data: bytes) -> list[Value]:
@@ -331,7 +351,16 @@ class TextSession:
                 return out
         decoder.max_value_length = self._node.store.max_item_size
         decoder.feed(data)
-        out = []
+        return self._answer()
+
+    def value_received(self, count: int) -> list[Value]:
+        self._decoder.value_received(count)
+        return self._answer()
+
+    def _answer(self) -> list[Value]:
+        """The replies to every command decoded so far."""
+        decoder = self._decoder
+        out: list[Value] = []
         try:
             while not self.closing and (command := decoder.next_command()) is not None:
                 self._apply(command, out)

@@ -6,15 +6,19 @@ arrive whole are decoded without being copied into a buffer first; only a
 message split across reads is gathered in a bytearray. A large value that
 arrives alone in its chunk is not copied at all (``_value_of``).
 
-A large value that spans reads is kept as the chunks it arrives in and joined
-once when complete (``_parts``, ``_missing``): growing a buffer would copy it
-again at every read. A decoder that starts collecting sets ``_parts`` to what
-it already has and ``_missing`` to the bytes still to come. Bytes of a refused
-value are dropped as they arrive (``_skip``).
+A large value that spans reads goes into one buffer of its final size
+(``_value``), allocated without zeroing, so that no byte of it is copied
+twice. A reader that owns its reads (the node's server) asks ``value_buffer``
+where the ``missing`` bytes belong and receives them straight into the value: the
+kernel's copy is then the only one, as in memcached. Bytes of a refused value
+are dropped as they arrive (``_skip``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+from collections.abc import Callable
 from typing import TypeAlias
 
 # A value as decoded: bytes, or a view of the chunk it arrived in (below).
@@ -32,27 +36,45 @@ VIEW_MIN = 16 * 1024
 VIEW_SLACK = 1024
 
 
+def _uninitialized_bytearray() -> Callable[[int], bytearray]:
+    """``bytearray(n)`` without zeroing it first: zeroing a megabyte that is
+    cold in the CPU's caches costs about as much as receiving it, and a value
+    buffer is written whole before anything reads it. This is CPython's public
+    ``PyByteArray_FromStringAndSize(NULL, n)``; elsewhere, plain bytearray."""
+    try:
+        make = ctypes.pythonapi.PyByteArray_FromStringAndSize
+    except AttributeError:
+        return bytearray
+    make.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    make.restype = ctypes.py_object
+    return functools.partial(make, None)
+
+
+_value_bytearray = _uninitialized_bytearray()
+
+
 class StreamInput:
     def __init__(self) -> None:
         self._data: bytes | bytearray = b""
         self._pos = 0
         self._skip = 0  # bytes of a refused value still to discard
-        self._parts: list[bytes | memoryview] = []  # a large value's chunks so far
-        self._missing = 0  # bytes of that value still to come
+        self._value = bytearray()  # a large value being collected
+        self._filled = 0  # bytes of it received so far
+        self.missing = 0  # bytes of it still to come: read them into value_buffer()
 
     def feed(self, data: bytes) -> None:
         if self._skip:
             skipped = min(self._skip, len(data))
             self._skip -= skipped
             data = data[skipped:]
-        if self._missing:
-            if len(data) <= self._missing:
-                self._parts.append(data)
-                self._missing -= len(data)
+        if self.missing:
+            count = min(self.missing, len(data))
+            with memoryview(data) as view:
+                self._value[self._filled : self._filled + count] = view[:count]
+            self.value_received(count)
+            if count == len(data):
                 return
-            self._parts.append(memoryview(data)[: self._missing])
-            data = data[self._missing :]
-            self._missing = 0
+            data = data[count:]
         if self._pos >= len(self._data):
             self._data = data
         elif isinstance(self._data, bytearray):
@@ -62,6 +84,32 @@ class StreamInput:
             self._data = bytearray(memoryview(self._data)[self._pos :])
             self._data += data
         self._pos = 0
+
+    def value_buffer(self) -> memoryview:
+        """Where the ``missing`` bytes of the large value being collected
+        belong; a reader that receives into it reports them with ``value_received``."""
+        return memoryview(self._value)[self._filled :]
+
+    def value_received(self, count: int) -> None:
+        self._filled += count
+        self.missing -= count
+
+    def _collect(self, data: bytes | bytearray, start: int, length: int) -> None:
+        """Start collecting the value of ``length`` bytes at ``data[start:]``,
+        the rest of which is still to come; the input is consumed."""
+        self._value = _value_bytearray(length)
+        with memoryview(data) as view:
+            self._filled = len(view) - start
+            self._value[: self._filled] = view[start:]
+        self.missing = length - self._filled
+        self._data, self._pos = b"", 0
+
+    def _collected(self) -> Value:
+        """The value collected, once nothing is missing (read-only from here on)."""
+        with memoryview(self._value) as view:
+            value = view.toreadonly()
+        self._value, self._filled = bytearray(), 0
+        return value
 
     def _value_of(self, data: bytes | bytearray, start: int, end: int) -> Value:
         """The value at ``data[start:end]``, as a view when that is worth it (above)."""

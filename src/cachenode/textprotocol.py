@@ -136,13 +136,13 @@ class TextDecoder(StreamInput):
             return None
         data, pos = self._data, self._pos
         if self._collecting is not None:
-            if self._missing or len(data) - pos < len(CRLF):
+            if self.missing or len(data) - pos < len(CRLF):
                 return None
             if data[pos : pos + len(CRLF)] != CRLF:
                 raise ProtocolError("bad data chunk")
             self._pos = pos + len(CRLF)
             command, self._collecting = self._collecting, None
-            value, self._parts = b"".join(self._parts), []
+            value = self._collected()
             return StoreCommand(
                 command.only_if_absent,
                 command.key,
@@ -197,13 +197,7 @@ class TextDecoder(StreamInput):
                 self._collecting = StoreCommand(
                     parts[0] == b"add", key, flags, exptime, b"", noreply
                 )
-                # A view keeps the received chunk without copying it; a
-                # bytearray buffer changes later, so its part is copied.
-                with memoryview(data) as view:
-                    rest = view[line_end:]
-                    self._parts = [rest if type(data) is bytes else bytes(rest)]
-                self._missing = end - len(data)
-                self._data, self._pos = b"", 0
+                self._collect(data, line_end, length)
             return None
         if data[end : end + len(CRLF)] != CRLF:
             raise ProtocolError("bad data chunk")

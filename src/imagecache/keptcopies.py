@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from cachenode.streaminput import Value
-
 
 @dataclass(frozen=True, slots=True)
 class KeptImage:
@@ -20,7 +18,7 @@ class KeptImage:
     etag: bytes  # as sent, quotes included: b'"v12"'
     headers: bytes  # the 200 response's header lines after the status line, up to the blank line
     not_modified_headers: bytes  # the same for a 304
-    body: Value  # a view of the chunk the node sent it in, for large images
+    body: bytes
 
     @property
     def size(self) -> int:
@@ -57,7 +55,7 @@ class KeptCopies:
             self._images.move_to_end(key)
         return image
 
-    def keep(self, key: str, version: int, content_type: str, body: Value) -> None:
+    def keep(self, key: str, version: int, content_type: str, body: bytes) -> None:
         if version <= 0:
             return  # unversioned (a text protocol write): CHECK could not tell it apart
         current = self._images.get(key)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from cachenode.client import CachedItem, LeaseGranted
-from cachenode.streaminput import Value
 from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool
 from imagecache.errors import BlobNotFound, ImagecacheError, ImageNotFound, StorageError
@@ -58,7 +57,7 @@ LEASE_WAIT_LIMIT = 2
 @dataclass(frozen=True, slots=True)
 class Image:
     key: str
-    data: Value  # a view when the cache node's reply was one large value
+    data: bytes
     content_type: str
     version: int
 
