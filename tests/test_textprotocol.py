@@ -456,7 +456,7 @@ def test_store_commands_round_trip_with_arbitrary_chunking(
     assert decode_chunks(data.draw(chunkings(stream))) == expected
 
 
-# -- large values spanning reads (collected in parts) ---------------------------------------------
+# -- large values spanning reads (collected in their own buffer) ------------------------------
 
 LARGE = bytes(range(256)) * 800  # 200 KiB, above the collecting threshold
 

@@ -9,9 +9,9 @@ arrives alone in its chunk is not copied at all (``_value_of``).
 A large value that spans reads goes into one buffer of its final size
 (``_value``), allocated without zeroing, so that no byte of it is copied
 twice. A reader that owns its reads (the node's server) asks ``value_buffer``
-where the ``missing`` bytes belong and receives them straight into the value: the
-kernel's copy is then the only one, as in memcached. Bytes of a refused value
-are dropped as they arrive (``_skip``).
+where the ``missing`` bytes belong and receives them straight into the value:
+the kernel's copy is then the only one, as in memcached. Bytes of a refused
+value are dropped as they arrive (``_skip``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import functools
 from collections.abc import Callable
 from typing import TypeAlias
 
-# A value as decoded: bytes, or a view of the chunk it arrived in (below).
+# A value as decoded: bytes, or a read-only view of the chunk it arrived in
+# (below) or of the buffer it was collected in. Nothing writes to either again.
 Value: TypeAlias = bytes | memoryview
 
-# Values at least this large are collected in parts when they span reads.
+# Values at least this large are collected in a buffer of their own when they
+# span reads (smaller ones are gathered with the rest of the input).
 COLLECT_THRESHOLD = 64 * 1024
 # A value at least this large that fills its chunk but for at most VIEW_SLACK
 # bytes (a header, a command line) is kept as a view of the chunk rather than
