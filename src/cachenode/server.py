@@ -12,6 +12,7 @@ import signal
 from dataclasses import dataclass
 from typing import cast
 
+from cachenode.inplace import InPlaceReader
 from cachenode.node import Node
 from cachenode.sessions import Session, session_for
 from cachenode.store import DEFAULT_MAX_ITEM_SIZE, MIB, Policy, Store
@@ -44,7 +45,7 @@ class Connection(asyncio.Protocol):
         self._node = node
         self._connections = connections
         self._session: Session | None = None
-        self._value_reader = _ValueReader(self)
+        self._in_place = InPlaceReader(self, self._answer)
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -64,24 +65,14 @@ class Connection(asyncio.Protocol):
         if session is None:
             session = self._session = session_for(data[0], self._node)
         self._send(session, session.receive(data))
-        if session.input.missing and not session.closing:
-            # The rest of a large value is on its way: receive it in place.
+        if session.input.missing:  # the rest of a large value is on its way
             assert self.transport is not None
-            self.transport.set_protocol(self._value_reader)
+            self._in_place.take_over(self.transport, session.input)
 
-    def value_received(self, count: int) -> None:
-        """``count`` more bytes of a large value arrived in its buffer."""
-        session = self._session
-        assert session is not None
-        self._send(session, session.value_received(count))
-        if not session.input.missing:
-            assert self.transport is not None
-            self.transport.set_protocol(self)
-
-    @property
-    def value_buffer(self) -> memoryview:
+    def _answer(self) -> None:
+        """Reply to what the session's input holds after bytes arrived in place."""
         assert self._session is not None
-        return self._session.input.value_buffer()
+        self._send(self._session, self._session.answer())
 
     def _send(self, session: Session, replies: list[Value]) -> None:
         transport = self.transport
@@ -103,34 +94,6 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         if not self.transport.is_closing():
             self.transport.resume_reading()
-
-
-class _ValueReader(asyncio.BufferedProtocol):
-    """Stands in for a connection while the rest of a large value arrives.
-
-    The event loop would copy every read into a new bytes object, and the
-    value would be put together from those: two copies of every byte. Reads
-    into the value's own buffer leave the kernel's copy as the only one, as
-    memcached receives its items.
-    """
-
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._connection.value_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._connection.value_received(nbytes)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._connection.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._connection.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._connection.resume_writing()
 
 
 class NodeServer:

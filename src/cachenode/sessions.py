@@ -55,14 +55,13 @@ class Session(Protocol):
     @property
     def input(self) -> StreamInput:
         """The session's decoder: while its ``missing`` is not 0, a reader may
-        receive those bytes into its ``value_buffer()`` and report them to
-        ``value_received`` instead of passing them to ``receive``."""
+        receive those bytes in place (cachenode.inplace) and then ``answer``."""
         ...
 
     def receive(self, data: bytes) -> list[Value]: ...
 
-    def value_received(self, count: int) -> list[Value]:
-        """``count`` bytes arrived in ``input.value_buffer()``; the replies to send."""
+    def answer(self) -> list[Value]:
+        """The replies to what ``input`` holds now (bytes arrived in its value)."""
         ...
 
 
@@ -114,13 +113,9 @@ class BinarySession:
                 return self._get_reply(data[HEADER_SIZE:], request_id)
         decoder.max_value_length = self._node.store.max_item_size
         decoder.feed(data)
-        return self._answer()
+        return self.answer()
 
-    def value_received(self, count: int) -> list[Value]:
-        self._decoder.value_received(count)
-        return self._answer()
-
-    def _answer(self) -> list[Value]:
+    def answer(self) -> list[Value]:
         """The replies to every request decoded so far."""
         decoder = self._decoder
         out: list[Value] = []
@@ -351,13 +346,9 @@ class TextSession:
                 return out
         decoder.max_value_length = self._node.store.max_item_size
         decoder.feed(data)
-        return self._answer()
+        return self.answer()
 
-    def value_received(self, count: int) -> list[Value]:
-        self._decoder.value_received(count)
-        return self._answer()
-
-    def _answer(self) -> list[Value]:
+    def answer(self) -> list[Value]:
         """The replies to every command decoded so far."""
         decoder = self._decoder
         out: list[Value] = []
