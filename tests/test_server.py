@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -421,3 +423,31 @@ async def test_client_gone_in_the_middle_of_a_large_value(
         assert await client.get(b"big") is None  # half a value is never stored
         assert await client.set(b"big", BIG)
         assert await client.get(b"big") == BIG
+
+
+async def test_a_connection_gone_mid_value_is_freed_at_once(node_server: NodeServer) -> None:
+    # Freed by reference counting, without waiting for the cyclic collector:
+    # a connection that lived long sits in its oldest generation, collected
+    # rarely, and it would keep a buffer of up to the maximum item size.
+    host, port = node_server.address
+    request = encode_request(Opcode.SET, 1, b"big", BIG * 4)
+    gc.disable()
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(request[: len(request) // 2])
+        await writer.drain()
+        async with asyncio.timeout(5):
+            while not node_server._connections:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        (connection,) = node_server._connections
+        gone = weakref.ref(connection)
+        del connection
+        await asyncio.sleep(0.1)  # the node receives the first half in place
+        writer.close()
+        async with asyncio.timeout(5):
+            while node_server.node.current_connections:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the transport lets go of its protocol
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from cachenode.errors import NodeReplyError, NodeTimeout, NodeUnavailable, ProtocolError
-from cachenode.inplace import InPlaceReader
+from cachenode.inplace import receive_in_place
 from cachenode.leases import MAX_LEASE_SECONDS
 from cachenode.protocol import (
     DEFAULT_KEYS_COUNT,
@@ -76,7 +76,6 @@ class _Connection(asyncio.Protocol):
     def __init__(self, address: str) -> None:
         self._address = address
         self._decoder = FrameDecoder(MAGIC_RESPONSE)
-        self._in_place = InPlaceReader(self, self._deliver)
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._next_id = 1
         self._transport: asyncio.Transport | None = None
@@ -103,7 +102,8 @@ class _Connection(asyncio.Protocol):
         self._decoder.feed(data)
         self._deliver()
         if self._decoder.missing and self._transport is not None:
-            self._in_place.take_over(self._transport, self._decoder)  # a large value's rest
+            # The rest of a large value is on its way.
+            receive_in_place(self._transport, self, self._decoder, self._deliver)
 
     def _deliver(self) -> None:
         """Resolve the requests whose replies the decoder now holds."""

@@ -3,7 +3,7 @@ and its client alike.
 
 An asyncio protocol gets every read as a new bytes object, and a value that
 spans reads is then copied once more into its own buffer. While such a value
-is on its way, the connection's transport is handed to an ``InPlaceReader``:
+is on its way, the connection's transport is handed to an in-place reader:
 its reads land in the value's buffer (``StreamInput.value_buffer``), so the
 kernel's copy is the value's only one, as memcached receives its items. When
 the value is complete the transport goes back to the connection's protocol.
@@ -17,23 +17,35 @@ from collections.abc import Callable
 from cachenode.streaminput import StreamInput
 
 
-class InPlaceReader(asyncio.BufferedProtocol):
-    """Stands in for ``owner`` while its input misses part of a large value;
-    ``decode`` is the owner's handling of what its input holds then."""
+def receive_in_place(
+    transport: asyncio.Transport,
+    owner: asyncio.Protocol,
+    stream: StreamInput,
+    decode: Callable[[], None],
+) -> None:
+    """Receive the rest of the value ``stream`` misses (the bytes fed last
+    began it) in place, calling ``decode`` after each read, then give
+    ``transport`` back to ``owner``. Nothing to do when nothing is missing."""
+    if stream.missing and not transport.is_closing():
+        # Only the transport holds the reader: no cycle keeps a closed
+        # connection, or the value it was receiving, alive.
+        transport.set_protocol(_InPlaceReader(transport, owner, stream, decode))
 
-    def __init__(self, owner: asyncio.Protocol, decode: Callable[[], None]) -> None:
+
+class _InPlaceReader(asyncio.BufferedProtocol):
+    """Stands in for ``owner`` while ``stream`` misses part of a large value."""
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        owner: asyncio.Protocol,
+        stream: StreamInput,
+        decode: Callable[[], None],
+    ) -> None:
+        self._transport = transport
         self._owner = owner
+        self._stream = stream
         self._decode = decode
-        self._stream = StreamInput()
-        self._transport: asyncio.Transport | None = None
-
-    def take_over(self, transport: asyncio.Transport, stream: StreamInput) -> None:
-        """Receive in place while ``stream`` misses the rest of a value (the
-        bytes fed last began it), then give ``transport`` back to the owner."""
-        if stream.missing and not transport.is_closing():
-            self._stream = stream
-            self._transport = transport
-            transport.set_protocol(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._stream.value_buffer()
@@ -41,9 +53,8 @@ class InPlaceReader(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._stream.value_received(nbytes)
         self._decode()
-        transport = self._transport
-        if not self._stream.missing and transport is not None and not transport.is_closing():
-            transport.set_protocol(self._owner)
+        if not self._stream.missing and not self._transport.is_closing():
+            self._transport.set_protocol(self._owner)
 
     # Everything else that happens meanwhile is the owner's business.
 

@@ -12,7 +12,7 @@ import signal
 from dataclasses import dataclass
 from typing import cast
 
-from cachenode.inplace import InPlaceReader
+from cachenode.inplace import receive_in_place
 from cachenode.node import Node
 from cachenode.sessions import Session, session_for
 from cachenode.store import DEFAULT_MAX_ITEM_SIZE, MIB, Policy, Store
@@ -45,7 +45,6 @@ class Connection(asyncio.Protocol):
         self._node = node
         self._connections = connections
         self._session: Session | None = None
-        self._in_place = InPlaceReader(self, self._answer)
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -67,7 +66,7 @@ class Connection(asyncio.Protocol):
         self._send(session, session.receive(data))
         if session.input.missing:  # the rest of a large value is on its way
             assert self.transport is not None
-            self._in_place.take_over(self.transport, session.input)
+            receive_in_place(self.transport, self, session.input, self._answer)
 
     def _answer(self) -> None:
         """Reply to what the session's input holds after bytes arrived in place."""

@@ -41,14 +41,16 @@ VIEW_SLACK = 1024
 def _uninitialized_bytearray() -> Callable[[int], bytearray]:
     """``bytearray(n)`` without zeroing it first: zeroing a megabyte that is
     cold in the CPU's caches costs about as much as receiving it, and a value
-    buffer is written whole before anything reads it. This is CPython's public
-    ``PyByteArray_FromStringAndSize(NULL, n)``; elsewhere, plain bytearray."""
+    buffer is written whole before anything reads it. It calls CPython's
+    ``PyByteArray_FromStringAndSize`` with NULL, which leaves the contents as
+    allocated (as ``PyBytes_FromStringAndSize`` documents for bytes); anywhere
+    else, plain bytearray. A private prototype leaves ``ctypes.pythonapi``'s
+    shared function object as others may have typed it."""
     try:
-        make = ctypes.pythonapi.PyByteArray_FromStringAndSize
-    except AttributeError:
+        prototype = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)
+        make = prototype(("PyByteArray_FromStringAndSize", ctypes.pythonapi))
+    except (AttributeError, OSError):
         return bytearray
-    make.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-    make.restype = ctypes.py_object
     return functools.partial(make, None)
 
 
