@@ -77,7 +77,7 @@ class BinarySession:
 
     def __init__(self, node: Node) -> None:
         self._node = node
-        self._decoder = self.input = FrameDecoder(MAGIC_REQUEST, node.store.max_item_size)
+        self.input = FrameDecoder(MAGIC_REQUEST, node.store.max_item_size)
         self.closing = False
         self._handlers: dict[int, Callable[[Frame], list[Value]]] = {
             Opcode.GET: self._get,
@@ -95,7 +95,7 @@ class BinarySession:
         }
 
     def receive(self, data: bytes) -> list[Value]:
-        decoder = self._decoder
+        decoder = self.input
         # Fast path for what a client waiting on each reply sends: one whole
         # GET per read. It halves the node's Python time per small GET; any
         # other shape (pipelined, split, or not a plain GET) takes the decoder.
@@ -117,7 +117,7 @@ class BinarySession:
 
     def answer(self) -> list[Value]:
         """The replies to every request decoded so far."""
-        decoder = self._decoder
+        decoder = self.input
         out: list[Value] = []
         try:
             while (frame := decoder.next_frame()) is not None:
@@ -326,11 +326,11 @@ class TextSession:
 
     def __init__(self, node: Node) -> None:
         self._node = node
-        self._decoder = self.input = text.TextDecoder(node.store.max_item_size)
+        self.input = text.TextDecoder(node.store.max_item_size)
         self.closing = False
 
     def receive(self, data: bytes) -> list[Value]:
-        decoder = self._decoder
+        decoder = self.input
         # Fast path for one whole "get <keys>" line per read, as a client that
         # waits on each reply sends it: no buffering, no command object.
         if (
@@ -350,7 +350,7 @@ class TextSession:
 
     def answer(self) -> list[Value]:
         """The replies to every command decoded so far."""
-        decoder = self._decoder
+        decoder = self.input
         out: list[Value] = []
         try:
             while not self.closing and (command := decoder.next_command()) is not None:

@@ -8,10 +8,11 @@ arrives alone in its chunk is not copied at all (``_value_of``).
 
 A large value that spans reads goes into one buffer of its final size
 (``_value``), allocated without zeroing, so that no byte of it is copied
-twice. A reader that owns its reads (the node's server) asks ``value_buffer``
-where the ``missing`` bytes belong and receives them straight into the value:
-the kernel's copy is then the only one, as in memcached. Bytes of a refused
-value are dropped as they arrive (``_skip``).
+twice. A reader that owns its reads (``cachenode.inplace``, for the node and
+its client) asks ``value_buffer`` where the ``missing`` bytes belong and
+receives them straight into the value: the kernel's copy is then the only
+one, as in memcached. Bytes of a refused value are dropped as they arrive
+(``_skip``).
 """
 
 from __future__ import annotations
