@@ -146,10 +146,9 @@ class ImageService:
         """The image of ``key``; raises ImageNotFound, or BadRequest for a bad key."""
         check_key(key)
         item = await self._pool.get(key)
-        if item is not None:
-            content_type = content_type_for(item.flags)
-            if content_type is not None:
-                return Image(key, item.value, content_type, item.version)
+        image = None if item is None else _cached_image(key, item)
+        if image is not None:
+            return image
         return await self._loads.run(key, lambda: self._load(key))
 
     async def list_images(self) -> list[ImageRecord]:
@@ -210,10 +209,8 @@ class ImageService:
             if isinstance(answer, CachedItem):
                 # Another gateway filled it: a cache read like the GET in
                 # ``read``, and fresh for the same reasons (docs/design.md).
-                content_type = content_type_for(answer.flags)
-                if content_type is None:
-                    return False  # a foreign item is a miss, as in ``read``
-                return Image(key, answer.value, content_type, answer.version)
+                image = _cached_image(key, answer)
+                return False if image is None else image  # a foreign item: load it
             left = give_up_at - time.monotonic()
             if left <= 0:
                 log.info(
@@ -254,3 +251,12 @@ class ImageService:
             await self._delete_blob(name)
         except (ImagecacheError, OSError) as error:
             log.warning("upload of blob %s abandoned, clean-up will remove it: %s", name, error)
+
+
+def _cached_image(key: str, item: CachedItem) -> Image | None:
+    """The image a cached item holds; None for an item the gateway did not
+    store (its flags name no image type), which counts as a miss."""
+    content_type = content_type_for(item.flags)
+    if content_type is None:
+        return None
+    return Image(key, item.value, content_type, item.version)
