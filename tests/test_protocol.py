@@ -16,6 +16,7 @@ from cachenode.protocol import (
     KEYS_ENTRY,
     MAGIC_REQUEST,
     MAGIC_RESPONSE,
+    MAX_EXTRAS_LENGTH,
     MAX_KEY_LENGTH,
     MAX_VALUE_LENGTH,
     Frame,
@@ -47,6 +48,7 @@ def encode(magic: int, frame: Frame) -> bytes:
         status=frame.status,
         flags=frame.flags,
         version=frame.version,
+        extras=frame.extras,
     )
 
 
@@ -75,14 +77,14 @@ def raw_header(
     opcode: int = Opcode.GET,
     status: int = 0,
     key_length: int = 0,
-    reserved: int = 0,
+    extras_length: int = 0,
     value_length: int = 0,
     request_id: int = 1,
     flags: int = 0,
     version: int = 0,
 ) -> bytes:
     return HEADER.pack(
-        magic, opcode, status, key_length, reserved, value_length, request_id, flags, version
+        magic, opcode, status, key_length, extras_length, value_length, request_id, flags, version
     )
 
 
@@ -270,8 +272,8 @@ def test_empty_feed_changes_nothing() -> None:
         pytest.param(raw_header(magic=0x00), id="magic-zero"),
         pytest.param(raw_header(magic=MAGIC_RESPONSE), id="magic-response"),
         pytest.param(raw_header(magic=0x80), id="magic-memcached-binary"),
-        pytest.param(raw_header(reserved=1), id="reserved-1"),
-        pytest.param(raw_header(reserved=0xFFFF), id="reserved-ffff"),
+        pytest.param(raw_header(extras_length=MAX_EXTRAS_LENGTH + 1), id="extras-33"),
+        pytest.param(raw_header(extras_length=0xFFFF), id="extras-ffff"),
         pytest.param(raw_header(key_length=MAX_KEY_LENGTH + 1), id="key-251"),
         pytest.param(raw_header(key_length=0xFFFF), id="key-ffff"),
         pytest.param(raw_header(value_length=MAX_VALUE_LENGTH + 1), id="value-2^30+1"),
@@ -296,7 +298,7 @@ def test_malformed_header_raises_protocol_error(header: bytes) -> None:
 
 def test_malformed_frame_after_a_good_one() -> None:
     decoder = FrameDecoder(MAGIC_REQUEST)
-    decoder.feed(encode_request(Opcode.PING, 1) + raw_header(reserved=7))
+    decoder.feed(encode_request(Opcode.PING, 1) + raw_header(extras_length=0xFF))
     assert decoder.next_frame() == Frame(Opcode.PING, 1)
     with pytest.raises(ProtocolError):
         decoder.next_frame()
@@ -450,6 +452,7 @@ frames_strategy = st.builds(
     status=st.integers(0, 0xFFFF),
     flags=st.integers(0, 0xFFFFFFFF),
     version=st.integers(0, (1 << 64) - 1),
+    extras=st.sampled_from([b"", b"\x00" * 8, bytes(range(MAX_EXTRAS_LENGTH))]),
 )
 
 
@@ -477,9 +480,9 @@ def consumed(frames: list[Decoded]) -> int:
     total = 0
     for frame in frames:
         if isinstance(frame, Frame):
-            total += HEADER_SIZE + len(frame.key) + len(frame.value)
+            total += HEADER_SIZE + len(frame.extras) + len(frame.key) + len(frame.value)
         else:
-            total += HEADER_SIZE + len(frame.key) + frame.value_length
+            total += HEADER_SIZE + len(frame.extras) + len(frame.key) + frame.value_length
     return total
 
 
@@ -498,7 +501,7 @@ def arbitrary_streams(draw: st.DrawFn) -> bytes:
         opcode=draw(st.integers(0, 255)),
         status=draw(st.integers(0, 0xFFFF)),
         key_length=draw(st.sampled_from([0, 1, 5, 40, 250, 251, 0xFFFF])),
-        reserved=draw(st.sampled_from([0, 0, 0, 1])),
+        extras_length=draw(st.sampled_from([0, 0, 0, 8, MAX_EXTRAS_LENGTH + 1])),
         value_length=draw(
             st.sampled_from([0, 1, 10, 11, 100, 1000, MAX_VALUE_LENGTH, MAX_VALUE_LENGTH + 1])
         ),
@@ -555,7 +558,9 @@ def test_round_trip_with_arbitrary_chunking(
     expected: list[Decoded] = [
         frame
         if len(frame.value) <= max_value_length
-        else OversizedFrame(frame.opcode, frame.request_id, frame.key, len(frame.value))
+        else OversizedFrame(
+            frame.opcode, frame.request_id, frame.key, len(frame.value), frame.extras
+        )
         for frame in frames
     ]
     assert decode_chunks(decoder, chunks) == expected

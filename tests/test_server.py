@@ -12,7 +12,7 @@ import pytest
 from pymemcache.client.base import Client as MemcacheClient
 from pymemcache.exceptions import MemcacheServerError, MemcacheUnexpectedCloseError
 
-from cachenode.client import LEASE_GRANTED, CachedItem, LeaseHeld, NodeClient
+from cachenode.client import CachedItem, LeaseGranted, LeaseHeld, NodeClient
 from cachenode.errors import NodeReplyError, NodeTimeout, NodeUnavailable
 from cachenode.protocol import (
     MAGIC_RESPONSE,
@@ -37,7 +37,7 @@ def client_for(server: NodeServer, **options: float) -> NodeClient:
 async def test_set_get_delete_stats(node_server: NodeServer) -> None:
     async with client_for(node_server) as client:
         assert await client.get(b"cat") is None
-        await client.set(b"cat", b"meow", flags=7, version=3)
+        await client.set(b"cat", b"meow", flags=7, version=3, ticket=await client.ticket())
         item = await client.get_item(b"cat")
         assert item is not None
         assert (item.value, item.flags, item.version) == (b"meow", 7, 3)
@@ -59,11 +59,12 @@ async def test_set_get_delete_stats(node_server: NodeServer) -> None:
 
 async def test_versioned_invalidation_refuses_older_fills(node_server: NodeServer) -> None:
     async with client_for(node_server) as client:
-        assert await client.set(b"img", b"v1", version=1) is True
+        ticket = await client.ticket()
+        assert await client.set(b"img", b"v1", version=1, ticket=ticket) is True
         assert await client.delete(b"img", version=2) is True
-        assert await client.add(b"img", b"v1", version=1) is False
-        assert await client.set(b"img", b"v1", version=1) is False
-        assert await client.set(b"img", b"v2", version=2) is True
+        assert await client.add(b"img", b"v1", version=1, ticket=ticket) is False
+        assert await client.set(b"img", b"v1", version=1, ticket=ticket) is False
+        assert await client.set(b"img", b"v2", version=2, ticket=ticket) is True
         item = await client.get_item(b"img")
         assert item is not None
         assert (item.value, item.version) == (b"v2", 2)
@@ -304,13 +305,14 @@ def test_sigterm_stops_the_node_cleanly_with_clients_connected() -> None:
 
 async def test_lease_check_and_release_through_the_client(node_server: NodeServer) -> None:
     async with client_for(node_server) as first, client_for(node_server) as second:
-        assert await first.lease(b"photo", 2.0) is LEASE_GRANTED
+        assert isinstance(await first.lease(b"photo", 2.0), LeaseGranted)
         held = await second.lease(b"photo", 2.0)
         assert isinstance(held, LeaseHeld)
         assert 1.5 < held.seconds_left <= 2.0
         await first.release(b"photo")
-        assert await second.lease(b"photo", 2.0) is LEASE_GRANTED
-        assert await second.add(b"photo", b"jpeg", flags=1, version=4)
+        granted = await second.lease(b"photo", 2.0)
+        assert isinstance(granted, LeaseGranted)
+        assert await second.add(b"photo", b"jpeg", flags=1, version=4, ticket=granted.ticket)
         assert await first.lease(b"photo", 2.0) == CachedItem(b"jpeg", 1, 4)
         assert await first.check(b"photo") == 4
         assert await first.check(b"other") is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 
 import pytest
 
@@ -15,6 +16,7 @@ from cachenode.protocol import (
     MAGIC_REQUEST,
     MAGIC_RESPONSE,
     MAX_KEYS_COUNT,
+    TICKET,
     Frame,
     FrameDecoder,
     Opcode,
@@ -24,10 +26,11 @@ from cachenode.protocol import (
 )
 from cachenode.sessions import BinarySession, TextSession, session_for
 from cachenode.status import Status
-from cachenode.store import MIB, Policy, Store, counted_size
+from cachenode.store import DEFAULT_TOMBSTONE_SECONDS, MIB, Policy, Store, counted_size
 from cachenode.streaminput import Value
 
 WALL_TIME = 1_700_000_000.0
+WRITES = (Opcode.SET, Opcode.ADD)
 
 # -- helpers -----------------------------------------------------------------
 
@@ -84,16 +87,30 @@ def call(
     request_id: int = 1,
     flags: int = 0,
     version: int = 0,
+    ticket: int | None = None,
 ) -> Frame:
-    """Send one request and return its one reply."""
+    """Send one request and return its one reply.
+
+    A versioned SET or ADD carries a fresh write ticket unless ``ticket`` says
+    which (0: none).
+    """
+    if ticket is None:
+        ticket = session._node.store.ticket() if version and opcode in WRITES else 0
+    extras = TICKET.pack(ticket) if ticket else b""
     replies = exchange(
-        session, encode_request(opcode, request_id, key, value, flags=flags, version=version)
+        session,
+        encode_request(opcode, request_id, key, value, flags=flags, version=version, extras=extras),
     )
     assert len(replies) == 1
     reply = replies[0]
     assert reply.opcode == opcode
     assert reply.request_id == request_id
     return reply
+
+
+def without_boot_id(stats: Mapping[str, object]) -> dict[str, object]:
+    """Statistics that two nodes fed the same requests share (each draws its boot id)."""
+    return {name: value for name, value in stats.items() if name != "boot_id"}
 
 
 def store_contents(node: Node) -> list[tuple[bytes, Value]]:
@@ -397,7 +414,8 @@ def test_unknown_opcode_and_the_session_keeps_working() -> None:
     [
         pytest.param(encode_request(Opcode.PING, 1)[1:], id="bad-magic"),
         pytest.param(
-            HEADER.pack(MAGIC_REQUEST, Opcode.GET, 0, 1, 1, 0, 2, 0, 0) + b"k", id="reserved"
+            HEADER.pack(MAGIC_REQUEST, Opcode.GET, 0, 1, 33, 0, 2, 0, 0) + b"k" * 34,
+            id="extras-too-long",
         ),
         pytest.param(encode_request(Opcode.GET, 3, b"k" * 251), id="key-too-long"),
         pytest.param(
@@ -804,12 +822,12 @@ def test_binary_whole_requests_answer_as_byte_by_byte_ones(count: int) -> None:
     assert b"".join(out_whole) == out_split
     assert whole.closing == split.closing
     # The fast path counts its lookups like the decoder's path does.
-    assert whole._node.stats() == split._node.stats()
+    assert without_boot_id(whole._node.stats()) == without_boot_id(split._node.stats())
 
 
 def test_fast_binary_get_replies_with_value_flags_version_and_request_id() -> None:
     session = BinarySession(make_node())
-    exchange(session, encode_request(Opcode.SET, 1, b"photo", b"v" * 5000, flags=3, version=42))
+    call(session, Opcode.SET, b"photo", b"v" * 5000, flags=3, version=42)
     (reply,) = exchange(session, encode_request(Opcode.GET, 0xABCDEF, b"photo"))
     assert (reply.status, reply.request_id, reply.value, reply.flags) == (
         Status.OK,
@@ -861,7 +879,7 @@ def test_lease_of_a_cached_key_returns_the_item() -> None:
 @pytest.mark.parametrize(
     "ending",
     [
-        pytest.param(encode_request(Opcode.ADD, 5, b"k", b"v", version=3), id="fill"),
+        pytest.param(encode_request(Opcode.ADD, 5, b"k", b"v", version=3), id="refused-fill"),
         pytest.param(encode_request(Opcode.SET, 5, b"k", b"v"), id="set"),
         pytest.param(encode_request(Opcode.DELETE, 5, b"k", version=7), id="invalidation"),
         pytest.param(encode_request(Opcode.RELEASE, 5, b"k"), id="release"),
@@ -873,9 +891,78 @@ def test_a_write_delete_release_or_clear_ends_the_lease(ending: bytes) -> None:
     assert call(session, Opcode.LEASE, b"k").status == Status.NOT_FOUND
     assert call(session, Opcode.LEASE, b"k").status == Status.LEASED
     (reply,) = exchange(session, ending)
-    assert reply.status in (Status.OK, Status.NOT_FOUND)  # a DELETE of nothing is NOT_FOUND
+    # A DELETE of nothing is NOT_FOUND; a fill without a write ticket NOT_STORED.
+    assert reply.status in (Status.OK, Status.NOT_FOUND, Status.NOT_STORED)
     after = call(session, Opcode.LEASE, b"k")
     assert after.status in (Status.OK, Status.NOT_FOUND)  # the item, or a new lease
+
+
+# -- binary: write tickets --------------------------------------------------------------------
+
+
+def test_a_granted_lease_is_a_write_ticket_for_the_fill() -> None:
+    session = BinarySession(make_node())
+    granted = call(session, Opcode.LEASE, b"k")
+    assert granted.status == Status.NOT_FOUND
+    fill = call(session, Opcode.ADD, b"k", b"v", version=3, ticket=granted.version)
+    assert fill.status == Status.OK
+
+
+@pytest.mark.parametrize("opcode", WRITES)
+def test_a_versioned_write_without_a_ticket_is_refused_and_changes_nothing(opcode: int) -> None:
+    session = BinarySession(make_node())
+    reply = call(session, opcode, b"k", b"v", version=3, ticket=0)
+    assert reply.status == Status.NOT_STORED
+    assert b"ticket" in bytes(reply.value)
+    assert call(session, Opcode.GET, b"k").status == Status.NOT_FOUND
+    # Unversioned writes (memcached's kind) need none.
+    assert call(session, opcode, b"k", b"plain").status == Status.OK
+
+
+@pytest.mark.parametrize("opcode", WRITES)
+def test_a_ticket_as_old_as_a_tombstone_is_refused(opcode: int) -> None:
+    """However long a client paused between its ticket and its write, no
+    tombstone created after the ticket can have expired when the write lands."""
+    clock = FakeClock()
+    session = BinarySession(make_node(clock=clock))
+    ticket = call(session, Opcode.TICKET).version
+    clock.advance(DEFAULT_TOMBSTONE_SECONDS - 0.001)
+    assert call(session, opcode, b"k", b"v", version=3, ticket=ticket).status == Status.OK
+    clock.advance(0.001)
+    reply = call(session, opcode, b"k2", b"v", version=3, ticket=ticket)
+    assert reply.status == Status.NOT_STORED
+    assert call(session, Opcode.GET, b"k2").status == Status.NOT_FOUND
+
+
+def test_a_ticket_of_another_incarnation_or_from_the_future_is_refused() -> None:
+    clock = FakeClock()
+    before_restart = BinarySession(make_node(clock=clock))
+    after_restart = BinarySession(make_node(clock=clock))  # same clock, new node
+    ticket = call(before_restart, Opcode.TICKET).version
+    assert call(after_restart, Opcode.SET, b"k", b"v", version=3, ticket=ticket).status == (
+        Status.NOT_STORED
+    )
+    future = call(after_restart, Opcode.TICKET).version + 1_000_000
+    assert call(after_restart, Opcode.SET, b"k", b"v", version=3, ticket=future).status == (
+        Status.NOT_STORED
+    )
+
+
+def test_extras_other_than_a_write_ticket_are_refused() -> None:
+    session = BinarySession(make_node())
+    short = encode_request(Opcode.SET, 1, b"k", b"v", version=3, extras=b"1234")
+    on_get = encode_request(Opcode.GET, 2, b"k", extras=TICKET.pack(1))
+    replies = exchange(session, short + on_get)
+    assert [r.status for r in replies] == [Status.INVALID_ARGUMENT, Status.INVALID_ARGUMENT]
+    assert not session.closing
+    assert call(session, Opcode.GET, b"k").status == Status.NOT_FOUND
+
+
+def test_ping_and_stats_report_the_incarnation() -> None:
+    node, other = make_node(), make_node()
+    boot_id = call(BinarySession(node), Opcode.PING).version
+    assert boot_id == node.stats()["boot_id"] != other.stats()["boot_id"]
+    assert boot_id > 0
 
 
 def test_a_refused_stale_fill_still_ends_the_lease() -> None:

@@ -23,6 +23,7 @@ from cachenode.protocol import (
     MAGIC_REQUEST,
     MAGIC_RESPONSE,
     MAX_REQUEST_ID,
+    TICKET,
     Frame,
     FrameDecoder,
     Opcode,
@@ -64,10 +65,10 @@ class LeaseHeld:
 
 @dataclass(frozen=True, slots=True)
 class LeaseGranted:
-    """The key is missing and this client should load and fill it (or release it)."""
+    """The key is missing and this client should load and fill it (or release
+    it), writing with ``ticket``: the lease is also a write ticket."""
 
-
-LEASE_GRANTED = LeaseGranted()
+    ticket: int
 
 
 class _Connection(asyncio.Protocol):
@@ -134,14 +135,14 @@ class _Connection(asyncio.Protocol):
         self._writable.set()
 
     async def request(
-        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int
+        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int, extras: bytes
     ) -> asyncio.Future[Frame]:
         """Send one request; the returned future resolves to its reply frame."""
         if not self._writable.is_set():
             await self._writable.wait()
         if self.closed or self._transport is None or self._transport.is_closing():
             raise NodeUnavailable(f"connection to {self._address} is closed")
-        return self.send(opcode, key, value, flags, version)
+        return self.send(opcode, key, value, flags, version, extras)
 
     @property
     def ready(self) -> bool:
@@ -154,7 +155,13 @@ class _Connection(asyncio.Protocol):
         )
 
     def send(
-        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int
+        self,
+        opcode: Opcode,
+        key: bytes,
+        value: bytes,
+        flags: int,
+        version: int,
+        extras: bytes = b"",
     ) -> asyncio.Future[Frame]:
         """``request`` for a connection known to be ready."""
         assert self._transport is not None
@@ -163,7 +170,7 @@ class _Connection(asyncio.Protocol):
         future: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[request_id] = future
         header = encode_header(
-            MAGIC_REQUEST, opcode, request_id, key, len(value), 0, flags, version
+            MAGIC_REQUEST, opcode, request_id, key, len(value), 0, flags, version, extras
         )
         if len(value) <= _COALESCE_LIMIT:
             self._transport.write(header + value)
@@ -171,11 +178,12 @@ class _Connection(asyncio.Protocol):
             self._transport.writelines((header, value))
         return future
 
-    def forget(self, future: asyncio.Future[Frame]) -> None:
-        for request_id, pending in self._pending.items():
-            if pending is future:
-                del self._pending[request_id]
-                return
+    def abandon(self) -> None:
+        """Give up on this connection at once: a request that timed out may
+        still be queued on it, and must not reach the node later (fail closed)."""
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
 
     def close(self) -> None:
         self.closed = True
@@ -253,10 +261,15 @@ class NodeClient:
             accept=(Status.NOT_FOUND, Status.LEASED),
         )
         if frame.status == Status.NOT_FOUND:
-            return LEASE_GRANTED
+            return LeaseGranted(frame.version)
         if frame.status == Status.LEASED:
             return LeaseHeld(frame.flags / 1000)
         return _cached_item(frame)
+
+    async def ticket(self) -> int:
+        """A write ticket, for versioned writes of what this client reads from now on."""
+        frame = await self._call(Opcode.TICKET)
+        return frame.version
 
     async def release(self, key: bytes) -> None:
         """Give back a lease without filling the key (the load failed)."""
@@ -280,24 +293,42 @@ class NodeClient:
         for connection in self._connections:
             if connection.ready and connection.in_flight < _SEND_SOON_MAX_IN_FLIGHT:
                 future = connection.send(Opcode.CHECK, key, b"", min(requests, _MAX_U32), 0)
-                future.add_done_callback(functools.partial(_forget_if_cancelled, connection))
+                future.add_done_callback(functools.partial(_abandon_if_cancelled, connection))
                 return future
         return None
 
-    async def set(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
-        """Store ``value``; False when ``version`` is older than the node's for this key.
+    async def set(
+        self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0, ticket: int = 0
+    ) -> bool:
+        """Store ``value``; False when ``version`` is older than the node's for this key,
+        or when a versioned write's ``ticket`` (from ``ticket`` or ``lease``) is missing
+        or too old.
 
         Raises NodeReplyError(TOO_LARGE) for a value the node refuses.
         """
         frame = await self._call(
-            Opcode.SET, key, value, flags=flags, version=version, accept=(Status.NOT_STORED,)
+            Opcode.SET,
+            key,
+            value,
+            flags=flags,
+            version=version,
+            extras=TICKET.pack(ticket) if ticket else b"",
+            accept=(Status.NOT_STORED,),
         )
         return frame.status == Status.OK
 
-    async def add(self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0) -> bool:
-        """Store only if absent and not stale; False when the node did not store it."""
+    async def add(
+        self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0, ticket: int = 0
+    ) -> bool:
+        """Store only if absent and not stale (as ``set``); False when the node did not."""
         frame = await self._call(
-            Opcode.ADD, key, value, flags=flags, version=version, accept=(Status.NOT_STORED,)
+            Opcode.ADD,
+            key,
+            value,
+            flags=flags,
+            version=version,
+            extras=TICKET.pack(ticket) if ticket else b"",
+            accept=(Status.NOT_STORED,),
         )
         return frame.status == Status.OK
 
@@ -344,6 +375,11 @@ class NodeClient:
         frame = await self._call(Opcode.PING)
         return bytes(frame.value).decode()
 
+    async def boot_id(self) -> int:
+        """The node's incarnation: a random number it draws when it starts."""
+        frame = await self._call(Opcode.PING)
+        return frame.version
+
     async def keys(
         self, cursor: bytes = b"", count: int = DEFAULT_KEYS_COUNT
     ) -> tuple[list[tuple[bytes, int]], bytes]:
@@ -371,16 +407,19 @@ class NodeClient:
         *,
         flags: int = 0,
         version: int = 0,
+        extras: bytes = b"",
         accept: tuple[Status, ...] = (),
     ) -> Frame:
         try:
             async with asyncio.timeout(self.timeout):
                 connection = await self._connection()
-                future = await connection.request(opcode, key, value, flags, version)
+                future = await connection.request(opcode, key, value, flags, version, extras)
                 try:
                     frame = await future
                 except asyncio.CancelledError:
-                    connection.forget(future)
+                    # Timed out or cancelled: the request may still be queued
+                    # on the connection, so it goes, and the request with it.
+                    connection.abandon()
                     raise
         except TimeoutError:
             raise NodeTimeout(f"{self.address} did not answer within {self.timeout} s") from None
@@ -420,9 +459,9 @@ class NodeClient:
         return connection
 
 
-def _forget_if_cancelled(connection: _Connection, future: asyncio.Future[Frame]) -> None:
+def _abandon_if_cancelled(connection: _Connection, future: asyncio.Future[Frame]) -> None:
     if future.cancelled():
-        connection.forget(future)
+        connection.abandon()
 
 
 def _status(code: int) -> Status:

@@ -38,6 +38,7 @@ class Node:
         stats["lease_waits"] = self.leases.waits
         stats["current_connections"] = self.current_connections
         stats["total_connections"] = self.total_connections
+        stats["boot_id"] = self.store.boot_id
         stats["pid"] = os.getpid()
         stats["version"] = self.version
         return stats

@@ -18,10 +18,13 @@ from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput, Value
 
 MAGIC_REQUEST = 0xCA
 MAGIC_RESPONSE = 0xCB
-# magic, opcode, status, key length, reserved, value length, request id, flags, version
+# magic, opcode, status, key length, extras length, value length, request id, flags, version
 HEADER = struct.Struct(">BBHHHIIIQ")
 HEADER_SIZE = HEADER.size  # 28
 MAX_KEY_LENGTH = 250
+# Extras sit between the header and the key; only a write ticket (8 bytes) is defined.
+MAX_EXTRAS_LENGTH = 32
+TICKET = struct.Struct(">Q")
 # A frame may never declare more; a node refuses values above its own maximum
 # item size (default 16 MiB) with TOO_LARGE and skips them without buffering.
 MAX_VALUE_LENGTH = 1 << 30
@@ -44,6 +47,7 @@ class Opcode(IntEnum):
     LEASE = 0x0A  # GET, and on a miss the right to fill the key (or LEASED)
     CHECK = 0x0B  # the version of the cached item, without its value
     RELEASE = 0x0C  # give a lease back without filling
+    TICKET = 0x0D  # a write ticket: versioned writes must carry a recent one
 
 
 @dataclass(slots=True)
@@ -57,6 +61,7 @@ class Frame:
     status: int = Status.OK
     flags: int = 0
     version: int = 0
+    extras: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,7 @@ class OversizedFrame:
     request_id: int
     key: bytes
     value_length: int
+    extras: bytes = b""
 
 
 def encode_frame(
@@ -79,12 +85,16 @@ def encode_frame(
     status: int = Status.OK,
     flags: int = 0,
     version: int = 0,
+    extras: bytes = b"",
 ) -> bytes:
-    """Header, key and value as one bytes object.
+    """Header, extras, key and value as one bytes object.
 
     For big values use ``encode_header`` and send the value as its own buffer.
     """
-    return encode_header(magic, opcode, request_id, key, len(value), status, flags, version) + value
+    return (
+        encode_header(magic, opcode, request_id, key, len(value), status, flags, version, extras)
+        + value
+    )
 
 
 def encode_header(
@@ -96,12 +106,13 @@ def encode_header(
     status: int = Status.OK,
     flags: int = 0,
     version: int = 0,
+    extras: bytes = b"",
 ) -> bytes:
-    """Header and key of a frame whose value the caller sends right after."""
-    return (
-        HEADER.pack(magic, opcode, status, len(key), 0, value_length, request_id, flags, version)
-        + key
+    """Header, extras and key of a frame whose value the caller sends right after."""
+    header = HEADER.pack(
+        magic, opcode, status, len(key), len(extras), value_length, request_id, flags, version
     )
+    return header + extras + key
 
 
 def encode_request(
@@ -112,8 +123,11 @@ def encode_request(
     *,
     flags: int = 0,
     version: int = 0,
+    extras: bytes = b"",
 ) -> bytes:
-    return encode_frame(MAGIC_REQUEST, opcode, request_id, key, value, flags=flags, version=version)
+    return encode_frame(
+        MAGIC_REQUEST, opcode, request_id, key, value, flags=flags, version=version, extras=extras
+    )
 
 
 def encode_response(
@@ -177,7 +191,8 @@ class FrameDecoder(StreamInput):
         """Bytes received and not yet returned as frames."""
         collected = 0
         if self._partial is not None:  # its header and key were consumed with the first part
-            collected = HEADER_SIZE + len(self._partial.key) + self._filled
+            partial = self._partial
+            collected = HEADER_SIZE + len(partial.extras) + len(partial.key) + self._filled
         return collected + len(self._data) - self._pos
 
     def next_frame(self) -> Frame | OversizedFrame | None:
@@ -191,17 +206,26 @@ class FrameDecoder(StreamInput):
         pos = self._pos
         if self._skip or len(data) - pos < HEADER_SIZE:
             return None
-        magic, opcode, status, key_length, reserved, value_length, request_id, flags, version = (
-            HEADER.unpack_from(data, pos)
-        )
+        (
+            magic,
+            opcode,
+            status,
+            key_length,
+            extras_length,
+            value_length,
+            request_id,
+            flags,
+            version,
+        ) = HEADER.unpack_from(data, pos)
         if (
             magic != self._magic
-            or reserved
+            or extras_length > MAX_EXTRAS_LENGTH
             or key_length > MAX_KEY_LENGTH
             or value_length > MAX_VALUE_LENGTH
         ):
-            raise _header_error(self._magic, magic, reserved, key_length, value_length)
-        key_start = pos + HEADER_SIZE
+            raise _header_error(self._magic, magic, extras_length, key_length, value_length)
+        extras_start = pos + HEADER_SIZE
+        key_start = extras_start + extras_length
         value_start = key_start + key_length
         if value_length > self.max_value_length:
             if len(data) < value_start:
@@ -210,28 +234,31 @@ class FrameDecoder(StreamInput):
             available = len(data) - value_start
             self._skip = max(0, value_length - available)
             self._pos = value_start + min(value_length, available)
-            return OversizedFrame(opcode, request_id, key, value_length)
+            extras = bytes(data[extras_start:key_start])
+            return OversizedFrame(opcode, request_id, key, value_length, extras)
         end = value_start + value_length
         if len(data) < end:
             if value_length >= COLLECT_THRESHOLD and len(data) >= value_start:
                 key = bytes(data[key_start:value_start])
-                self._partial = Frame(opcode, request_id, key, b"", status, flags, version)
+                extras = bytes(data[extras_start:key_start])
+                self._partial = Frame(opcode, request_id, key, b"", status, flags, version, extras)
                 self._collect(data, value_start, value_length)
             return None
         key = bytes(data[key_start:value_start])  # of a bytes chunk: the slice itself
+        extras = bytes(data[extras_start:key_start]) if extras_length else b""
         value = self._value_of(data, value_start, end) if value_length else b""
         self._pos = end
-        return Frame(opcode, request_id, key, value, status, flags, version)
+        return Frame(opcode, request_id, key, value, status, flags, version, extras)
 
 
 def _header_error(
-    expected_magic: int, magic: int, reserved: int, key_length: int, value_length: int
+    expected_magic: int, magic: int, extras_length: int, key_length: int, value_length: int
 ) -> ProtocolError:
     """What is wrong with a header that failed validation."""
     if magic != expected_magic:
         return ProtocolError(f"bad magic byte 0x{magic:02x}, expected 0x{expected_magic:02x}")
-    if reserved:
-        return ProtocolError("reserved header field is not zero")
+    if extras_length > MAX_EXTRAS_LENGTH:
+        return ProtocolError(f"extras length {extras_length} exceeds {MAX_EXTRAS_LENGTH}")
     if key_length > MAX_KEY_LENGTH:
         return ProtocolError(f"key length {key_length} exceeds {MAX_KEY_LENGTH}")
     return ProtocolError(f"value length {value_length} exceeds {MAX_VALUE_LENGTH}")

@@ -26,6 +26,7 @@ from cachenode.protocol import (
     MAGIC_RESPONSE,
     MAX_KEY_LENGTH,
     MAX_KEYS_COUNT,
+    TICKET,
     Frame,
     FrameDecoder,
     Opcode,
@@ -43,6 +44,7 @@ MAX_CONFIG_MB = 1 << 20
 _GET = int(Opcode.GET)
 _GET_BYTE = bytes([_GET])
 _OK = int(Status.OK)
+_TAKES_TICKET = frozenset({int(Opcode.SET), int(Opcode.ADD)})
 
 # Values up to this size are sent in one buffer with their header; bigger
 # ones go out as a separate buffer so they are never copied.
@@ -92,6 +94,7 @@ class BinarySession:
             Opcode.LEASE: self._lease,
             Opcode.CHECK: self._check,
             Opcode.RELEASE: self._release,
+            Opcode.TICKET: self._ticket,
         }
 
     def receive(self, data: bytes) -> list[Value]:
@@ -100,12 +103,12 @@ class BinarySession:
         # GET per read. It halves the node's Python time per small GET; any
         # other shape (pipelined, split, or not a plain GET) takes the decoder.
         if data[1:2] == _GET_BYTE and decoder.idle and len(data) >= HEADER_SIZE:
-            magic, _, _, key_length, reserved, value_length, request_id, _, _ = HEADER.unpack_from(
-                data
+            magic, _, _, key_length, extras_length, value_length, request_id, _, _ = (
+                HEADER.unpack_from(data)
             )
             if (
                 magic == MAGIC_REQUEST
-                and not reserved
+                and not extras_length
                 and not value_length
                 and key_length <= MAX_KEY_LENGTH
                 and len(data) == HEADER_SIZE + key_length
@@ -131,6 +134,12 @@ class BinarySession:
                     out.append(_error(frame.opcode, frame.request_id, Status.TOO_LARGE, message))
                     continue
                 handler = self._handlers.get(frame.opcode)
+                if frame.extras and handler is not None and frame.opcode not in _TAKES_TICKET:
+                    message = f"opcode 0x{frame.opcode:02x} takes no extras"
+                    out.append(
+                        _error(frame.opcode, frame.request_id, Status.INVALID_ARGUMENT, message)
+                    )
+                    continue
                 if handler is None:
                     message = f"unknown opcode 0x{frame.opcode:02x}"
                     out.append(
@@ -176,7 +185,28 @@ class BinarySession:
     # Any write or delete of a key ends its lease, whatever its outcome: a
     # refused fill must let the next client that asks load the key.
 
+    def _refused_write(self, frame: Frame) -> list[Value] | None:
+        """The reply refusing a versioned write whose ticket is missing or too old.
+
+        Such a write may carry a version that an invalidation has replaced
+        since its client read it, and whose tombstone is gone (docs/protocol.md).
+        """
+        if not frame.version:
+            return None
+        if len(frame.extras) != TICKET.size:
+            if frame.extras:
+                raise InvalidKey(f"a write ticket is {TICKET.size} bytes, not {len(frame.extras)}")
+            reason = b"a versioned write needs a write ticket (TICKET or LEASE)"
+        elif self._node.store.ticket_is_valid(TICKET.unpack(frame.extras)[0]):
+            return None
+        else:
+            reason = b"write ticket expired or from another incarnation of the node"
+        self._node.leases.release(frame.key)
+        return [encode_response(frame.opcode, frame.request_id, Status.NOT_STORED, value=reason)]
+
     def _set(self, frame: Frame) -> list[Value]:
+        if (refused := self._refused_write(frame)) is not None:
+            return refused
         try:
             item = self._node.store.set(
                 frame.key, frame.value, flags=frame.flags, version=frame.version
@@ -186,6 +216,8 @@ class BinarySession:
         return [encode_response(Opcode.SET, frame.request_id, version=item.version)]
 
     def _add(self, frame: Frame) -> list[Value]:
+        if (refused := self._refused_write(frame)) is not None:
+            return refused
         try:
             item = self._node.store.add(
                 frame.key, frame.value, flags=frame.flags, version=frame.version
@@ -219,8 +251,11 @@ class BinarySession:
             return self._item_reply(frame.opcode, item, frame.request_id)
         seconds = min(frame.flags / 1000 or DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS)
         left = self._node.leases.acquire(frame.key, seconds)
-        if not left:
-            return [encode_response(Opcode.LEASE, frame.request_id, Status.NOT_FOUND)]
+        if not left:  # granted, with the ticket its fill needs
+            ticket = self._node.store.ticket()
+            return [
+                encode_response(Opcode.LEASE, frame.request_id, Status.NOT_FOUND, version=ticket)
+            ]
         return [
             encode_response(
                 Opcode.LEASE, frame.request_id, Status.LEASED, flags=math.ceil(left * 1000)
@@ -238,6 +273,10 @@ class BinarySession:
             encode_response(Opcode.CHECK, frame.request_id, flags=item.flags, version=item.version)
         ]
 
+    def _ticket(self, frame: Frame) -> list[Value]:
+        ticket = self._node.store.ticket()
+        return [encode_response(Opcode.TICKET, frame.request_id, version=ticket)]
+
     def _release(self, frame: Frame) -> list[Value]:
         self._node.leases.release(frame.key)
         return [encode_response(Opcode.RELEASE, frame.request_id)]
@@ -252,7 +291,14 @@ class BinarySession:
         return [encode_response(Opcode.CONFIG, frame.request_id, value=current_config(self._node))]
 
     def _ping(self, frame: Frame) -> list[Value]:
-        return [encode_response(Opcode.PING, frame.request_id, value=self._node.version.encode())]
+        return [
+            encode_response(
+                Opcode.PING,
+                frame.request_id,
+                value=self._node.version.encode(),
+                version=self._node.store.boot_id,
+            )
+        ]
 
     def _keys(self, frame: Frame) -> list[Value]:
         try:

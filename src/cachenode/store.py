@@ -29,9 +29,11 @@ MIB = 1 << 20
 ITEM_OVERHEAD = 256
 MAX_KEY_LENGTH = 250
 DEFAULT_MAX_ITEM_SIZE = 16 * MIB
-# How long a versioned delete keeps refusing older writes of its key. It must
-# outlast any read-then-fill of a client (the gateway gives up filling after 5 s).
+# How long a versioned delete keeps refusing older writes of its key. A write
+# ticket lives exactly as long (below), so no write can outlive a tombstone
+# created after its ticket, however long its client paused.
 DEFAULT_TOMBSTONE_SECONDS = 30.0
+_MICROSECONDS = 1_000_000
 
 
 class Policy(StrEnum):
@@ -111,6 +113,11 @@ class Store:
         self._tombstone_seconds = tombstone_seconds
         # (version, expires_at) of the last versioned clear: a tombstone for every key.
         self._floor: tuple[int, float] = (0, 0.0)
+        # Tickets count microseconds on the clock from a random origin, so a
+        # ticket of another incarnation of the node is, but for a chance of
+        # about 2^-42, too old or from the future here (docs/protocol.md).
+        self._ticket_origin = random.SystemRandom().randrange(1 << 40, 1 << 62)
+        self.boot_id = random.SystemRandom().getrandbits(63) + 1
         self.lookups = self.hits = self.misses = 0
         self.sets = self.deletes = self.evictions = self.expirations = 0
 
@@ -197,6 +204,23 @@ class Store:
             if not (item.expires_at and item.expires_at <= now):
                 batch.append((key, item.size))
         return batch, bottom
+
+    # -- write tickets ------------------------------------------------------
+
+    def ticket(self) -> int:
+        """A write ticket: versioned writes must carry one younger than a tombstone.
+
+        A client takes it before reading what it will write (a fill's row, a
+        copy's source): every tombstone created since then is still live when
+        a write carrying it is accepted, so a write of a version that an
+        invalidation replaced in the meantime is always refused.
+        """
+        return self._ticket_origin + int(self._clock() * _MICROSECONDS)
+
+    def ticket_is_valid(self, ticket: int) -> bool:
+        """Whether ``ticket`` is this incarnation's and younger than a tombstone."""
+        age = self.ticket() - ticket
+        return 0 <= age < self._tombstone_seconds * _MICROSECONDS
 
     # -- writing ------------------------------------------------------------
 
