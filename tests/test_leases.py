@@ -25,8 +25,9 @@ from cachenode.client import LEASE_GRANTED, NodeClient
 from cachenode.server import NodeConfig, NodeServer
 from imagecache.blobs import FolderBlobStore
 from imagecache.cachepool import CachePool
+from imagecache.catalog import ImageCatalog, ImageRecord
+from imagecache.database import Database
 from imagecache.errors import ImageNotFound
-from imagecache.metadata import ImageRecord, MetadataStore
 from imagecache.service import FILL_LEASE_SECONDS, Image, ImageService
 from tests.conftest import NodeProcess, image_bytes
 
@@ -53,8 +54,8 @@ class CountingBlobStore(FolderBlobStore):
         return data
 
 
-class GatedMetadata(MetadataStore):
-    """The real metadata store; a test may hold row reads at ``gate``."""
+class GatedCatalog(ImageCatalog):
+    """The real image catalog; a test may hold row reads at ``gate``."""
 
     gate: asyncio.Event | None = None
 
@@ -69,7 +70,7 @@ class Gateway:
     service: ImageService
     pool: CachePool
     blobs: CountingBlobStore
-    metadata: GatedMetadata
+    catalog: GatedCatalog
 
 
 @pytest.fixture
@@ -91,15 +92,15 @@ async def gateways(
     async with AsyncExitStack() as stack:
         made = []
         for _ in range(count):
-            metadata = await stack.enter_async_context(GatedMetadata.open(url))
-            assert isinstance(metadata, GatedMetadata)
+            database = await stack.enter_async_context(Database.open(url))
+            catalog = await GatedCatalog.open(database)
             blobs = CountingBlobStore(tmp_path / "blobs")
             await blobs.prepare()
             pool = CachePool()
             await pool.set_members(members)
             stack.push_async_callback(pool.close)
-            service = ImageService(metadata, blobs, pool, fill_lease_seconds=lease_seconds)
-            made.append(Gateway(service, pool, blobs, metadata))
+            service = ImageService(catalog, blobs, pool, fill_lease_seconds=lease_seconds)
+            made.append(Gateway(service, pool, blobs, catalog))
         yield made
 
 
@@ -188,12 +189,12 @@ async def test_a_missing_key_releases_its_lease_at_once(
 ) -> None:
     lease = 5.0  # long: only the release can end it within the test's bound
     async with gateways(tmp_path, nodes, 2, lease_seconds=lease) as (first, second):
-        first.metadata.gate = asyncio.Event()
+        first.catalog.gate = asyncio.Event()
         first_read = asyncio.create_task(first.service.read("nothing-here"))
         await until(lambda: sum(n.node.leases.granted for n in nodes) == 1)
         second_read = asyncio.create_task(second.service.read("nothing-here"))
         await until(lambda: lease_waits(nodes) > 0)  # the second waits for the first
-        first.metadata.gate.set()
+        first.catalog.gate.set()
         released = time.monotonic()
         with pytest.raises(ImageNotFound):
             await first_read

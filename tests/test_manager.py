@@ -20,7 +20,7 @@ from imagecache.app import create_app as create_gateway
 from imagecache.appkeys import POOL
 from imagecache.config import Config, parse_address, with_data_dir
 from manager.app import create_app as create_manager
-from manager.appkeys import AUTOSCALER, BACKEND, CONTROLLER, METADATA
+from manager.appkeys import AUTOSCALER, BACKEND, CONTROLLER, RECORDS
 from tests.conftest import image_bytes
 
 PASSWORD = "correct horse"
@@ -259,7 +259,7 @@ async def test_the_autoscaler_grows_on_misses_and_shrinks_on_hits(tmp_path: Path
         await read_until("/api/key/hot", lambda: controller.size < grown)
         assert controller.size < grown, "the pool did not shrink on an all-hit load"
         for _ in range(50):  # the shrink is recorded once the leaving node has stopped
-            history = await system.manager.app[METADATA].list_activity()
+            history = await system.manager.app[RECORDS].list_activity()
             causes = [entry.cause for entry in history]
             if any("shrink" in cause for cause in causes):
                 break

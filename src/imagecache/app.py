@@ -15,24 +15,27 @@ from aiohttp import web
 from imagecache import api, pages, prometheus
 from imagecache.appkeys import (
     BLOBS,
+    CATALOG,
     CONFIG,
     FAST_PATH_COUNTERS,
     FLASH_SECRET,
     KEPT_COPIES,
     MANAGER,
     MEMBERSHIP,
-    METADATA,
+    MEMBERSHIP_STORE,
     POOL,
     SERVICE,
 )
 from imagecache.blobs import open_blob_store
 from imagecache.cachepool import CachePool
+from imagecache.catalog import ImageCatalog
 from imagecache.config import MIB, Config
+from imagecache.database import Database
 from imagecache.fastpath import FastPath, FastPathCounters, FastPathSite
 from imagecache.keptcopies import KeptCopies
 from imagecache.manager_link import ManagerLink
 from imagecache.membership import MembershipFollower
-from imagecache.metadata import MetadataStore
+from imagecache.poolmembers import MembershipStore
 from imagecache.service import ImageService
 
 log = logging.getLogger(__name__)
@@ -92,8 +95,9 @@ def create_app(config: Config) -> web.Application:
 
 
 async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with MetadataStore.open(app[CONFIG].metadata_url) as metadata:
-        app[METADATA] = metadata
+    async with Database.open(app[CONFIG].metadata_url) as database:
+        app[CATALOG] = await ImageCatalog.open(database)
+        app[MEMBERSHIP_STORE] = await MembershipStore.open(database)
         yield
 
 
@@ -107,14 +111,14 @@ async def blobs_ctx(app: web.Application) -> AsyncIterator[None]:
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = CachePool(timeout=app[CONFIG].gateway.node_timeout)
     app[POOL] = pool
-    app[MEMBERSHIP] = MembershipFollower(app[METADATA], pool, app[CONFIG].gateway.nodes)
+    app[MEMBERSHIP] = MembershipFollower(app[MEMBERSHIP_STORE], pool, app[CONFIG].gateway.nodes)
     await app[MEMBERSHIP].refresh()  # route from the first request on
     yield
     await pool.close()
 
 
 async def service_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[SERVICE] = ImageService(app[METADATA], app[BLOBS], app[POOL])
+    app[SERVICE] = ImageService(app[CATALOG], app[BLOBS], app[POOL])
     yield
 
 

@@ -6,16 +6,18 @@ from aiohttp import web
 
 from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool
+from imagecache.catalog import ImageCatalog
 from imagecache.config import Config
 from imagecache.fastpath import FastPathCounters
 from imagecache.keptcopies import KeptCopies
 from imagecache.manager_link import ManagerLink
 from imagecache.membership import MembershipFollower
-from imagecache.metadata import MetadataStore
+from imagecache.poolmembers import MembershipStore
 from imagecache.service import ImageService
 
 CONFIG = web.AppKey("config", Config)
-METADATA = web.AppKey("metadata", MetadataStore)
+CATALOG = web.AppKey("catalog", ImageCatalog)
+MEMBERSHIP_STORE = web.AppKey("membership_store", MembershipStore)
 BLOBS = web.AppKey("blobs", BlobStore)
 POOL = web.AppKey("pool", CachePool)
 KEPT_COPIES = web.AppKey("kept_copies", KeptCopies)

@@ -1,25 +1,57 @@
 """The SQL databases the project uses: SQLite (embedded) and MySQL/RDS, one code path.
 
-Everything that differs between the two is here: how an engine is made, and
-how write transactions start. SQLite follows SQLAlchemy's documented recipe
-for pysqlite/aiosqlite: the driver emits no BEGIN of its own, and write
-transactions (connections with the ``WRITE`` execution option) begin with
-``BEGIN IMMEDIATE``, so two writers never deadlock upgrading their locks.
+Everything that differs between the two is here: how an engine is made, how
+write transactions start, and the column types that need a variant.
+``Database`` is the metadata database a process opens once; each store built
+on it (the image catalog, the pool membership, the manager's records) creates
+its own tables, and they share the ``counters`` table.
+
+- SQLite, by SQLAlchemy's documented recipe for pysqlite/aiosqlite: the
+  driver's own transaction handling is switched off and a write transaction
+  (a connection with the ``WRITE`` execution option) starts with ``BEGIN
+  IMMEDIATE``, so it takes the write lock first, waiting up to the busy
+  timeout, instead of failing with "database is locked" when it upgrades a
+  read lock; reads run in autocommit. WAL lets readers go on beside the
+  writer (of this process or another one). Within one process, writers also
+  queue on an asyncio lock.
+- MySQL: READ COMMITTED, so the locking reads take no gap locks; transactions
+  that must not interleave lock one counter row first (``lock_counter``),
+  which serializes them without deadlocks.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    contextmanager,
+    nullcontext,
+)
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
-from sqlalchemy import event
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    MetaData,
+    String,
+    Table,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.schema import CreateTable
 
 from imagecache.errors import StorageError
 
@@ -27,6 +59,20 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 MYSQL_CONNECT_TIMEOUT_S = 10
 # Execution option that marks a connection's transactions as writes.
 WRITE = "imagecache_write"
+
+# Naive UTC on both databases; MySQL's DATETIME keeps only whole seconds unless told.
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# Keys compare byte for byte (case-sensitive) and sort alike on both databases.
+MYSQL_TABLE: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+
+# Numbers that only grow (the image version, the membership epoch), one row each.
+counters_table = Table(
+    "counters",
+    MetaData(),
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+    **MYSQL_TABLE,
+)
 
 
 @contextmanager
@@ -58,6 +104,134 @@ async def open_database(
     with storage_failures(f"{store} store", where, "open the database"):
         engine, write_gate = await create_engine(parsed)
     return engine, write_gate, where
+
+
+class Database:
+    """The metadata database, opened once per process; the stores are built on it.
+
+    The stores' methods read in ``read()`` and write in ``write()``, both
+    within ``failures(action)``: so each raises StorageError when the database
+    fails or cannot be reached; then a write changed nothing (or, if only the
+    reply was lost, may have been committed).
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, write_gate: AbstractAsyncContextManager[Any], where: str
+    ) -> None:
+        self._engine = engine
+        self._writer = engine.execution_options(**{WRITE: True})
+        self._write_gate = write_gate
+        self._where = where
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str) -> AsyncIterator[Database]:
+        """The database at ``url``; the stores create their own tables.
+
+        ``url`` is ``sqlite+aiosqlite:///path/to/file.db`` (the folder is
+        created) or ``mysql+aiomysql://user:password@host:port/database``.
+        The connections are closed on exit. Raises ValueError for a URL of
+        another kind, StorageError when the database cannot be used.
+        """
+        engine, write_gate, where = await open_database(url, "metadata")
+        try:
+            yield cls(engine, write_gate, where)
+        finally:
+            await engine.dispose()
+
+    def read(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection for reads (in autocommit on SQLite)."""
+        return self._engine.connect()
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction, committed on exit unless it raises."""
+        async with self._write_gate, self._writer.begin() as conn:
+            yield conn
+
+    def failures(self, action: str) -> AbstractContextManager[None]:
+        """Turns database failures into StorageError saying what could not be done."""
+        return storage_failures("metadata store", self._where, action)
+
+    async def create(self, schema: MetaData, counters: Sequence[str] = ()) -> None:
+        """Create the tables of ``schema`` and the ``counters`` (at 0) that are absent.
+
+        Two processes may start at once: what the other one creates meanwhile is kept.
+        """
+        tables = [*schema.sorted_tables, *([counters_table] if counters else [])]
+        with self.failures("create the schema"):
+            async with self.write() as conn:
+                # create_all, but IF NOT EXISTS.
+                for table in tables:
+                    await conn.execute(CreateTable(table, if_not_exists=True))
+            if not counters:
+                return
+            try:
+                async with self.write() as conn:
+                    present = set(
+                        (
+                            await conn.execute(
+                                select(counters_table.c.name)
+                                .where(counters_table.c.name.in_(counters))
+                                .with_for_update()
+                            )
+                        ).scalars()
+                    )
+                    missing = [{"name": n, "value": 0} for n in counters if n not in present]
+                    if missing:
+                        await conn.execute(insert(counters_table), missing)
+            except IntegrityError:
+                pass  # another process created them at the same moment
+
+
+class Store:
+    """A part of the metadata database with its own tables, which ``open`` creates if absent."""
+
+    schema: ClassVar[MetaData]  # the store's tables
+    counters: ClassVar[Sequence[str]] = ()  # the rows of ``counters_table`` it uses
+
+    def __init__(self, database: Database) -> None:
+        """Use ``open``: it creates the tables."""
+        self._db = database
+
+    @classmethod
+    async def open(cls, database: Database) -> Self:
+        """The store in ``database``, its tables and counters created if absent."""
+        await database.create(cls.schema, cls.counters)
+        return cls(database)
+
+
+async def counter(conn: AsyncConnection, name: str) -> int:
+    """The value of the counter ``name``."""
+    result = await conn.execute(select(counters_table.c.value).where(counters_table.c.name == name))
+    return int(result.scalar_one_or_none() or 0)
+
+
+async def lock_counter(conn: AsyncConnection, name: str) -> int:
+    """The counter's value, its row locked until the transaction ends (MySQL)."""
+    result = await conn.execute(
+        select(counters_table.c.value).where(counters_table.c.name == name).with_for_update()
+    )
+    return int(result.scalar_one())
+
+
+async def bump(conn: AsyncConnection, name: str) -> int:
+    """Increment the counter ``name`` and return its new value."""
+    value = await lock_counter(conn, name) + 1
+    await conn.execute(
+        update(counters_table).where(counters_table.c.name == name).values(value=value)
+    )
+    return value
+
+
+def naive_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC without its zone, as the ``Timestamp`` columns keep it."""
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def naive_utc_now() -> datetime:
+    """Now in UTC, naive, as the ``Timestamp`` columns keep it."""
+    return naive_utc(datetime.now(UTC))
 
 
 async def create_engine(url: URL) -> tuple[AsyncEngine, AbstractAsyncContextManager[Any]]:

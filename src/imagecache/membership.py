@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from imagecache.cachepool import CachePool
-from imagecache.metadata import MetadataStore
+from imagecache.poolmembers import MembershipStore
 
 
 class MembershipFollower:
@@ -12,14 +12,14 @@ class MembershipFollower:
     Until the manager has published one (epoch 0), the configured nodes.
     """
 
-    def __init__(self, metadata: MetadataStore, pool: CachePool, nodes: tuple[str, ...]) -> None:
-        self._metadata = metadata
+    def __init__(self, store: MembershipStore, pool: CachePool, nodes: tuple[str, ...]) -> None:
+        self._store = store
         self._pool = pool
         self._configured_nodes = nodes
         self._epoch: int | None = None
 
     async def refresh(self) -> None:
-        membership = await self._metadata.get_membership()
+        membership = await self._store.get_membership()
         if membership.epoch == self._epoch:
             return
         if membership.epoch == 0:

@@ -28,9 +28,9 @@ from datetime import timedelta
 from cachenode.client import CachedItem, LeaseGranted
 from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool
+from imagecache.catalog import ImageCatalog, ImageRecord
 from imagecache.errors import BlobNotFound, ImagecacheError, ImageNotFound, StorageError
 from imagecache.images import check_key, content_type_for, flags_for, inspect_image
-from imagecache.metadata import ImageRecord, MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class SingleFlight:
 class ImageService:
     def __init__(
         self,
-        metadata: MetadataStore,
+        metadata: ImageCatalog,
         blobs: BlobStore,
         pool: CachePool,
         *,

@@ -16,20 +16,24 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from imagecache.app import TEMPLATES, every
 from imagecache.blobs import open_blob_store
+from imagecache.catalog import ImageCatalog
 from imagecache.config import Config
-from imagecache.metadata import MetadataStore
+from imagecache.database import Database
+from imagecache.poolmembers import MembershipStore
 from manager import internal_api, views
 from manager.appkeys import (
     AUTOSCALER,
     BACKEND,
     BLOBS,
+    CATALOG,
     COLLECTOR,
     CONFIG,
     CONTROLLER,
     CSRF,
-    METADATA,
+    MEMBERSHIP_STORE,
     METRICS,
     PASSWORD,
+    RECORDS,
     SESSIONS,
 )
 from manager.auth import SESSION_COOKIE, Handler, Password, Sessions, is_open, token_matches
@@ -38,6 +42,7 @@ from manager.backends.base import NodeHandle, PoolError
 from manager.backends.local import LocalPool
 from manager.collector import Collector
 from manager.pool import PoolController
+from manager.records import ManagerRecords
 from manager.sqlite_metrics import SqlMetrics
 
 log = logging.getLogger(__name__)
@@ -93,8 +98,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with MetadataStore.open(app[CONFIG].metadata_url) as metadata:
-        app[METADATA] = metadata
+    async with Database.open(app[CONFIG].metadata_url) as database:
+        app[CATALOG] = await ImageCatalog.open(database)
+        app[MEMBERSHIP_STORE] = await MembershipStore.open(database)
+        app[RECORDS] = await ManagerRecords.open(database)
         yield
 
 
@@ -130,7 +137,7 @@ def _restarted(app: web.Application) -> Callable[[NodeHandle], Awaitable[None]]:
 
 
 async def controller_ctx(app: web.Application) -> AsyncIterator[None]:
-    controller = PoolController(app[BACKEND], app[METADATA])
+    controller = PoolController(app[BACKEND], app[CATALOG], app[MEMBERSHIP_STORE], app[RECORDS])
     app[CONTROLLER] = controller
     settings = await controller.settings()
     if isinstance(app[BACKEND], LocalPool):

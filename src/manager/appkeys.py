@@ -5,17 +5,21 @@ from __future__ import annotations
 from aiohttp import web
 
 from imagecache.blobs import BlobStore
+from imagecache.catalog import ImageCatalog
 from imagecache.config import Config
-from imagecache.metadata import MetadataStore
+from imagecache.poolmembers import MembershipStore
 from manager.auth import Password, Sessions
 from manager.autoscaler import Autoscaler
 from manager.backends.base import PoolBackend
 from manager.collector import Collector
 from manager.metrics import MetricsStore
 from manager.pool import PoolController
+from manager.records import ManagerRecords
 
 CONFIG = web.AppKey("config", Config)
-METADATA = web.AppKey("metadata", MetadataStore)
+CATALOG = web.AppKey("catalog", ImageCatalog)
+MEMBERSHIP_STORE = web.AppKey("membership_store", MembershipStore)
+RECORDS = web.AppKey("records", ManagerRecords)
 BLOBS = web.AppKey("blobs", BlobStore)
 BACKEND = web.AppKey("backend", PoolBackend)
 CONTROLLER = web.AppKey("controller", PoolController)

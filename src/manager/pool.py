@@ -2,7 +2,7 @@
 
 It keeps the size within 1..8, gives a joining node the settings in force
 before any gateway routes to it, publishes the membership (with a new epoch)
-to the metadata store where gateways read it, and records every resize in the
+to the membership store where gateways read it, and records every resize in the
 activity history with its cause.
 """
 
@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 from cachenode.client import NodeClient
 from cachenode.errors import NodeError
+from imagecache.catalog import ImageCatalog
 from imagecache.config import parse_address
-from imagecache.metadata import MetadataStore, NodeRecord
+from imagecache.poolmembers import MembershipStore, NodeRecord
 from imagecache.ring import Ring
 from manager.backends.base import NodeHandle, PoolBackend, PoolError
 from manager.migration import MigrationReport, drop_keys_owned_elsewhere, move_keys
+from manager.records import ManagerRecords
 from manager.settings import MAX_NODES, MIN_NODES, CacheSettings
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,15 @@ class PoolController:
     def __init__(
         self,
         backend: PoolBackend,
-        metadata: MetadataStore,
+        catalog: ImageCatalog,
+        members: MembershipStore,
+        records: ManagerRecords,
         grace_seconds: float = MEMBERSHIP_GRACE_SECONDS,
     ) -> None:
         self._backend = backend
-        self._metadata = metadata
+        self._catalog = catalog
+        self._membership = members
+        self._records = records
         self._grace_seconds = grace_seconds
         self.last_migration: MigrationReport | None = None
         self._members: list[NodeHandle] = []
@@ -78,7 +84,7 @@ class PoolController:
             await self._publish()
 
     async def settings(self) -> CacheSettings:
-        return CacheSettings.from_strings(await self._metadata.get_settings())
+        return CacheSettings.from_strings(await self._records.get_settings())
 
     async def resize(self, target: int, cause: str, miss_rate: float | None = None) -> Resize:
         """Grow or shrink to ``target`` nodes; raises ResizeError outside 1..8.
@@ -97,7 +103,7 @@ class PoolController:
                 await self._shrink(before - target)
             if target != before:
                 self.last_resize = time.monotonic()
-                await self._metadata.add_activity(before, target, cause, miss_rate)
+                await self._records.add_activity(before, target, cause, miss_rate)
                 log.info("pool resized %d -> %d: %s", before, target, cause)
             return Resize(before, target)
 
@@ -132,7 +138,7 @@ class PoolController:
 
     async def apply_settings(self, settings: CacheSettings) -> None:
         """Store the settings and push capacity and policy to every node at once."""
-        await self._metadata.put_settings(settings.to_strings())
+        await self._records.put_settings(settings.to_strings())
         async with self._lock:
             # A node that is down now gets the settings when it is restarted
             # (node_restarted): its failure here is logged, not an error.
@@ -145,7 +151,7 @@ class PoolController:
     async def clear(self) -> None:
         """Empty every node, refusing fills of anything not newer than what is stored."""
         async with self._lock:  # not while a resize moves keys around
-            floor = await self._metadata.current_version() + 1
+            floor = await self._catalog.current_version() + 1
             await asyncio.gather(*(self._on_node(n, "clear", floor) for n in self.members))
 
     async def ping_all(self) -> dict[str, bool]:
@@ -181,4 +187,4 @@ class PoolController:
     async def _publish(self, joining: Sequence[NodeHandle] = ()) -> None:
         records = [NodeRecord(n.node_id, n.address, "active") for n in self._members]
         records += [NodeRecord(n.node_id, n.address, "joining") for n in joining]
-        await self._metadata.set_membership(records)
+        await self._membership.set_membership(records)

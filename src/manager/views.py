@@ -14,12 +14,13 @@ from imagecache.service import ImageService
 from manager.appkeys import (
     AUTOSCALER,
     BLOBS,
+    CATALOG,
     CONFIG,
     CONTROLLER,
     CSRF,
-    METADATA,
     METRICS,
     PASSWORD,
+    RECORDS,
     SESSIONS,
 )
 from manager.auth import SESSION_COOKIE, SESSION_SECONDS
@@ -175,7 +176,7 @@ async def delete_all(request: web.Request) -> web.Response:
     pool = CachePool()
     await pool.set_members([(n.node_id, n.address) for n in app[CONTROLLER].members])
     try:
-        count = await ImageService(app[METADATA], app[BLOBS], pool).delete_all()
+        count = await ImageService(app[CATALOG], app[BLOBS], pool).delete_all()
     finally:
         await pool.close()
     return _flash_redirect(
@@ -202,7 +203,7 @@ async def activity_page(request: web.Request) -> web.Response:
         request,
         "activity.html",
         page="activity",
-        resizes=await request.app[METADATA].list_activity(200),
+        resizes=await request.app[RECORDS].list_activity(200),
         decisions=list(request.app[AUTOSCALER].decisions)[:50],
         mode=(await request.app[CONTROLLER].settings()).mode.value,
         settle=request.app[CONFIG].manager.settle_seconds,

@@ -1,0 +1,135 @@
+"""The manager's records: its settings and the activity history of the pool's resizes.
+
+Kept in the metadata database (``imagecache.database``), so every manager and
+gateway process sees the same settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    insert,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+
+from imagecache.database import MYSQL_TABLE, Store, Timestamp, naive_utc_now
+
+_SETTINGS_ATTEMPTS = 5
+
+_schema = MetaData()
+
+activity_table = Table(
+    "activity",
+    _schema,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("at", Timestamp, nullable=False),
+    Column("size_before", Integer, nullable=False),
+    Column("size_after", Integer, nullable=False),
+    Column("cause", Text, nullable=False),
+    Column("miss_rate", Float, nullable=True),
+    **MYSQL_TABLE,
+)
+
+settings_table = Table(
+    "settings",
+    _schema,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    **MYSQL_TABLE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """One resize of the pool: when, from, to, why (and the miss rate that caused it)."""
+
+    at: datetime  # timezone-aware UTC
+    size_before: int
+    size_after: int
+    cause: str
+    miss_rate: float | None
+
+
+class ManagerRecords(Store):
+    """The settings and the activity history, in the metadata database.
+
+    Every public method raises StorageError as ``Database`` says.
+    """
+
+    schema = _schema
+
+    async def get_settings(self) -> dict[str, str]:
+        """Every stored setting, by name."""
+        with self._db.failures("read the settings"):
+            async with self._db.read() as conn:
+                rows = (
+                    await conn.execute(select(settings_table.c.name, settings_table.c.value))
+                ).all()
+        return {row.name: row.value for row in rows}
+
+    async def put_settings(self, values: Mapping[str, str]) -> None:
+        """Store ``values``, replacing settings of the same names, in one transaction."""
+        if not values:
+            return
+        rows = [{"name": name, "value": value} for name, value in values.items()]
+        with self._db.failures("store the settings"):
+            for attempt in range(1, _SETTINGS_ATTEMPTS + 1):
+                try:
+                    async with self._db.write() as conn:
+                        await conn.execute(
+                            delete(settings_table).where(settings_table.c.name.in_(list(values)))
+                        )
+                        await conn.execute(insert(settings_table), rows)
+                    return
+                except IntegrityError:
+                    # MySQL: a concurrent call inserted one of these names after our
+                    # DELETE found none; now the row exists and the DELETE will lock it.
+                    if attempt == _SETTINGS_ATTEMPTS:
+                        raise
+
+    async def add_activity(
+        self, size_before: int, size_after: int, cause: str, miss_rate: float | None
+    ) -> None:
+        """Record one resize of the pool in the activity history."""
+        row = {
+            "at": naive_utc_now(),
+            "size_before": size_before,
+            "size_after": size_after,
+            "cause": cause,
+            "miss_rate": miss_rate,
+        }
+        with self._db.failures("record the resize"):
+            async with self._db.write() as conn:
+                await conn.execute(insert(activity_table), row)
+
+    async def list_activity(self, limit: int = 100) -> list[Activity]:
+        """The latest resizes, newest first."""
+        query = select(activity_table).order_by(activity_table.c.id.desc()).limit(limit)
+        with self._db.failures("read the activity history"):
+            async with self._db.read() as conn:
+                rows = (await conn.execute(query)).all()
+        return [
+            Activity(
+                at=row.at.replace(tzinfo=UTC),
+                size_before=row.size_before,
+                size_after=row.size_after,
+                cause=row.cause,
+                miss_rate=row.miss_rate,
+            )
+            for row in rows
+        ]
