@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from typing import Any
 
 from cachenode.server import NodeConfig, serve
@@ -32,17 +33,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_MAX_ITEM_SIZE / MIB,
         help="largest value accepted, in MiB",
     )
-    for name, help_text in (
-        ("up", "run the whole system on the embedded default (data in ./imagecache-data)"),
-        ("gateway", "run the web gateway and JSON API (port 5000)"),
-        ("manager", "run the manager: pool, dashboard, statistics, autoscaler (port 5001)"),
+    for name, help_text, default_workers in (
+        (
+            "up",
+            "run the whole system on the embedded default (data in ./imagecache-data)",
+            "one per core, at most 4",
+        ),
+        ("gateway", "run the web gateway and JSON API (port 5000)", "1"),
+        ("manager", "run the manager: pool, dashboard, statistics, autoscaler (port 5001)", ""),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", help="TOML configuration file (or IMAGECACHE_CONFIG)")
+        if default_workers:
+            command.add_argument(
+                "--workers",
+                type=_positive_int,
+                metavar="N",
+                help="gateway processes sharing the port (default: gateway.workers of the"
+                f" configuration, else {default_workers})",
+            )
+    # Started by `gateway --workers N` and `up`, which send its configuration (workers.py).
+    commands.add_parser("gateway-worker")
 
     args = parser.parse_args(argv)
+    worker = " [worker %(process)d]" if args.command == "gateway-worker" else ""
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s{worker}: %(message)s",
     )
     if args.command == "node":
         run(
@@ -58,15 +75,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     # Imported here so that `imagecache node` starts without loading the web stack.
-    from imagecache.up import gateway, manager, up
+    from imagecache.up import gateway, gateway_worker, manager, up
+    from imagecache.workers import ParentLink, WorkerError
 
     try:
+        if args.command == "gateway-worker":
+            parent = ParentLink.from_stdin()
+            run(gateway_worker(parent.receive_config(), parent))
+            return 0
         config = load_config(args.config)
+        if getattr(args, "workers", None) is not None:
+            config = replace(config, gateway=replace(config.gateway, workers=args.workers))
         part = {"up": up, "gateway": gateway, "manager": manager}[args.command]
         run(part(config))
     except ConfigError as error:
         print(f"imagecache: {error}", file=sys.stderr)
         return 2
+    except WorkerError as error:
+        print(f"imagecache: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -78,6 +105,16 @@ def run(main_coroutine: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main_coroutine)
     else:
         uvloop.run(main_coroutine)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1, not {text}")
+    return value
 
 
 def _positive(text: str) -> float:

@@ -54,6 +54,9 @@ class GatewayConfig:
     manager_url: str = "http://127.0.0.1:5001"
     manager_token: str = ""  # shared secret, from IMAGECACHE_MANAGER_TOKEN
     secret_key: str = ""  # signs flash-message cookies; a random one when empty
+    # Gateway processes sharing the port (src/imagecache/workers.py); 0: the
+    # command's default (`gateway`: 1, `up`: one per core, at most 4).
+    workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,10 @@ class Config:
             raise ConfigError(f"gateway.port must be a TCP port, not {self.gateway.port}")
         if self.gateway.max_upload_bytes < 1:
             raise ConfigError("gateway.max_upload_mb must be positive")
+        if not 0 <= self.gateway.workers <= 256:
+            raise ConfigError(
+                f"gateway.workers must be 0 (the default) to 256, not {self.gateway.workers}"
+            )
         if not 0 <= self.gateway.kept_copies_mb <= 1 << 20:
             raise ConfigError(
                 f"gateway.kept_copies_mb must be 0 to 1048576, not {self.gateway.kept_copies_mb}"
@@ -138,6 +145,7 @@ _ENVIRONMENT: dict[str, tuple[str, str]] = {
     "IMAGECACHE_AWS_ENDPOINT_URL": ("aws", "endpoint_url"),
     "IMAGECACHE_GATEWAY_HOST": ("gateway", "host"),
     "IMAGECACHE_GATEWAY_PORT": ("gateway", "port"),
+    "IMAGECACHE_GATEWAY_WORKERS": ("gateway", "workers"),
     "IMAGECACHE_MAX_UPLOAD_MB": ("gateway", "max_upload_mb"),
     "IMAGECACHE_NODES": ("gateway", "nodes"),
     "IMAGECACHE_NODE_TIMEOUT": ("gateway", "node_timeout"),

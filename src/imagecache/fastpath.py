@@ -438,12 +438,16 @@ class FastPathSite(web.BaseSite):
         fast_path: Callable[[Callable[[], asyncio.Protocol]], FastPath],
         *,
         backlog: int = 1024,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._make_fast_path = fast_path
         self.fast: FastPath | None = None
+        # SO_REUSEPORT, so that gateway workers (workers.py) listen on one port
+        # side by side; may be set until start().
+        self.reuse_port = reuse_port
 
     @property
     def name(self) -> str:
@@ -466,6 +470,7 @@ class FastPathSite(web.BaseSite):
             self._port,
             backlog=self._backlog,
             reuse_address=True,
+            reuse_port=self.reuse_port,
         )
         if self._port == 0 and self._server.sockets:
             self._port = self._server.sockets[0].getsockname()[1]

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from imagecache import workers
 from imagecache.app import create_app, gateway_site
 from imagecache.config import Config, ConfigError
 
@@ -48,15 +49,47 @@ async def until_signalled() -> None:
 
 
 async def gateway(config: Config) -> None:
-    """Run the gateway alone until SIGINT or SIGTERM."""
-    async with serving(create_app(config), config.gateway.host, config.gateway.port, gateway_site):
-        print(f"gateway on http://{config.gateway.host}:{config.gateway.port}", flush=True)
+    """Run the gateway alone until SIGINT or SIGTERM, in gateway.workers processes (default 1)."""
+    settings = config.gateway
+    count = settings.workers or 1
+    if count == 1:
+        async with serving(create_app(config), settings.host, settings.port, gateway_site):
+            print(f"gateway on http://{settings.host}:{settings.port}", flush=True)
+            await until_signalled()
+        return
+    async with workers.running(config, count):
+        print(f"gateway on http://{settings.host}:{settings.port} ({count} workers)", flush=True)
         await until_signalled()
 
 
+async def gateway_worker(config: Config, parent: workers.ParentLink) -> None:
+    """Serve as one of several gateway processes on one port (workers.py), silently.
+
+    Runs until SIGINT, SIGTERM or the end of the supervising parent.
+    """
+    settings = config.gateway
+    async with (
+        parent.stop_requests() as stopping,
+        serving(create_app(config), settings.host, settings.port, _shared_port_site),
+    ):
+        await parent.say_listening()
+        await stopping.wait()
+
+
+def _shared_port_site(runner: web.AppRunner, host: str, port: int) -> web.BaseSite:
+    site = gateway_site(runner, host, port)
+    site.reuse_port = True
+    return site
+
+
 async def up(config: Config) -> None:
-    """Run the manager (which starts the cache nodes) and the gateway until a signal."""
+    """Run the manager (which starts the cache nodes) and the gateway until a signal.
+
+    The gateway runs in gateway.workers processes, by default one per core (at
+    most workers.MAX_DEFAULT_WORKERS); the manager stays in this one.
+    """
     config = with_local_secrets(config)
+    count = config.gateway.workers or workers.default_workers()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     # The manager is a separate part, imported here only to compose the whole system.
     from manager.app import create_app as create_manager
@@ -66,12 +99,17 @@ async def up(config: Config) -> None:
         await stack.enter_async_context(
             serving(create_manager(config), manager_settings.host, manager_settings.port)
         )
-        await stack.enter_async_context(
-            serving(create_app(config), gateway_settings.host, gateway_settings.port, gateway_site)
-        )
+        if count == 1:
+            gateway_app = create_app(config)
+            await stack.enter_async_context(
+                serving(gateway_app, gateway_settings.host, gateway_settings.port, gateway_site)
+            )
+        else:
+            await stack.enter_async_context(workers.running(config, count))
         print(
             f"imagecache is up, data in {config.data_dir.resolve()}\n"
-            f"  images:    http://{gateway_settings.host}:{gateway_settings.port}\n"
+            f"  images:    http://{gateway_settings.host}:{gateway_settings.port}"
+            f"  ({count} gateway worker{'s' if count > 1 else ''})\n"
             f"  dashboard: http://{manager_settings.host}:{manager_settings.port}"
             f"  (password: {config.manager.password})\n"
             "Ctrl-C stops everything.",
@@ -96,7 +134,8 @@ async def manager(config: Config) -> None:
 def with_local_secrets(config: Config) -> Config:
     """``config`` with a made-up dashboard password and gateway token where none is set.
 
-    Both parts run in this one process, so a token made up here is shared.
+    The manager runs in this process and the gateway here or in workers that
+    are sent this configuration, so a token made up here is shared.
     """
     password = config.manager.password or secrets.token_urlsafe(9)
     token = config.gateway.manager_token or secrets.token_urlsafe(24)
