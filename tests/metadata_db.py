@@ -46,4 +46,5 @@ async def upload(
     """What the gateway does around writing a blob: journal it, then commit it."""
     blob_name = blob_name or new_blob()
     await catalog.begin_upload(blob_name)
-    return await catalog.commit_upload(key, blob_name, "image/png", size, 4, 3)
+    committed = await catalog.commit_upload(key, blob_name, "image/png", size, 4, 3)
+    return committed.record, committed.replaced_blob

@@ -21,13 +21,17 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cachenode.client import LEASE_GRANTED, NodeClient
+from cachenode.client import LeaseGranted, NodeClient
 from cachenode.server import NodeConfig, NodeServer
+from imagecache.app import every
 from imagecache.blobs import FolderBlobStore
 from imagecache.cachepool import CachePool
 from imagecache.catalog import ImageCatalog, ImageRecord
 from imagecache.database import Database
 from imagecache.errors import ImageNotFound
+from imagecache.invalidation import Invalidator
+from imagecache.membership import RENEW_SECONDS, MembershipFollower
+from imagecache.poolmembers import MembershipStore
 from imagecache.service import FILL_LEASE_SECONDS, Image, ImageService
 from tests.conftest import NodeProcess, image_bytes
 
@@ -88,18 +92,26 @@ async def gateways(
     lease_seconds: float = FILL_LEASE_SECONDS,
 ) -> AsyncIterator[list[Gateway]]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'metadata.db'}"
-    members = [(f"node-{i}", "{}:{}".format(*node.address)) for i, node in enumerate(nodes)]
+    addresses = tuple("{}:{}".format(*node.address) for node in nodes)
     async with AsyncExitStack() as stack:
         made = []
         for _ in range(count):
             database = await stack.enter_async_context(Database.open(url))
             catalog = await GatedCatalog.open(database)
+            membership = await MembershipStore.open(database)
             blobs = CountingBlobStore(tmp_path / "blobs")
             await blobs.prepare()
             pool = CachePool()
-            await pool.set_members(members)
             stack.push_async_callback(pool.close)
-            service = ImageService(catalog, blobs, pool, fill_lease_seconds=lease_seconds)
+            view = MembershipFollower(membership, pool, addresses)
+            await view.refresh()
+            stack.push_async_callback(view.leave)
+            renewing = asyncio.create_task(every(RENEW_SECONDS, view.refresh))
+            stack.callback(renewing.cancel)
+            invalidator = Invalidator(catalog, membership, view, pool)
+            service = ImageService(
+                catalog, blobs, pool, invalidator, fill_lease_seconds=lease_seconds
+            )
             made.append(Gateway(service, pool, blobs, catalog))
         yield made
 
@@ -175,7 +187,7 @@ async def test_a_dead_lease_holder_delays_reads_by_about_the_lease_time(
         host, port = owner.address.split(":")
         # A gateway that takes the lease and dies before it fills.
         async with NodeClient(host, int(port)) as doomed:
-            assert await doomed.lease(b"cat", lease) is LEASE_GRANTED
+            assert isinstance(await doomed.lease(b"cat", lease), LeaseGranted)
         started = time.monotonic()
         images = await stampede(gws, ["cat"], 5)
         waited = time.monotonic() - started
@@ -351,7 +363,7 @@ async def test_gateway_processes_share_one_blob_read_per_stampede(
                 # loading it: every gateway's reads miss and must wait, however
                 # the three processes happen to be scheduled.
                 assert await client.delete(b"hot")
-                assert await client.lease(b"hot", 30) is LEASE_GRANTED
+                assert isinstance(await client.lease(b"hot", 30), LeaseGranted)
                 pending = asyncio.gather(*(read(port) for port in ports for _ in range(15)))
                 async with asyncio.timeout(5):
                     while (await client.stats())["lease_waits"] < len(ports):  # noqa: ASYNC110 (the waits happen in other processes)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from imagecache.catalog import ImageCatalog
+from imagecache.catalog import EVERY_KEY, ImageCatalog, Invalidation
 from imagecache.database import Database
 from imagecache.errors import StorageError
 from tests.mariadb import mariadb_database_url, mariadb_url  # noqa: F401
@@ -67,9 +67,9 @@ async def test_concurrent_commits_get_distinct_versions(catalog: ImageCatalog) -
             for key, blob in zip(keys, blobs, strict=True)
         )
     )
-    versions = [record.version for record, _ in results]
+    versions = [result.record.version for result in results]
     assert len(set(versions)) == len(versions)
-    same = [(record, replaced) for record, replaced in results if record.key == "same"]
+    same = [(r.record, r.replaced_blob) for r in results if r.record.key == "same"]
     winner = max(same, key=lambda result: result[0].version)[0]
     assert await catalog.get_image("same") == winner
     # Each commit of "same" but the first replaced exactly one earlier blob.
@@ -77,10 +77,10 @@ async def test_concurrent_commits_get_distinct_versions(catalog: ImageCatalog) -
     assert len(replaced) == 9
     assert sorted([*replaced, winner.blob_name]) == sorted(blobs[:10])
     assert sorted(await catalog.blobs_to_delete(HOUR)) == replaced
-    for record, replaced_blob in results:
-        if record.key != "same":
-            assert replaced_blob is None
-            assert await catalog.get_image(record.key) == record
+    for result in results:
+        if result.record.key != "same":
+            assert result.replaced_blob is None
+            assert await catalog.get_image(result.record.key) == result.record
     assert await catalog.current_version() == max(versions)
 
 
@@ -132,13 +132,13 @@ async def test_delete_all_journals_every_blob(catalog: ImageCatalog) -> None:
     records = [(await upload(catalog, key))[0] for key in ("b", "a", "c")]
     pending = new_blob()
     await catalog.begin_upload(pending)  # an upload in flight is not an image yet
-    deleted = await catalog.delete_all()
+    deleted, _ = await catalog.delete_all()
     assert deleted == [r.blob_name for r in sorted(records, key=lambda r: r.key)]
     assert await catalog.list_keys() == []
     assert await catalog.list_images() == []
     assert await catalog.get_image("a") is None
     assert sorted(await catalog.blobs_to_delete(HOUR)) == sorted(deleted)
-    assert await catalog.delete_all() == []
+    assert (await catalog.delete_all())[0] == []
     # The version counter does not go back: a new row is newer than any deleted one.
     again, replaced = await upload(catalog, "a")
     assert replaced is None
@@ -172,3 +172,48 @@ async def test_uploaded_at_keeps_sub_second_precision(catalog: ImageCatalog) -> 
     stored = await catalog.get_image("cat")
     assert stored is not None
     assert stored.uploaded_at == record.uploaded_at
+
+
+# -- the invalidation outbox ----------------------------------------------------------------------
+
+
+async def test_each_commit_puts_its_invalidation_in_the_outbox(catalog: ImageCatalog) -> None:
+    blobs = [new_blob(), new_blob()]
+    for blob in blobs:
+        await catalog.begin_upload(blob)
+    first = await catalog.commit_upload("cat", blobs[0], "image/png", 1, 1, 1)
+    second = await catalog.commit_upload("dog", blobs[1], "image/png", 1, 1, 1)
+    assert first.invalidation == Invalidation(first.invalidation.id, "cat", first.record.version)
+    assert await catalog.pending_invalidations(10) == [first.invalidation, second.invalidation]
+    assert await catalog.newest_invalidation_id() == second.invalidation.id
+    await catalog.invalidation_delivered(first.invalidation.id)
+    assert await catalog.pending_invalidations(10) == [second.invalidation]
+    assert await catalog.pending_invalidations(0) == []
+
+
+async def test_a_failed_commit_leaves_nothing_in_the_outbox(catalog: ImageCatalog) -> None:
+    with pytest.raises(StorageError):
+        await catalog.commit_upload("cat", new_blob(), "image/png", 1, 1, 1)  # never begun
+    assert await catalog.pending_invalidations(10) == []
+    assert await catalog.newest_invalidation_id() == 0
+
+
+async def test_delete_all_invalidates_every_key_below_a_fresh_version(
+    catalog: ImageCatalog,
+) -> None:
+    record, _ = await upload(catalog, "cat")
+    _, invalidation = await catalog.delete_all()
+    assert invalidation.key == EVERY_KEY
+    assert invalidation.version > record.version
+    assert await catalog.current_version() == invalidation.version
+    assert invalidation in await catalog.pending_invalidations(10)
+
+
+async def test_versions_of_keys(catalog: ImageCatalog) -> None:
+    cat, _ = await upload(catalog, "cat")
+    dog, _ = await upload(catalog, "dog")
+    assert await catalog.versions(["cat", "dog", "gone"]) == {
+        "cat": cat.version,
+        "dog": dog.version,
+    }
+    assert await catalog.versions([]) == {}

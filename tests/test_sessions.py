@@ -948,6 +948,20 @@ def test_a_ticket_of_another_incarnation_or_from_the_future_is_refused() -> None
     )
 
 
+def test_a_clear_voids_every_ticket_taken_before_it() -> None:
+    clock = FakeClock()
+    session = BinarySession(make_node(clock=clock))
+    before = call(session, Opcode.TICKET).version
+    clock.advance(0.001)
+    call(session, Opcode.CLEAR)
+    clock.advance(0.001)
+    after = call(session, Opcode.TICKET).version
+    assert call(session, Opcode.ADD, b"k", b"old", version=3, ticket=before).status == (
+        Status.NOT_STORED
+    )
+    assert call(session, Opcode.ADD, b"k", b"v", version=3, ticket=after).status == Status.OK
+
+
 def test_extras_other_than_a_write_ticket_are_refused() -> None:
     session = BinarySession(make_node())
     short = encode_request(Opcode.SET, 1, b"k", b"v", version=3, extras=b"1234")

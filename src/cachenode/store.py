@@ -117,6 +117,7 @@ class Store:
         # ticket of another incarnation of the node is, but for a chance of
         # about 2^-42, too old or from the future here (docs/protocol.md).
         self._ticket_origin = random.SystemRandom().randrange(1 << 40, 1 << 62)
+        self._tickets_after = 0  # a clear ends every ticket taken before it
         self.boot_id = random.SystemRandom().getrandbits(63) + 1
         self.lookups = self.hits = self.misses = 0
         self.sets = self.deletes = self.evictions = self.expirations = 0
@@ -218,9 +219,10 @@ class Store:
         return self._ticket_origin + int(self._clock() * _MICROSECONDS)
 
     def ticket_is_valid(self, ticket: int) -> bool:
-        """Whether ``ticket`` is this incarnation's and younger than a tombstone."""
+        """Whether ``ticket`` is this incarnation's, younger than a tombstone, and
+        taken after the last clear."""
         age = self.ticket() - ticket
-        return 0 <= age < self._tombstone_seconds * _MICROSECONDS
+        return 0 <= age < self._tombstone_seconds * _MICROSECONDS and ticket > self._tickets_after
 
     # -- writing ------------------------------------------------------------
 
@@ -284,9 +286,12 @@ class Store:
     def clear(self, version: int = 0) -> None:
         """Remove every item (counters are kept: they are lifetime totals).
 
-        With a ``version``, writes older than it are refused for a while, as
-        if every key had a tombstone of that version.
+        Every write ticket taken before is void: a node cleared because it may
+        have missed invalidations takes no write that was read before. With a
+        ``version``, writes older than it are refused for a while too, as if
+        every key had a tombstone of that version.
         """
+        self._tickets_after = self.ticket()
         if version:
             self._floor = (
                 max(version, self._floor[0]) if self._floor[1] > self._clock() else version,

@@ -31,17 +31,19 @@ from imagecache.cachepool import CachePool
 from imagecache.catalog import ImageCatalog
 from imagecache.config import MIB, Config
 from imagecache.database import Database
+from imagecache.errors import StorageError
 from imagecache.fastpath import FastPath, FastPathCounters, FastPathSite
+from imagecache.invalidation import Invalidator
 from imagecache.keptcopies import KeptCopies
 from imagecache.manager_link import ManagerLink
-from imagecache.membership import MembershipFollower
+from imagecache.membership import RENEW_SECONDS, MembershipFollower
 from imagecache.poolmembers import MembershipStore
 from imagecache.service import ImageService
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-MEMBERSHIP_REFRESH_SECONDS = 0.5  # gateways follow a membership change within 1 s
+# Delivering the invalidation outbox and healing dirty nodes, and trying nodes set aside.
 HEAL_SECONDS = 1.0
 CLEAN_UP_SECONDS = 600.0
 
@@ -111,14 +113,20 @@ async def blobs_ctx(app: web.Application) -> AsyncIterator[None]:
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = CachePool(timeout=app[CONFIG].gateway.node_timeout)
     app[POOL] = pool
-    app[MEMBERSHIP] = MembershipFollower(app[MEMBERSHIP_STORE], pool, app[CONFIG].gateway.nodes)
-    await app[MEMBERSHIP].refresh()  # route from the first request on
+    follower = MembershipFollower(app[MEMBERSHIP_STORE], pool, app[CONFIG].gateway.nodes)
+    app[MEMBERSHIP] = follower
+    await follower.refresh()  # route from the first request on
     yield
+    try:
+        await follower.leave()
+    except StorageError as error:  # its lease runs out on its own
+        log.warning("could not deregister the gateway: %s", error)
     await pool.close()
 
 
 async def service_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[SERVICE] = ImageService(app[CATALOG], app[BLOBS], app[POOL])
+    invalidator = Invalidator(app[CATALOG], app[MEMBERSHIP_STORE], app[MEMBERSHIP], app[POOL])
+    app[SERVICE] = ImageService(app[CATALOG], app[BLOBS], app[POOL], invalidator)
     yield
 
 
@@ -130,10 +138,11 @@ async def manager_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The gateway's loops: follow the membership, heal nodes, clean up blobs."""
+    """The gateway's loops: follow the membership, deliver invalidations and heal
+    nodes, clean up blobs."""
     service = app[SERVICE]
     tasks = [
-        asyncio.create_task(every(MEMBERSHIP_REFRESH_SECONDS, app[MEMBERSHIP].refresh)),
+        asyncio.create_task(every(RENEW_SECONDS, app[MEMBERSHIP].refresh)),
         asyncio.create_task(every(HEAL_SECONDS, service.heal_cache)),
         asyncio.create_task(every(CLEAN_UP_SECONDS, service.clean_up)),
     ]

@@ -2,17 +2,25 @@
 
 A cache node that fails or times out never fails a user request: the pool
 answers a miss, sets the node aside for a few seconds and tries it again
-later. A node that may have missed an invalidation is *dirty*: it serves
-nothing until it has been cleared (``heal``), so it can never serve an image
-older than the last acknowledged upload.
+later. A node that may have missed an invalidation is *dirty*: the membership
+says so to every gateway (``imagecache.invalidation``), and it serves nothing
+until it has been healed, so it can never serve an image older than the last
+acknowledged upload.
+
+The view (members, their states, dirty marks) is only trusted while its lease
+holds (``hold_view``): a gateway that could not renew it for a while, because
+it was paused or cut off from the metadata store, may have missed a
+membership change that the manager or another gateway went ahead with, so
+it serves nothing from the cache until it has caught up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -32,8 +40,16 @@ class PoolMember:
     address: str
     client: NodeClient
     unusable_until: float = 0.0  # set aside after a failure, until then
-    dirty: bool = False  # missed an invalidation: clear it before it serves again
+    dirty: bool = False  # may have missed an invalidation: serves nothing until healed
     failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WriteTicket:
+    """A node's write ticket (cachenode's TICKET), with the node it is valid on."""
+
+    node_id: str
+    value: int
 
 
 @dataclass
@@ -63,6 +79,7 @@ class CachePool:
         # hashing a key for every member costs more than a hot read's lookup.
         self._owners_ring = self._ring
         self._owners: dict[str, PoolMember] = {}
+        self._view_valid_until = math.inf  # a pool not following a membership needs no lease
         self.counters = PoolCounters()
 
     # -- membership ---------------------------------------------------------
@@ -77,13 +94,17 @@ class CachePool:
         return list(self._members.values())
 
     async def set_members(
-        self, members: Sequence[tuple[str, str]], joining: Sequence[tuple[str, str]] = ()
+        self,
+        members: Sequence[tuple[str, str]],
+        joining: Sequence[tuple[str, str]] = (),
+        dirty: Collection[str] = (),
     ) -> None:
         """Route over ``members`` (node id, host:port) from now on.
 
-        ``joining`` nodes get no reads yet, but every invalidation: they are
-        being warmed, and must not keep a copy that an upload replaced.
-        Clients of nodes in neither list close.
+        ``joining`` nodes (joining or leaving the pool) get no reads, but
+        every invalidation: they are being warmed, or may still be read by a
+        gateway that has not caught up yet. ``dirty`` nodes (ids of either)
+        serve nothing. Clients of nodes in neither list close.
         """
         routed = dict(members)
         wanted = {**dict(joining), **routed}
@@ -99,15 +120,27 @@ class CachePool:
                     host, port, timeout=self._timeout, connect_timeout=self._timeout
                 )
                 self._members[node_id] = PoolMember(node_id, address, client)
+        for member in self._members.values():
+            member.dirty = member.node_id in dirty
         self._ring = Ring(sorted(routed))
         # Reads already under way on a removed node finish first: its client
         # closes on a later heal, once they have had their timeout.
         self._retired += [(self._clock(), m.client) for m in gone]
         log.info(
-            "cache pool: %s%s",
+            "cache pool: %s%s%s",
             ", ".join(f"{n}={a}" for n, a in sorted(routed.items())),
-            f"; joining: {', '.join(sorted(dict(joining)))}" if joining else "",
+            f"; joining or leaving: {', '.join(sorted(dict(joining)))}" if joining else "",
+            f"; dirty: {', '.join(sorted(dirty))}" if dirty else "",
         )
+
+    def hold_view(self, until: float) -> None:
+        """Trust the membership until ``until`` (on the pool's clock); after
+        that the cache serves nothing until the next ``hold_view``."""
+        self._view_valid_until = until
+
+    @property
+    def view_is_current(self) -> bool:
+        return self._clock() < self._view_valid_until
 
     def owner_of(self, key: str) -> PoolMember | None:
         if self._owners_ring is not self._ring:  # the membership changed
@@ -138,10 +171,11 @@ class CachePool:
             self.counters.hits += 1
         return item
 
-    async def lease(self, key: str, seconds: float) -> CachedItem | LeaseGranted | LeaseHeld | None:
+    async def lease(self, key: str, seconds: float) -> CachedItem | WriteTicket | LeaseHeld | None:
         """Ask ``key``'s owner who loads it: the item if it is cached by now,
-        LeaseGranted (this caller loads and fills), or LeaseHeld (another
-        gateway is loading it: ask again later). None when the owner cannot
+        a WriteTicket (the lease is granted: this caller loads and fills with
+        it), or LeaseHeld (another gateway is loading it: ask again later).
+        None when the owner cannot
         answer: the caller loads without a lease, as a node failure never
         fails a read.
 
@@ -153,7 +187,10 @@ class CachePool:
         member = self._usable_owner(key)
         if member is None:
             return None
-        return await self._attempt(member, member.client.lease(key.encode(), seconds))
+        answer = await self._attempt(member, member.client.lease(key.encode(), seconds))
+        if isinstance(answer, LeaseGranted):
+            return WriteTicket(member.node_id, answer.ticket)
+        return answer
 
     async def release(self, key: str) -> None:
         """Give back a lease on ``key`` without filling it (best effort: an
@@ -162,44 +199,69 @@ class CachePool:
         if member is not None:
             await self._attempt(member, member.client.release(key.encode()))
 
-    async def fill(self, key: str, value: bytes, flags: int, version: int) -> None:
-        """Cache a value read from the blob store, unless a newer version is known there."""
+    async def ticket(self, key: str) -> WriteTicket | None:
+        """A write ticket from ``key``'s owner, taken before reading what will be
+        written there; None when the owner cannot answer (then nothing is written)."""
         member = self._usable_owner(key)
-        if member is not None:
+        if member is None:
+            return None
+        ticket = await self._attempt(member, member.client.ticket())
+        return None if ticket is None else WriteTicket(member.node_id, ticket)
+
+    async def fill(
+        self, key: str, value: bytes, flags: int, version: int, ticket: WriteTicket
+    ) -> None:
+        """Cache a value read from the blob store after ``ticket`` was taken,
+        unless the node knows a newer version (or the owner changed meanwhile)."""
+        member = self._usable_owner(key)
+        if member is not None and member.node_id == ticket.node_id:
             await self._attempt(
-                member, member.client.add(key.encode(), value, flags=flags, version=version)
+                member,
+                member.client.add(
+                    key.encode(), value, flags=flags, version=version, ticket=ticket.value
+                ),
             )
 
-    async def store(self, key: str, value: bytes, flags: int, version: int) -> None:
-        """Write a just-uploaded value through to its owner (best effort)."""
+    async def store(
+        self, key: str, value: bytes, flags: int, version: int, ticket: WriteTicket
+    ) -> None:
+        """Write a just-uploaded value through to its owner (best effort); the
+        ticket was taken before the upload committed."""
         member = self._usable_owner(key)
-        if member is not None:
+        if member is not None and member.node_id == ticket.node_id:
             await self._attempt(
-                member, member.client.set(key.encode(), value, flags=flags, version=version)
+                member,
+                member.client.set(
+                    key.encode(), value, flags=flags, version=version, ticket=ticket.value
+                ),
             )
 
     # -- invalidation -------------------------------------------------------
 
-    async def invalidate(self, key: str, version: int) -> None:
-        """Remove every version of ``key`` older than ``version`` from every node.
+    async def invalidate(
+        self, key: str, version: int, node_ids: Collection[str] | None = None
+    ) -> list[str]:
+        """Remove every version of ``key`` older than ``version`` from every node
+        (or those of ``node_ids``); returns the ids of the nodes that could not be told.
 
-        Every node, not only the owner: a node that owned the key under an
-        earlier membership may own it again later. A node that cannot be told
-        becomes dirty and serves nothing until it is cleared.
+        Every node, not only the owner, routed or not: a node that owned the
+        key under an earlier membership may own it again later. Nodes set
+        aside after a failure are not waited for: they count as not told.
         """
         encoded = key.encode()
-        await self._on_every_member(lambda m: m.client.delete(encoded, version=version))
+        return await self._on_every_member(
+            lambda m: m.client.delete(encoded, version=version), node_ids
+        )
 
-    async def clear(self, version: int = 0) -> None:
-        """Empty every node; with ``version``, older fills are refused for a while."""
-        await self._on_every_member(lambda m: m.client.clear(version=version))
+    async def clear(self, version: int = 0, node_ids: Collection[str] | None = None) -> list[str]:
+        """Empty every node (or those of ``node_ids``); with ``version``, older
+        writes are refused too. Returns the ids of the nodes that could not be told."""
+        return await self._on_every_member(lambda m: m.client.clear(version=version), node_ids)
 
-    async def heal(self, floor_version: Callable[[], Awaitable[int]]) -> None:
-        """Bring back nodes that were set aside: clear dirty ones before they serve.
+    async def heal(self) -> None:
+        """Close retired clients, and bring back nodes set aside once they answer.
 
-        ``floor_version`` gives the newest version acknowledged so far; the
-        clear refuses fills of anything older, so a fill that read a replaced
-        image before the node went dirty cannot land after the clear.
+        Dirty nodes are healed by the invalidation outbox (imagecache.invalidation).
         """
         now = self._clock()
         still_busy = [(at, c) for at, c in self._retired if now - at <= self._timeout * 2]
@@ -208,18 +270,13 @@ class CachePool:
                 await client.close()
         self._retired = still_busy
         for member in self.members:
-            if not member.dirty and member.unusable_until <= now:
+            if member.unusable_until <= now:
                 continue
             try:
-                if member.dirty:
-                    await member.client.clear(version=await floor_version() + 1)
-                    log.info("cache node %s (%s) cleared and back", member.node_id, member.address)
-                else:
-                    await member.client.ping()
+                await member.client.ping()
             except NodeError:
                 member.unusable_until = self._clock() + self._retry_seconds
                 continue
-            member.dirty = False
             member.unusable_until = 0.0
 
     async def close(self) -> None:
@@ -240,7 +297,10 @@ class CachePool:
 
     def _usable_owner(self, key: str) -> PoolMember | None:
         member = self.owner_of(key)
-        if member is None or member.dirty or member.unusable_until > self._clock():
+        if member is None or member.dirty:
+            return None
+        now = self._clock()
+        if member.unusable_until > now or now >= self._view_valid_until:
             return None
         return member
 
@@ -255,17 +315,27 @@ class CachePool:
             self._set_aside(member, error)
             return None
 
-    async def _on_every_member(self, call: Callable[[PoolMember], Awaitable[object]]) -> None:
-        members = self.members
+    async def _on_every_member(
+        self,
+        call: Callable[[PoolMember], Awaitable[object]],
+        node_ids: Collection[str] | None = None,
+    ) -> list[str]:
+        """Ids of the members that ``call`` failed on (or that were set aside)."""
+        members = [m for m in self.members if node_ids is None or m.node_id in node_ids]
+        now = self._clock()
 
-        async def one(member: PoolMember) -> None:
+        async def told(member: PoolMember) -> bool:
+            if member.unusable_until > now:
+                return False
             try:
                 await call(member)
             except NodeError as error:
-                member.dirty = True
                 self._set_aside(member, error)
+                return False
+            return True
 
-        await asyncio.gather(*(one(member) for member in members))
+        results = await asyncio.gather(*(told(member) for member in members))
+        return [m.node_id for m, ok in zip(members, results, strict=True) if not ok]
 
     def _set_aside(self, member: PoolMember, error: Exception) -> None:
         self.counters.errors += 1

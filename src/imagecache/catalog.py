@@ -11,11 +11,16 @@ points the row at the blob and records the replaced blob as "garbage";
 ``blobs_to_delete`` lists what a clean-up may delete, and ``blob_deleted``
 forgets a blob once it is gone. Whatever a crash interrupts, a restart finds
 every blob that no row points at.
+
+Invalidation outbox: ``commit_upload`` and ``delete_all`` also write the
+invalidation their change needs into ``invalidations``, in the same
+transaction, so a committed change always finds its way to the cache nodes
+(``imagecache.invalidation`` delivers them and calls ``invalidation_delivered``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +33,7 @@ from sqlalchemy import (
     String,
     Table,
     delete,
+    func,
     insert,
     select,
     update,
@@ -41,7 +47,6 @@ from imagecache.database import (
     Timestamp,
     bump,
     counter,
-    lock_counter,
     naive_utc,
     naive_utc_now,
 )
@@ -49,6 +54,8 @@ from imagecache.errors import StorageError
 
 UPLOADING = "uploading"
 GARBAGE = "garbage"
+# The key of an invalidation of every key (delete all): no image has the empty key.
+EVERY_KEY = ""
 
 _VERSION = "version"
 
@@ -76,6 +83,27 @@ journal_table = Table(
     Column("created_at", Timestamp, nullable=False),
     **MYSQL_TABLE,
 )
+
+outbox_table = Table(
+    "invalidations",
+    _schema,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("key", String(250), nullable=False),  # EVERY_KEY: every key
+    Column("version", BigInteger, nullable=False),
+    **MYSQL_TABLE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """Remove every item of ``key`` older than ``version`` from every cache node
+    (every item, for EVERY_KEY). ``id`` 0: not in the outbox."""
+
+    id: int
+    key: str
+    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,13 +172,13 @@ class ImageCatalog(Store):
 
     async def commit_upload(
         self, key: str, blob_name: str, content_type: str, size: int, width: int, height: int
-    ) -> tuple[ImageRecord, str | None]:
+    ) -> UploadCommit:
         """Point ``key`` at the uploaded blob ``blob_name``, in one transaction.
 
         The row gets the next version of a counter shared by every key, so
         versions strictly increase in commit order; the blob's journal entry is
-        dropped and the blob it replaces, if any, is journaled as garbage.
-        Returns the new record and the replaced blob's name (None for a new key).
+        dropped, the blob it replaces, if any, is journaled as garbage, and the
+        invalidation of older versions of ``key`` goes into the outbox.
         Raises StorageError when it fails, or when ``blob_name`` is not journaled
         as uploading (never begun, abandoned, or collected as a stale upload):
         then nothing changed.
@@ -194,7 +222,8 @@ class ImageCatalog(Store):
                     replaced = None  # committed twice: that blob is still in use
                 if replaced is not None:
                     await _journal_garbage(conn, [replaced])
-        return record, replaced
+                invalidation = await _outbox(conn, key, version)
+        return UploadCommit(record, replaced, invalidation)
 
     async def abandon_upload(self, blob_name: str) -> None:
         """Mark an upload begun with ``begin_upload`` as garbage (it failed)."""
@@ -235,21 +264,85 @@ class ImageCatalog(Store):
                 )
                 return list(result.scalars())
 
-    async def delete_all(self) -> list[str]:
+    async def delete_all(self) -> tuple[list[str], Invalidation]:
         """Delete every image row and journal its blob as garbage, in one transaction.
 
-        Returns the names of those blobs, in key order.
+        Returns the names of those blobs, in key order, and the invalidation
+        of every key it put in the outbox: below a fresh version, which no
+        image has, so every item cached so far goes.
         """
         with self._db.failures("delete all images"):
             async with self._db.write() as conn:
-                await lock_counter(conn, _VERSION)
+                floor = await bump(conn, _VERSION)
                 result = await conn.execute(
                     select(images_table.c.blob_name).order_by(images_table.c.key).with_for_update()
                 )
                 names = list(result.scalars())
                 await _journal_garbage(conn, names)
                 await conn.execute(delete(images_table))
-        return names
+                invalidation = await _outbox(conn, EVERY_KEY, floor)
+        return names, invalidation
+
+    async def versions(self, keys: Sequence[str]) -> dict[str, int]:
+        """The current version of each of ``keys`` that has an image."""
+        if not keys:
+            return {}
+        query = select(images_table.c.key, images_table.c.version).where(
+            images_table.c.key.in_(list(keys))
+        )
+        with self._db.failures("read the versions of keys"):
+            async with self._db.read() as conn:
+                rows = (await conn.execute(query)).all()
+        return {row.key: int(row.version) for row in rows}
+
+    # -- the invalidation outbox ----------------------------------------------
+
+    async def pending_invalidations(self, limit: int) -> list[Invalidation]:
+        """Up to ``limit`` invalidations not yet delivered to every node, oldest first."""
+        query = select(outbox_table).order_by(outbox_table.c.id).limit(limit)
+        with self._db.failures("read the invalidation outbox"):
+            async with self._db.read() as conn:
+                rows = (await conn.execute(query)).all()
+        return [Invalidation(int(row.id), row.key, int(row.version)) for row in rows]
+
+    async def newest_invalidation_id(self) -> int:
+        """The id of the newest pending invalidation (0 when there is none)."""
+        query = select(func.max(outbox_table.c.id))
+        with self._db.failures("read the invalidation outbox"):
+            async with self._db.read() as conn:
+                return int((await conn.execute(query)).scalar_one_or_none() or 0)
+
+    async def invalidation_delivered(self, invalidation_id: int) -> None:
+        """Every node has taken the invalidation ``invalidation_id``: it leaves the outbox."""
+        with self._db.failures("update the invalidation outbox"):
+            async with self._db.write() as conn:
+                await conn.execute(delete(outbox_table).where(outbox_table.c.id == invalidation_id))
+
+    def nothing_pending_after(
+        self, invalidation_id: int
+    ) -> Callable[[AsyncConnection], Awaitable[bool]]:
+        """A check, for another store's transaction, that the outbox holds no
+        invalidation newer than ``invalidation_id``."""
+
+        async def check(conn: AsyncConnection) -> bool:
+            newer = select(outbox_table.c.id).where(outbox_table.c.id > invalidation_id).limit(1)
+            return (await conn.execute(newer)).first() is None
+
+        return check
+
+
+@dataclass(frozen=True, slots=True)
+class UploadCommit:
+    record: ImageRecord
+    replaced_blob: str | None  # None for a new key
+    invalidation: Invalidation
+
+
+async def _outbox(conn: AsyncConnection, key: str, version: int) -> Invalidation:
+    result = await conn.execute(insert(outbox_table).values(key=key, version=version))
+    primary_key = result.inserted_primary_key
+    assert primary_key is not None  # an INSERT of one row
+    return Invalidation(int(primary_key[0]), key, version)
 
 
 def _image(row: RowMapping) -> ImageRecord:

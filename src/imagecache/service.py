@@ -2,17 +2,20 @@
 
 The order of steps is what keeps the invariants (docs/design.md):
 
-- upload: journal the new blob name, write the blob, switch the row in one
-  transaction (which assigns a new, higher version), invalidate that key on
-  every cache node up to the new version, only then acknowledge; the replaced
-  blob is deleted afterwards, and the journal lets a restart finish any step
-  a crash interrupted;
-- read: cache first; on a miss one load per key (single flight) reads the row
-  and the blob and fills the cache with ADD at the row's version, which a node
-  refuses if it has seen a newer version of the key. Before loading, the load
-  asks the key's node for a fill lease, so that concurrent misses in several
-  gateways cost about one blob read: the others wait for that fill. The lease
-  only decides who loads, never what a read may return.
+- upload: journal the new blob name, write the blob, take a write ticket from
+  the key's node, switch the row in one transaction (which assigns a new,
+  higher version and puts the key's invalidation in the outbox), deliver the
+  invalidation to every cache node, only then acknowledge; the replaced blob
+  is deleted afterwards, and the journal and the outbox let any gateway
+  finish any step a crash interrupted;
+- read: cache first; on a miss one load per key (single flight, joined only
+  by readers it can answer) reads the row and the blob and fills the cache
+  with ADD at the row's version, carrying a write ticket taken before the
+  row was read, which a node refuses if it has seen a newer version of the
+  key since. Before loading, the load asks the key's node for a fill lease
+  (which is also that ticket), so that concurrent misses in several gateways
+  cost about one blob read: the others wait for that fill. The lease only
+  decides who loads, never what a read may return.
 """
 
 from __future__ import annotations
@@ -21,28 +24,24 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from cachenode.client import CachedItem, LeaseGranted
+from cachenode.client import CachedItem
 from imagecache.blobs import BlobStore
-from imagecache.cachepool import CachePool
+from imagecache.cachepool import CachePool, WriteTicket
 from imagecache.catalog import ImageCatalog, ImageRecord
 from imagecache.errors import BlobNotFound, ImagecacheError, ImageNotFound, StorageError
 from imagecache.images import check_key, content_type_for, flags_for, inspect_image
+from imagecache.invalidation import Invalidator, read_back
+from imagecache.singleflight import Flight, SingleFlight
 
 log = logging.getLogger(__name__)
 
-# A load that took longer than this does not fill the cache: the nodes keep
-# tombstones for 30 s, and a fill must arrive while they still refuse it.
-FILL_DEADLINE_SECONDS = 5.0
 # An upload journaled this long ago and never committed was interrupted.
 ABANDONED_UPLOAD_AGE = timedelta(hours=1)
 # How long a load may take before another gateway takes the key over: a
 # holder that died delays the other gateways' reads of its key this long.
-# Shorter than FILL_DEADLINE_SECONDS: a load too slow to fill (which sends no
-# fill, so does not end its lease) has lost its lease by then anyway.
 FILL_LEASE_SECONDS = 2.0
 # A load that finds another gateway loading asks again after 5 ms, then
 # doubling up to 50 ms: a fill usually lands within a few milliseconds.
@@ -68,76 +67,63 @@ class UploadResult:
     replaced: bool
 
 
-class SingleFlight:
-    """At most one load per key at a time; concurrent callers share its result."""
-
-    def __init__(self) -> None:
-        self._loads: dict[str, asyncio.Task[Image]] = {}
-
-    async def run(self, key: str, load: Callable[[], Awaitable[Image]]) -> Image:
-        task = self._loads.get(key)
-        if task is None:
-            task = asyncio.ensure_future(load())
-            self._loads[key] = task
-            task.add_done_callback(lambda done: self._finished(key, done))
-        # Shielded: one caller giving up must not cancel the others' load.
-        return await asyncio.shield(task)
-
-    def forget(self, key: str | None = None) -> None:
-        """Later callers start a new load (of ``key``, or of every key)."""
-        if key is None:
-            self._loads.clear()
-        else:
-            self._loads.pop(key, None)
-
-    def _finished(self, key: str, task: asyncio.Task[Image]) -> None:
-        if self._loads.get(key) is task:
-            del self._loads[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: every waiter may have gone
-
-
 class ImageService:
     def __init__(
         self,
-        metadata: ImageCatalog,
+        catalog: ImageCatalog,
         blobs: BlobStore,
         pool: CachePool,
+        invalidator: Invalidator,
         *,
         fill_lease_seconds: float = FILL_LEASE_SECONDS,
     ) -> None:
         """``fill_lease_seconds`` 0 turns fill leases off: every gateway loads its own misses."""
-        self._metadata = metadata
+        self._catalog = catalog
         self._blobs = blobs
         self._pool = pool
+        self._invalidator = invalidator
         self._lease_seconds = fill_lease_seconds
-        self._loads = SingleFlight()
+        self._loads: SingleFlight[Image] = SingleFlight()
         self.blob_reads = 0  # for tests and metrics: loads that reached the blob store
 
     async def upload(self, key: str, data: bytes) -> UploadResult:
         """Store ``data`` under ``key``, replacing any image there.
 
         Raises BadRequest for a bad key or a file that is not an image, and
-        StorageError when it could not be stored (then nothing changed).
+        StorageError when it could not be stored or made current everywhere
+        (then it was not acknowledged: the image may be stored or not).
         """
         check_key(key)
         info = await asyncio.to_thread(inspect_image, data)
         blob_name = uuid.uuid4().hex
-        await self._metadata.begin_upload(blob_name)
+        await self._catalog.begin_upload(blob_name)
         try:
             await self._blobs.put(blob_name, data, info.content_type)
         except (ImagecacheError, OSError) as error:
             await self._forget_blob(blob_name)
             raise StorageError(f"could not store the image: {error}") from error
-        # If the commit fails the journal still says "uploading", so the
-        # clean-up deletes the blob later; it must not be deleted now, since
-        # a commit whose reply was lost may have succeeded.
-        record, replaced_blob = await self._metadata.commit_upload(
-            key, blob_name, info.content_type, len(data), info.width, info.height
-        )
-        self._loads.forget(key)
-        await self._pool.invalidate(key, record.version)
-        await self._pool.store(key, data, flags_for(info.content_type), record.version)
+        # Taken before the commit: any newer upload's invalidation reaches the
+        # node after it, so a late write-through of this version is refused.
+        ticket = await self._pool.ticket(key)
+        try:
+            committed = await self._catalog.commit_upload(
+                key, blob_name, info.content_type, len(data), info.width, info.height
+            )
+            record, replaced_blob = committed.record, committed.replaced_blob
+            invalidation = committed.invalidation
+        except StorageError:
+            # The commit may have happened with its reply lost: the row tells.
+            # If it did not, the journal still says "uploading" and the
+            # clean-up deletes the blob later.
+            found = await read_back(self._catalog, key, blob_name)
+            if found is None:
+                raise
+            log.warning("the commit of %r went through though its reply was lost", key)
+            record, invalidation = found
+            replaced_blob = None  # journaled as garbage by the commit: the clean-up has it
+        await self._invalidator.deliver(invalidation)
+        if ticket is not None:
+            await self._pool.store(key, data, flags_for(info.content_type), record.version, ticket)
         if replaced_blob is not None:
             await self._delete_blob(replaced_blob)
         return UploadResult(record, replaced=replaced_blob is not None)
@@ -149,41 +135,48 @@ class ImageService:
         image = None if item is None else _cached_image(key, item)
         if image is not None:
             return image
-        return await self._loads.run(key, lambda: self._load(key))
+        return await self._loads.run(key, lambda flight: self._load(key, flight))
 
     async def list_images(self) -> list[ImageRecord]:
-        return await self._metadata.list_images()
+        return await self._catalog.list_images()
 
     async def list_keys(self) -> list[str]:
-        return await self._metadata.list_keys()
+        return await self._catalog.list_keys()
 
     async def delete_all(self) -> int:
-        """Delete every image, row and cached copy; returns how many images there were."""
-        blob_names = await self._metadata.delete_all()
-        self._loads.forget()
-        await self._pool.clear(version=await self._metadata.current_version() + 1)
+        """Delete every image, row and cached copy; returns how many images there were.
+
+        Raises StorageError as ``upload`` does.
+        """
+        blob_names, invalidation = await self._catalog.delete_all()
+        await self._invalidator.deliver(invalidation)
         for name in blob_names:
             await self._delete_blob(name)
         return len(blob_names)
 
     async def clean_up(self) -> int:
         """Delete blobs that a crash or failure left behind; returns how many."""
-        names = await self._metadata.blobs_to_delete(ABANDONED_UPLOAD_AGE)
+        names = await self._catalog.blobs_to_delete(ABANDONED_UPLOAD_AGE)
         for name in names:
             await self._delete_blob(name)
         return len(names)
 
     async def heal_cache(self) -> None:
-        await self._pool.heal(self._metadata.current_version)
+        """Bring back nodes set aside after failures; deliver what the outbox
+        holds and heal dirty nodes."""
+        await self._pool.heal()
+        await self._invalidator.deliver_pending()
 
-    async def _load(self, key: str) -> Image:
+    async def _load(self, key: str, flight: Flight) -> Image:
         """Load ``key`` into the cache, or wait for another gateway that is loading it."""
-        turn = await self._wait_for_turn(key)
+        turn = await self._wait_for_turn(key, flight)
         if isinstance(turn, Image):
             return turn
-        holds_lease = turn
+        holds_lease = turn is not None
         try:
-            return await self._load_from_store(key)
+            # The fill's ticket is taken before the row is read.
+            ticket = turn if turn is not None else await self._pool.ticket(key)
+            return await self._load_from_store(key, flight, ticket)
         except Exception:
             # Let the waiting gateways go on now, not at the end of the lease:
             # a missing key must answer 404 there promptly too. A load that
@@ -192,25 +185,26 @@ class ImageService:
                 await self._pool.release(key)
             raise
 
-    async def _wait_for_turn(self, key: str) -> Image | bool:
+    async def _wait_for_turn(self, key: str, flight: Flight) -> Image | WriteTicket | None:
         """The image another gateway's load put in the cache meanwhile; else
-        whether this load holds the key's fill lease (it loads either way)."""
+        the key's fill lease, as the fill's ticket, or None when this load
+        does not hold it (it loads either way)."""
         if self._lease_seconds <= 0:
-            return False
+            return None
         started = time.monotonic()
         give_up_at = started + LEASE_WAIT_LIMIT * self._lease_seconds
         pause = LEASE_POLL_FIRST_SECONDS
         while True:
+            flight.probe()
             answer = await self._pool.lease(key, self._lease_seconds)
             if answer is None:
-                return False  # the node cannot answer: load without it
-            if isinstance(answer, LeaseGranted):
-                return True
+                return None  # the node cannot answer: load without it
+            if isinstance(answer, WriteTicket):
+                return answer
             if isinstance(answer, CachedItem):
                 # Another gateway filled it: a cache read like the GET in
                 # ``read``, and fresh for the same reasons (docs/design.md).
-                image = _cached_image(key, answer)
-                return False if image is None else image  # a foreign item: load it
+                return _cached_image(key, answer)  # None: a foreign item, load it
             left = give_up_at - time.monotonic()
             if left <= 0:
                 log.info(
@@ -218,14 +212,14 @@ class ImageService:
                     key,
                     time.monotonic() - started,
                 )
-                return False
+                return None
             await asyncio.sleep(min(pause, answer.seconds_left, left))
             pause = min(pause * 2, LEASE_POLL_MAX_SECONDS)
 
-    async def _load_from_store(self, key: str) -> Image:
+    async def _load_from_store(self, key: str, flight: Flight, ticket: WriteTicket | None) -> Image:
         for _ in range(3):
-            started = time.monotonic()
-            record = await self._metadata.get_image(key)
+            flight.probe()
+            record = await self._catalog.get_image(key)
             if record is None:
                 raise ImageNotFound(f"no image for key {key!r}")
             try:
@@ -233,21 +227,22 @@ class ImageService:
             except BlobNotFound:
                 continue  # replaced meanwhile, and the old blob deleted: read the row again
             self.blob_reads += 1
-            if time.monotonic() - started < FILL_DEADLINE_SECONDS:
-                await self._pool.fill(key, data, flags_for(record.content_type), record.version)
+            if ticket is not None:
+                flags = flags_for(record.content_type)
+                await self._pool.fill(key, data, flags, record.version, ticket)
             return Image(key, data, record.content_type, record.version)
         raise StorageError(f"the image of {key!r} keeps changing; try again")
 
     async def _delete_blob(self, name: str) -> None:
         try:
             await self._blobs.delete(name)
-            await self._metadata.blob_deleted(name)
+            await self._catalog.blob_deleted(name)
         except (ImagecacheError, OSError) as error:
             log.warning("blob %s not deleted yet, the clean-up will retry: %s", name, error)
 
     async def _forget_blob(self, name: str) -> None:
         try:
-            await self._metadata.abandon_upload(name)
+            await self._catalog.abandon_upload(name)
             await self._delete_blob(name)
         except (ImagecacheError, OSError) as error:
             log.warning("upload of blob %s abandoned, clean-up will remove it: %s", name, error)
@@ -255,8 +250,8 @@ class ImageService:
 
 def _cached_image(key: str, item: CachedItem) -> Image | None:
     """The image a cached item holds; None for an item the gateway did not
-    store (its flags name no image type), which counts as a miss."""
+    store (unversioned, or its flags name no image type), which counts as a miss."""
     content_type = content_type_for(item.flags)
-    if content_type is None:
+    if content_type is None or not item.version:
         return None
     return Image(key, item.value, content_type, item.version)

@@ -1,9 +1,13 @@
 """Moving cached items between nodes when the pool changes size, so it stays warm.
 
-Copies go with ADD at the item's own version, so a copy can never overwrite a
-newer value or land after an invalidation of its key: the receiving node is a
-member (it gets every invalidation) before any copy starts, and its
-tombstones refuse older versions (docs/design.md).
+A copy can never bring back a replaced image (docs/design.md): for each batch
+the mover takes a write ticket from the receiving node first, then reads the
+items from their old node, then reads the keys' current versions from the
+catalog, and copies only the items whose version is still current, with a
+versioned ADD carrying that ticket. An upload committed before the catalog
+read is seen there; one committed after it invalidates the receiving node
+after the ticket was taken (the receiver is a member of every gateway's view
+by then), so its tombstone refuses the copy, or deletes it.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from cachenode.client import NodeClient
+from cachenode.client import CachedItem, NodeClient
 from cachenode.errors import NodeError
 from imagecache.config import parse_address
+from imagecache.errors import StorageError
 from imagecache.ring import Ring
 from manager.backends.base import NodeHandle
 
@@ -25,12 +30,16 @@ log = logging.getLogger(__name__)
 BATCH = 256  # keys listed per KEYS request
 IN_FLIGHT = 8  # copies at once per source node: user traffic keeps its latency
 
+# The current version of each of these keys that has an image (the catalog).
+CurrentVersions = Callable[[Sequence[str]], Awaitable[Mapping[str, int]]]
+
 
 @dataclass
 class MigrationReport:
     examined: int = 0  # keys listed on the source nodes
     moved: int = 0  # keys whose owner changed (copied, or tried)
     copied: int = 0  # copies the destination accepted
+    outdated: int = 0  # items not copied: replaced or deleted since they were cached
     bytes: int = 0
     seconds: float = 0.0
 
@@ -39,8 +48,10 @@ async def move_keys(
     sources: Iterable[NodeHandle],
     ring: Ring,
     nodes: Mapping[str, NodeHandle],
+    current_versions: CurrentVersions,
 ) -> MigrationReport:
-    """Copy every key of ``sources`` whose owner under ``ring`` is another node to it.
+    """Copy every key of ``sources`` whose owner under ``ring`` is another node to it,
+    if the catalog still holds the cached version (``current_versions``).
 
     The sources keep their copies (they may still serve reads until gateways
     switch). Node failures are logged and skipped: a key that does not move is
@@ -58,18 +69,22 @@ async def move_keys(
 
     try:
         await asyncio.gather(
-            *(_copy_out(source, ring, nodes, client, report) for source in sources)
+            *(
+                _copy_out(source, ring, nodes, client, current_versions, report)
+                for source in sources
+            )
         )
     finally:
         for open_client in clients.values():
             await open_client.close()
     report.seconds = time.monotonic() - started
     log.info(
-        "migration: %d of %d keys changed owner, %d copied (%.1f MB) in %.2f s",
+        "migration: %d of %d keys changed owner, %d copied (%.1f MB), %d outdated, in %.2f s",
         report.moved,
         report.examined,
         report.copied,
         report.bytes / (1 << 20),
+        report.outdated,
         report.seconds,
     )
     return report
@@ -97,36 +112,83 @@ async def _copy_out(
     ring: Ring,
     nodes: Mapping[str, NodeHandle],
     client: Callable[[NodeHandle], NodeClient],
+    current_versions: CurrentVersions,
     report: MigrationReport,
 ) -> None:
     origin = client(source)
     slots = asyncio.Semaphore(IN_FLIGHT)
 
-    async def copy(key: bytes, owner: NodeHandle) -> None:
+    async def read(key: bytes) -> CachedItem | None:
         async with slots:
             try:
-                item = await origin.get_item(key)
-                if item is None:
-                    return  # evicted or deleted meanwhile
-                if await client(owner).add(key, item.value, flags=item.flags, version=item.version):
-                    report.copied += 1
-                    report.bytes += len(item.value)
+                return await origin.get_item(key)
             except NodeError as error:
                 log.warning("migration of a key from %s failed: %s", source.address, error)
+                return None
+
+    async def copy(key: bytes, item: CachedItem, owner: NodeHandle, ticket: int) -> None:
+        async with slots:
+            try:
+                stored = await client(owner).add(
+                    key, item.value, flags=item.flags, version=item.version, ticket=ticket
+                )
+            except NodeError as error:
+                log.warning("migration of a key to %s failed: %s", owner.address, error)
+                return
+            if stored:
+                report.copied += 1
+                report.bytes += len(item.value)
 
     try:
         cursor = b""
         while True:
             batch, cursor = await origin.keys(cursor, BATCH)
-            tasks = []
+            moving: dict[bytes, NodeHandle] = {}
             for key, _size in batch:
                 report.examined += 1
                 owner_id = ring.owner(key)
                 if owner_id is not None and owner_id != source.node_id:
-                    report.moved += 1
-                    tasks.append(copy(key, nodes[owner_id]))
-            await asyncio.gather(*tasks)
+                    moving[key] = nodes[owner_id]
+            report.moved += len(moving)
+            if moving:
+                await _copy_batch(moving, client, read, copy, current_versions, report)
             if not cursor:
                 return
-    except NodeError as error:
+    except (NodeError, StorageError) as error:
         log.warning("migration from %s stopped: %s", source.address, error)
+
+
+async def _copy_batch(
+    moving: Mapping[bytes, NodeHandle],
+    client: Callable[[NodeHandle], NodeClient],
+    read: Callable[[bytes], Awaitable[CachedItem | None]],
+    copy: Callable[[bytes, CachedItem, NodeHandle, int], Awaitable[None]],
+    current_versions: CurrentVersions,
+    report: MigrationReport,
+) -> None:
+    """Ticket from each receiver, then the items, then the catalog, then the copies:
+    this order is what makes a copy safe (module docstring)."""
+    receivers = {owner.node_id: owner for owner in moving.values()}
+    tickets: dict[str, int] = {}
+    for node_id, owner in receivers.items():
+        try:
+            tickets[node_id] = await client(owner).ticket()
+        except NodeError as error:
+            log.warning("migration to %s skipped: %s", owner.address, error)
+    keys = [key for key, owner in moving.items() if owner.node_id in tickets]
+    items = await asyncio.gather(*(read(key) for key in keys))
+    found = {key: item for key, item in zip(keys, items, strict=True) if item is not None}
+    if not found:
+        return
+    # A key that is not valid UTF-8 was not stored by a gateway: it has no image.
+    names = {key.decode("utf-8", "replace"): key for key in found}
+    current = await current_versions(list(names))
+    copies = []
+    for name, key in names.items():
+        item = found[key]
+        if item.version == 0 or current.get(name) != item.version:
+            report.outdated += 1
+            continue
+        owner = moving[key]
+        copies.append(copy(key, item, owner, tickets[owner.node_id]))
+    await asyncio.gather(*copies)

@@ -4,6 +4,12 @@ It keeps the size within 1..8, gives a joining node the settings in force
 before any gateway routes to it, publishes the membership (with a new epoch)
 to the membership store where gateways read it, and records every resize in the
 activity history with its cause.
+
+Every step of a resize waits until every live gateway has applied the
+membership published before it (``MembershipStore.wait_for_gateways``): a
+node is invalidated by every gateway before keys are copied to it and
+before any gateway reads from it, and no gateway reads from a leaving node
+by the time the others stop invalidating it (docs/design.md).
 """
 
 from __future__ import annotations
@@ -16,10 +22,16 @@ from dataclasses import dataclass
 
 from cachenode.client import NodeClient
 from cachenode.errors import NodeError
+from imagecache.blobs import BlobStore
+from imagecache.cachepool import CachePool
 from imagecache.catalog import ImageCatalog
 from imagecache.config import parse_address
+from imagecache.errors import StorageError
+from imagecache.invalidation import Invalidator
+from imagecache.membership import MembershipFollower
 from imagecache.poolmembers import MembershipStore, NodeRecord
 from imagecache.ring import Ring
+from imagecache.service import ImageService
 from manager.backends.base import NodeHandle, PoolBackend, PoolError
 from manager.migration import MigrationReport, drop_keys_owned_elsewhere, move_keys
 from manager.records import ManagerRecords
@@ -28,8 +40,9 @@ from manager.settings import MAX_NODES, MIN_NODES, CacheSettings
 log = logging.getLogger(__name__)
 
 
-# Gateways read the membership every 0.5 s: after this long, all of them follow it.
-MEMBERSHIP_GRACE_SECONDS = 1.2
+# How long a step waits for the gateways to apply a membership: a live one
+# does within a fraction of a second, a dead one's lease ends within 3 s.
+GATEWAY_WAIT_SECONDS = 10.0
 
 
 class ResizeError(ValueError):
@@ -49,13 +62,13 @@ class PoolController:
         catalog: ImageCatalog,
         members: MembershipStore,
         records: ManagerRecords,
-        grace_seconds: float = MEMBERSHIP_GRACE_SECONDS,
+        gateway_wait_seconds: float = GATEWAY_WAIT_SECONDS,
     ) -> None:
         self._backend = backend
         self._catalog = catalog
         self._membership = members
         self._records = records
-        self._grace_seconds = grace_seconds
+        self._gateway_wait_seconds = gateway_wait_seconds
         self.last_migration: MigrationReport | None = None
         self._members: list[NodeHandle] = []
         self._lock = asyncio.Lock()
@@ -71,7 +84,12 @@ class PoolController:
         return len(self._members)
 
     async def start(self) -> None:
-        """Adopt the backend's nodes (at least one), configure them and publish them."""
+        """Adopt the backend's nodes (at least one), configure them and publish them.
+
+        A node that was not an active member of the published pool (one that
+        was joining or leaving when the manager stopped, or was never
+        published) may have missed invalidations: it is cleared first.
+        """
         async with self._lock:
             nodes = await self._backend.nodes()
             if not nodes:
@@ -80,6 +98,9 @@ class PoolController:
                 await self._backend.shrink([n.node_id for n in nodes[MAX_NODES:]])
                 nodes = nodes[:MAX_NODES]
             await self._configure(nodes, await self.settings())
+            published = await self._membership.get_membership()
+            active = {(n.node_id, n.address) for n in published.nodes if n.state == "active"}
+            await self._clear_strictly([n for n in nodes if (n.node_id, n.address) not in active])
             self._members = list(nodes)
             await self._publish()
 
@@ -111,16 +132,18 @@ class PoolController:
         """Start nodes, let every gateway invalidate on them, warm them, then route to them."""
         joining = await self._backend.grow(count)
         await self._configure(joining, await self.settings())
+        await self._clear_strictly(joining)  # a reused node may hold anything
         old = list(self._members)
-        await self._publish(joining=joining)
-        await asyncio.sleep(self._grace_seconds)  # every gateway now invalidates on them
+        await self._publish(joining=joining)  # every gateway invalidates on them from now on
         everyone = old + joining
         self.last_migration = await move_keys(
-            old, Ring([n.node_id for n in everyone]), {n.node_id: n for n in everyone}
+            old,
+            Ring([n.node_id for n in everyone]),
+            {n.node_id: n for n in everyone},
+            self._catalog.versions,
         )
         self._members = everyone
-        await self._publish()
-        await asyncio.sleep(self._grace_seconds)  # every gateway now routes to them
+        await self._publish()  # every gateway routes to them from now on
         # The old owners drop the copies they handed over.
         await drop_keys_owned_elsewhere(old, Ring([n.node_id for n in everyone]))
 
@@ -129,11 +152,16 @@ class PoolController:
         # The newest nodes leave: the oldest hold the longest-lived keys.
         staying, leaving = self._members[:-count], self._members[-count:]
         self.last_migration = await move_keys(
-            leaving, Ring([n.node_id for n in staying]), {n.node_id: n for n in staying}
+            leaving,
+            Ring([n.node_id for n in staying]),
+            {n.node_id: n for n in staying},
+            self._catalog.versions,
         )
         self._members = staying
+        # Leaving: no gateway reads from them from now on, and all still invalidate them ...
+        await self._publish(leaving=leaving)
+        # ... until they are gone from every gateway's view.
         await self._publish()
-        await asyncio.sleep(self._grace_seconds)  # no gateway routes to them any more
         await self._backend.shrink([n.node_id for n in leaving])
 
     async def apply_settings(self, settings: CacheSettings) -> None:
@@ -153,6 +181,19 @@ class PoolController:
         async with self._lock:  # not while a resize moves keys around
             floor = await self._catalog.current_version() + 1
             await asyncio.gather(*(self._on_node(n, "clear", floor) for n in self.members))
+
+    async def delete_all(self, blobs: BlobStore) -> int:
+        """Delete every image as the gateway's ``delete_all`` does (the outbox, every
+        member, joining and leaving ones too); returns how many there were."""
+        async with self._lock:  # the membership holds still meanwhile
+            pool = CachePool()
+            view = MembershipFollower(self._membership, pool, (), registered=False)
+            try:
+                await view.refresh()
+                invalidator = Invalidator(self._catalog, self._membership, view, pool)
+                return await ImageService(self._catalog, blobs, pool, invalidator).delete_all()
+            finally:
+                await pool.close()
 
     async def ping_all(self) -> dict[str, bool]:
         """Which members answer PING, by node id."""
@@ -184,7 +225,29 @@ class PoolController:
             return False
         return True
 
-    async def _publish(self, joining: Sequence[NodeHandle] = ()) -> None:
+    async def _clear_strictly(self, nodes: Sequence[NodeHandle]) -> None:
+        """Empty ``nodes``; raises PoolError if one fails.
+
+        A clear also voids every write ticket taken before it, so no write of
+        something read before can land after; it sets no version floor, which
+        would refuse the copies that warm a joining node.
+        """
+        if not nodes:
+            return
+        results = await asyncio.gather(*(self._on_node(n, "clear", 0) for n in nodes))
+        failed = [n.address for n, ok in zip(nodes, results, strict=True) if not ok]
+        if failed:
+            raise PoolError(f"could not clear cache node(s) {', '.join(failed)}")
+
+    async def _publish(
+        self, joining: Sequence[NodeHandle] = (), leaving: Sequence[NodeHandle] = ()
+    ) -> None:
+        """Publish the membership, and return once every live gateway has applied it."""
         records = [NodeRecord(n.node_id, n.address, "active") for n in self._members]
         records += [NodeRecord(n.node_id, n.address, "joining") for n in joining]
-        await self._membership.set_membership(records)
+        records += [NodeRecord(n.node_id, n.address, "leaving") for n in leaving]
+        epoch = await self._membership.set_membership(records)
+        try:
+            await self._membership.wait_for_gateways(epoch, self._gateway_wait_seconds)
+        except StorageError as error:
+            raise PoolError(str(error)) from error

@@ -8,13 +8,10 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from imagecache.cachepool import CachePool
 from imagecache.flash import set_flash, take_flash
-from imagecache.service import ImageService
 from manager.appkeys import (
     AUTOSCALER,
     BLOBS,
-    CATALOG,
     CONFIG,
     CONTROLLER,
     CSRF,
@@ -173,12 +170,7 @@ async def delete_all(request: web.Request) -> web.Response:
             request, "/config", "error", "Nothing deleted: type delete in the box to confirm."
         )
     app = request.app
-    pool = CachePool()
-    await pool.set_members([(n.node_id, n.address) for n in app[CONTROLLER].members])
-    try:
-        count = await ImageService(app[CATALOG], app[BLOBS], pool).delete_all()
-    finally:
-        await pool.close()
+    count = await app[CONTROLLER].delete_all(app[BLOBS])
     return _flash_redirect(
         request, "/config", "success", f"Deleted all application data ({count} images)."
     )
