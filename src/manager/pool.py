@@ -86,9 +86,10 @@ class PoolController:
     async def start(self) -> None:
         """Adopt the backend's nodes (at least one), configure them and publish them.
 
-        A node that was not an active member of the published pool (one that
-        was joining or leaving when the manager stopped, or was never
-        published) may have missed invalidations: it is cleared first.
+        The pool published before (by a manager that stopped, perhaps in the
+        middle of a resize) changes as a resize would: nodes that were not
+        active members may have missed invalidations, so they are cleared
+        and join; published nodes that are not adopted leave.
         """
         async with self._lock:
             nodes = await self._backend.nodes()
@@ -98,9 +99,18 @@ class PoolController:
                 await self._backend.shrink([n.node_id for n in nodes[MAX_NODES:]])
                 nodes = nodes[:MAX_NODES]
             await self._configure(nodes, await self.settings())
-            published = await self._membership.get_membership()
-            active = {(n.node_id, n.address) for n in published.nodes if n.state == "active"}
-            await self._clear_strictly([n for n in nodes if (n.node_id, n.address) not in active])
+            published = (await self._membership.get_membership()).nodes
+            active = {NodeHandle(n.node_id, n.address) for n in published if n.state == "active"}
+            joining = [n for n in nodes if n not in active]
+            leaving = [
+                handle
+                for n in published
+                if (handle := NodeHandle(n.node_id, n.address)) not in set(nodes)
+            ]
+            await self._clear_strictly(joining)
+            self._members = [n for n in nodes if n in active]
+            if joining or leaving:
+                await self._publish(joining=joining, leaving=leaving)
             self._members = list(nodes)
             await self._publish()
 
