@@ -20,6 +20,7 @@ from manager.backends.base import NodeHandle, PoolError
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 15.0
+START_ATTEMPTS = 3
 
 
 @dataclass
@@ -62,7 +63,7 @@ class LocalPool:
         started: list[_NodeProcess] = []
         try:
             for _ in range(count):
-                node = await self._start(self._free_port())
+                node = await self._start_somewhere()
                 self._nodes[node.handle.node_id] = node
                 started.append(node)
         except PoolError:
@@ -78,6 +79,18 @@ class LocalPool:
     async def close(self) -> None:
         self._closing = True  # no watcher restarts a node from now on
         await self.shrink(list(self._nodes))
+
+    async def _start_somewhere(self) -> _NodeProcess:
+        """A new node on a free port; one that dies while starting (killed, or
+        its port taken meanwhile) is tried again on another."""
+        for attempt in range(START_ATTEMPTS):
+            try:
+                return await self._start(self._free_port())
+            except PoolError as error:
+                if attempt == START_ATTEMPTS - 1:
+                    raise
+                log.warning("%s; trying again", error)
+        raise AssertionError("unreachable")
 
     async def _start(self, port: int) -> _NodeProcess:
         process = await asyncio.create_subprocess_exec(
