@@ -3,7 +3,8 @@
 Facebook's memcache answers a miss with a lease that entitles one client to
 fill the key; the others that miss meanwhile are told to wait and ask again.
 Here the lease is only about who loads: whether a fill may land is still
-decided by the key's version (docs/design.md), so a lease needs no token. It
+decided by the key's version and the fill's write ticket (docs/design.md), so
+a lease identifies no holder. It
 ends when any write or delete of the key arrives, when its holder releases
 it, or after its time, whichever comes first.
 """
