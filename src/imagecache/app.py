@@ -145,6 +145,7 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(every(RENEW_SECONDS, app[MEMBERSHIP].refresh)),
         asyncio.create_task(every(HEAL_SECONDS, service.heal_cache)),
         asyncio.create_task(every(CLEAN_UP_SECONDS, service.clean_up)),
+        asyncio.create_task(every(CLEAN_UP_SECONDS, app[MEMBERSHIP_STORE].expire_gateways)),
     ]
     yield
     for task in tasks:
