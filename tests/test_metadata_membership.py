@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imagecache.database import Database
+from imagecache.errors import StorageError
 from imagecache.poolmembers import Membership, MembershipStore, NodeRecord
 from tests.mariadb import mariadb_database_url, mariadb_url  # noqa: F401
 from tests.metadata_db import database_fixture, metadata_url_fixture  # noqa: F401
@@ -37,3 +41,87 @@ async def test_membership_rejects_bad_nodes(members: MembershipStore) -> None:
     with pytest.raises(ValueError, match="distinct"):
         await members.set_membership([node, node])
     assert await members.get_membership() == Membership(0, ())
+
+
+# -- dirty marks ----------------------------------------------------------------------------------
+
+NODES = [NodeRecord("a", "127.0.0.1:1", "active"), NodeRecord("b", "127.0.0.1:2", "joining")]
+
+
+async def caught_up(_conn: AsyncConnection) -> bool:
+    return True
+
+
+async def not_caught_up(_conn: AsyncConnection) -> bool:
+    return False
+
+
+def marks(membership: Membership) -> dict[str, int]:
+    return {node.node_id: node.dirty_mark for node in membership.nodes}
+
+
+async def test_a_dirty_mark_is_a_new_epoch_that_every_reader_sees(members: MembershipStore) -> None:
+    await members.set_membership(NODES)
+    epoch = await members.mark_dirty(["b", "not-a-member"])
+    assert epoch == 2
+    view = await members.get_membership()
+    assert (view.epoch, marks(view)) == (2, {"a": 0, "b": 2})
+    # Already dirty: no new epoch, and the caller waits for the mark in force.
+    assert await members.mark_dirty(["b"]) == 2
+    assert (await members.get_membership()).epoch == 2
+    # A membership change keeps the marks of the nodes that stay, drops the others'.
+    await members.set_membership([NodeRecord("b", "127.0.0.1:2", "active")])
+    assert marks(await members.get_membership()) == {"b": 2}
+    await members.set_membership([NodeRecord("a", "127.0.0.1:1", "active")])
+    await members.set_membership(NODES)
+    assert marks(await members.get_membership()) == {"a": 0, "b": 0}
+
+
+async def test_a_mark_is_lifted_only_if_unchanged_and_caught_up(members: MembershipStore) -> None:
+    await members.set_membership(NODES)
+    mark = await members.mark_dirty(["a"])
+    assert not await members.mark_clean("a", mark, not_caught_up)
+    assert not await members.mark_clean("a", mark + 1, caught_up)  # another mark
+    assert marks(await members.get_membership())["a"] == mark
+    assert await members.mark_clean("a", mark, caught_up)
+    view = await members.get_membership()
+    assert (view.epoch, marks(view)["a"]) == (mark + 1, 0)
+    assert not await members.mark_clean("a", mark, caught_up)  # nothing left to lift
+
+
+async def test_only_the_first_membership_is_published_with_only_first(
+    members: MembershipStore,
+) -> None:
+    assert await members.set_membership(NODES, only_first=True) == 1
+    assert await members.set_membership([], only_first=True) == 1
+    assert (await members.get_membership()).nodes == tuple(NODES)
+
+
+# -- the gateway registry -----------------------------------------------------------------------
+
+
+async def test_waiting_for_gateways_waits_for_each_live_one(members: MembershipStore) -> None:
+    await members.renew_gateway("g1", 1, lease_seconds=30)
+    await members.renew_gateway("g2", 2, lease_seconds=30)
+    assert await members.lagging_gateways(2) == ["g1"]
+    waiting = asyncio.create_task(members.wait_for_gateways(2, give_up_after=10))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await members.renew_gateway("g1", 2, lease_seconds=30)  # g1 applied epoch 2
+    async with asyncio.timeout(5):
+        await waiting
+    with pytest.raises(StorageError, match="g1"):
+        await members.wait_for_gateways(3, give_up_after=0.1)
+
+
+async def test_a_gateway_whose_lease_ended_or_that_left_is_not_waited_for(
+    members: MembershipStore,
+) -> None:
+    await members.renew_gateway("paused", 1, lease_seconds=0.2)
+    await members.renew_gateway("stopping", 1, lease_seconds=30)
+    await members.forget_gateway("stopping")
+    assert await members.lagging_gateways(2) == ["paused"]
+    async with asyncio.timeout(5):
+        await members.wait_for_gateways(2, give_up_after=5)  # until its lease ends
+    assert await members.expire_gateways() == 1
+    assert await members.expire_gateways() == 0
