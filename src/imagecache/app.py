@@ -97,9 +97,12 @@ def create_app(config: Config) -> web.Application:
 
 
 async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with Database.open(app[CONFIG].metadata_url) as database:
-        app[CATALOG] = await ImageCatalog.open(database)
-        app[MEMBERSHIP_STORE] = await MembershipStore.open(database)
+    url = app[CONFIG].metadata_url
+    # The membership gets connections of its own: renewing the gateway's view
+    # must not queue behind image loads, or a busy gateway would lose its lease.
+    async with Database.open(url) as catalog_db, Database.open(url) as membership_db:
+        app[CATALOG] = await ImageCatalog.open(catalog_db)
+        app[MEMBERSHIP_STORE] = await MembershipStore.open(membership_db)
         yield
 
 
