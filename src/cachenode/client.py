@@ -179,8 +179,11 @@ class _Connection(asyncio.Protocol):
         return future
 
     def abandon(self) -> None:
-        """Give up on this connection at once: a request that timed out may
-        still be queued on it, and must not reach the node later (fail closed)."""
+        """Give up on this connection at once (fail closed): what is still in
+        this side's buffers (the rest of a large value) is dropped, not sent
+        late, and the connection is not used again. Bytes the node already
+        received may still be applied when it wakes up: a late versioned write
+        is refused by its write ticket's age (docs/protocol.md)."""
         self.closed = True
         if self._transport is not None:
             self._transport.abort()
@@ -418,7 +421,7 @@ class NodeClient:
                     frame = await future
                 except asyncio.CancelledError:
                     # Timed out or cancelled: the request may still be queued
-                    # on the connection, so it goes, and the request with it.
+                    # on the connection, so the connection goes (``abandon``).
                     connection.abandon()
                     raise
         except TimeoutError:
