@@ -20,7 +20,8 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,16 @@ import aiohttp
 
 from cachenode.client import NodeClient
 from cachenode.errors import NodeError
+from imagecache.app import every
+from imagecache.blobs import FolderBlobStore
+from imagecache.cachepool import CachePool
+from imagecache.catalog import ImageCatalog
 from imagecache.config import parse_address
+from imagecache.database import Database
+from imagecache.invalidation import Invalidator
+from imagecache.membership import RENEW_SECONDS, MembershipFollower
+from imagecache.poolmembers import MembershipStore
+from imagecache.service import ImageService
 
 # The ports of a system someone may run by hand on this machine: never used by tests.
 RESERVED_PORTS = frozenset({5000, 5001, 11311})
@@ -373,3 +383,95 @@ async def node_pid(address: str, seconds: float = 1.0) -> int | None:
         return None
     pid = stats.get("pid")
     return pid if isinstance(pid, int) else None
+
+
+# -- a gateway over fixed nodes, and one in the test's own process -------------------------------
+
+
+def gateway_on_nodes(root: Path, name: str, nodes: Sequence[str]) -> PartProcess:
+    """An ``imagecache gateway`` process over ``root``/data, routed to ``nodes``
+    (no manager: until one publishes a membership, the configured nodes are it).
+
+    Start it with ``start``; ``kill`` it when done.
+    """
+    (port,), _ = free_ports(1, node_ports=0)
+    data_dir = root / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("IMAGECACHE_")}
+    environment.update(
+        PYTHONUNBUFFERED="1",
+        IMAGECACHE_DATA_DIR=str(data_dir),
+        IMAGECACHE_NODES=",".join(nodes),
+        IMAGECACHE_GATEWAY_HOST="127.0.0.1",
+        IMAGECACHE_GATEWAY_PORT=str(port),
+        IMAGECACHE_MANAGER_URL="http://127.0.0.1:9",  # no manager listens there
+    )
+    return PartProcess(name, "gateway", port, environment, root, _gateway_answers(port))
+
+
+@dataclass
+class EmbeddedGateway:
+    """What one gateway process holds, made in the test's process so that a test
+    can hold its steps; it shares the data folder and nodes of the real ones."""
+
+    service: ImageService
+    catalog: ImageCatalog
+    blobs: FolderBlobStore
+    pool: CachePool
+
+
+@asynccontextmanager
+async def embedded_gateway(
+    data_dir: Path,
+    nodes: Sequence[str],
+    *,
+    catalog_type: type[ImageCatalog] = ImageCatalog,
+    blobs: FolderBlobStore | None = None,
+    pool: CachePool | None = None,
+) -> AsyncIterator[EmbeddedGateway]:
+    """A gateway's catalog, blob store, pool (following the membership as the
+    app does, registered and renewing its view) and image service over
+    ``data_dir``; without its web app and its delivery loop."""
+    url = f"sqlite+aiosqlite:///{data_dir / 'imagecache.db'}"
+    blobs = FolderBlobStore(data_dir / "blobs") if blobs is None else blobs
+    await blobs.prepare()
+    pool = CachePool() if pool is None else pool
+    async with AsyncExitStack() as stack:
+        catalog_db = await stack.enter_async_context(Database.open(url))
+        membership_db = await stack.enter_async_context(Database.open(url))
+        catalog = await catalog_type.open(catalog_db)
+        membership = await MembershipStore.open(membership_db)
+        stack.push_async_callback(pool.close)
+        view = MembershipFollower(membership, pool, tuple(nodes))
+        await view.refresh()
+        stack.push_async_callback(view.leave)
+        renewing = asyncio.create_task(every(RENEW_SECONDS, view.refresh))
+        stack.push_async_callback(_cancelled, renewing)
+        service = ImageService(catalog, blobs, pool, Invalidator(catalog, membership, view, pool))
+        yield EmbeddedGateway(service, catalog, blobs, pool)
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+# -- the HTTP API as clients use it ----------------------------------------------------------
+
+
+async def upload_image(http: aiohttp.ClientSession, gateway: str, key: str, data: bytes) -> int:
+    """POST ``data`` as the image of ``key`` to the gateway at ``gateway`` (a URL);
+    the status it answered (200: acknowledged)."""
+    form = aiohttp.FormData()
+    form.add_field("key", key)
+    form.add_field("file", data, filename=f"{key}.png")
+    async with http.post(f"{gateway}/api/upload", data=form) as reply:
+        await reply.read()
+        return reply.status
+
+
+async def read_image(http: aiohttp.ClientSession, gateway: str, key: str) -> tuple[int, bytes]:
+    """``GET /image/<key>`` (the route with the fast path): its status and body."""
+    async with http.get(f"{gateway}/image/{key}") as reply:
+        return reply.status, await reply.read()
