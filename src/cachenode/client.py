@@ -309,31 +309,13 @@ class NodeClient:
 
         Raises NodeReplyError(TOO_LARGE) for a value the node refuses.
         """
-        frame = await self._call(
-            Opcode.SET,
-            key,
-            value,
-            flags=flags,
-            version=version,
-            extras=TICKET.pack(ticket) if ticket else b"",
-            accept=(Status.NOT_STORED,),
-        )
-        return frame.status == Status.OK
+        return await self._write(Opcode.SET, key, value, flags, version, ticket)
 
     async def add(
         self, key: bytes, value: bytes, *, flags: int = 0, version: int = 0, ticket: int = 0
     ) -> bool:
         """Store only if absent and not stale (as ``set``); False when the node did not."""
-        frame = await self._call(
-            Opcode.ADD,
-            key,
-            value,
-            flags=flags,
-            version=version,
-            extras=TICKET.pack(ticket) if ticket else b"",
-            accept=(Status.NOT_STORED,),
-        )
-        return frame.status == Status.OK
+        return await self._write(Opcode.ADD, key, value, flags, version, ticket)
 
     async def delete(self, key: bytes, *, version: int = 0) -> bool:
         """Remove ``key``; False when it was not there.
@@ -401,6 +383,20 @@ class NodeClient:
                 return
 
     # -- plumbing -----------------------------------------------------------
+
+    async def _write(
+        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int, ticket: int
+    ) -> bool:
+        frame = await self._call(
+            opcode,
+            key,
+            value,
+            flags=flags,
+            version=version,
+            extras=TICKET.pack(ticket) if ticket else b"",
+            accept=(Status.NOT_STORED,),
+        )
+        return frame.status == Status.OK
 
     async def _call(
         self,
