@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from cachenode.server import NodeServer
+from pathlib import Path
+
+from cachenode.client import NodeClient
+from cachenode.server import NodeConfig, NodeServer
 from imagecache.cachepool import CachePool, WriteTicket
+from imagecache.catalog import ImageCatalog, Invalidation
+from imagecache.database import Database
+from imagecache.invalidation import Invalidator
+from imagecache.membership import MembershipFollower
+from imagecache.poolmembers import MembershipStore, NodeRecord
 
 PNG_FLAGS = 1
 
@@ -79,3 +87,36 @@ async def test_invalidations_reach_joining_nodes_and_report_the_ones_missed(
         assert await pool.invalidate("cat", 5, ["n1"]) == []
     finally:
         await pool.close()
+
+
+async def test_a_view_past_its_lease_is_renewed_before_an_invalidation_is_delivered(
+    node_server: NodeServer, tmp_path: Path
+) -> None:
+    """A node that joined while the gateway's view was stale gets the invalidation."""
+    clock = Clock()
+    url = f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    async with (
+        NodeServer(NodeConfig(port=0, capacity_mb=8)) as joined,
+        Database.open(url) as database,
+    ):
+        catalog = await ImageCatalog.open(database)
+        membership = await MembershipStore.open(database)
+        first = NodeRecord("n1", address_of(node_server), "active")
+        await membership.set_membership([first])
+        pool = CachePool(clock=clock)
+        view = MembershipFollower(membership, pool, (), clock=clock)
+        try:
+            await view.refresh()
+            second = NodeRecord("n2", address_of(joined), "joining")
+            await membership.set_membership([first, second])
+            clock.now += 10  # the view's lease ran out before it saw n2
+            await Invalidator(catalog, membership, view, pool).deliver(Invalidation(0, "cat", 5))
+            # n2 was told: its tombstone refuses a write older than version 5.
+            host, port = joined.address
+            async with NodeClient(host, port) as client:
+                ticket = await client.ticket()
+                assert not await client.add(b"cat", b"old", version=4, ticket=ticket)
+                assert await client.add(b"cat", b"new", version=5, ticket=ticket)
+        finally:
+            await view.leave()
+            await pool.close()

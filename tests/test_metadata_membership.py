@@ -7,11 +7,12 @@ import asyncio
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from imagecache.catalog import ImageCatalog
 from imagecache.database import Database
 from imagecache.errors import StorageError
 from imagecache.poolmembers import Membership, MembershipStore, NodeRecord
 from tests.mariadb import mariadb_database_url, mariadb_url  # noqa: F401
-from tests.metadata_db import database_fixture, metadata_url_fixture  # noqa: F401
+from tests.metadata_db import database_fixture, metadata_url_fixture, upload  # noqa: F401
 
 
 @pytest.fixture
@@ -125,3 +126,19 @@ async def test_a_gateway_whose_lease_ended_or_that_left_is_not_waited_for(
         await members.wait_for_gateways(2, give_up_after=5)  # until its lease ends
     assert await members.expire_gateways() == 1
     assert await members.expire_gateways() == 0
+
+
+async def test_a_mark_stays_while_the_outbox_holds_a_change_newer_than_the_heal_delivered(
+    database: Database, members: MembershipStore
+) -> None:
+    """The heal's condition, with the catalog's outbox on the same database."""
+    catalog = await ImageCatalog.open(database)
+    await members.set_membership(NODES)
+    mark = await members.mark_dirty(["a"])
+    await upload(catalog, "cat")
+    delivered_up_to = await catalog.newest_invalidation_id()
+    await upload(catalog, "dog")  # committed while the heal delivered: not to the node
+    assert not await members.mark_clean("a", mark, catalog.nothing_pending_after(delivered_up_to))
+    for entry in await catalog.pending_invalidations(10):
+        await catalog.invalidation_delivered(entry.id)  # every member took them
+    assert await members.mark_clean("a", mark, catalog.nothing_pending_after(delivered_up_to))

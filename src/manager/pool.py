@@ -15,6 +15,7 @@ by the time the others stop invalidating it (docs/design.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -141,10 +142,17 @@ class PoolController:
     async def _grow(self, count: int) -> None:
         """Start nodes, let every gateway invalidate on them, warm them, then route to them."""
         joining = await self._backend.grow(count)
-        await self._configure(joining, await self.settings())
-        await self._clear_strictly(joining)  # a reused node may hold anything
         old = list(self._members)
-        await self._publish(joining=joining)  # every gateway invalidates on them from now on
+        try:
+            await self._configure(joining, await self.settings())
+            await self._clear_strictly(joining)  # a reused node may hold anything
+            await self._publish(joining=joining)  # every gateway invalidates on them from now on
+        except PoolError:
+            # Joining nodes serve no reads: they may go without leaving first.
+            with contextlib.suppress(PoolError, StorageError):
+                await self._publish()
+            await self._backend.shrink([n.node_id for n in joining])
+            raise
         everyone = old + joining
         self.last_migration = await move_keys(
             old,
