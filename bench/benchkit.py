@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.client
 import math
 import os
 import shutil
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -45,12 +46,30 @@ def die_with_parent() -> None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def child_setup(core: int | None) -> Callable[[], None]:
-    """What a child runs between fork and exec: its CPU, and death with this process."""
+Cores = int | Collection[int]  # one core, or a set of them
+
+
+def core_set(cores: Cores) -> set[int]:
+    return {cores} if isinstance(cores, int) else set(cores)
+
+
+def describe_cores(cores: Cores) -> str:
+    """``core 0``, ``cores 0-1``, ``cores 0,2``."""
+    ordered = sorted(core_set(cores))
+    if len(ordered) == 1:
+        return f"core {ordered[0]}"
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"cores {ordered[0]}-{ordered[-1]}"
+    return "cores " + ",".join(map(str, ordered))
+
+
+def child_setup(core: Cores | None) -> Callable[[], None]:
+    """What a child runs between fork and exec: its CPUs, and death with this process."""
+    cpus = None if core is None else core_set(core)
 
     def setup() -> None:
-        if core is not None:
-            os.sched_setaffinity(0, {core})
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
         if _PRCTL is not None:
             _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -80,6 +99,119 @@ def cpu_seconds(pid: int) -> float:
         text = stat.read()
     fields = text[text.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def child_pids(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (a scan of /proc), in pid order."""
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                text = stat.read()
+        except OSError:  # gone meanwhile
+            continue
+        if int(text[text.rindex(b")") + 2 :].split()[1]) == parent:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def command_line(pid: int) -> list[str]:
+    """A process's argv (empty when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return [part.decode(errors="replace") for part in cmdline.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def _socket_inode(local_port: int, remote_port: int) -> int | None:
+    """The inode of the established TCP socket local_port <-> remote_port (/proc/net/tcp*)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as rows:
+                next(rows)  # the header
+                for row in rows:
+                    fields = row.split()
+                    local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+                    if (
+                        state == "01"  # ESTABLISHED
+                        and int(local.rpartition(":")[2], 16) == local_port
+                        and int(remote.rpartition(":")[2], 16) == remote_port
+                    ):
+                        return int(inode)
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def socket_owner(local_port: int, remote_port: int, pids: Iterable[int]) -> int | None:
+    """Which of ``pids`` holds the connection accepted on ``local_port`` from ``remote_port``.
+
+    How to tell which of several processes listening on one port (SO_REUSEPORT)
+    accepted a connection: its socket's inode, among their open files.
+    """
+    inode = _socket_inode(local_port, remote_port)
+    if inode is None:
+        return None
+    link = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{descriptor}") == link:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def get_from_each(
+    port: int, path: str, pids: Collection[int], attempts: int = 0, timeout: float = 10.0
+) -> dict[int, bytes]:
+    """``GET path`` answered by each of ``pids``, processes that share ``port`` (SO_REUSEPORT).
+
+    The kernel picks the process for each new connection (by a hash of its
+    addresses), so this opens connections until every process has answered
+    one, or ``attempts`` (default: 32 per process) are spent; each answer is
+    told apart by the process that holds the connection's socket. Returns
+    pid -> response body (status 200 only) for the processes reached.
+    """
+    answers: dict[int, bytes] = {}
+    for _ in range(attempts or 32 * len(pids)):
+        if len(answers) == len(pids):
+            break
+        connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+        try:
+            connection.connect()
+            assert connection.sock is not None
+            client_port: int = connection.sock.getsockname()[1]
+            connection.request("GET", path)  # HTTP/1.1: the connection stays open after it
+            response = connection.getresponse()
+            body = response.read()
+            # Accepted (it answered) and still open: the owner holds its socket.
+            owner = socket_owner(port, client_port, pids)
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise RuntimeError(f"GET {path} answered {response.status}")
+        if owner is not None and owner not in answers:
+            answers[owner] = body
+    return answers
+
+
+def prometheus_values(text: str) -> dict[str, float]:
+    """The samples of a Prometheus text exposition, by name (labels included)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -123,7 +255,7 @@ class Children:
         self,
         argv: Sequence[str],
         *,
-        core: int,
+        core: Cores,
         stdout: int | IO[bytes] | None = None,
         stderr: int | IO[bytes] | None = None,
         env: Mapping[str, str] | None = None,

@@ -15,6 +15,15 @@ right size and that the gateway's were cache hits (the node's counters), and
 prints throughput, latency, CPU per 1,000 requests and the ratio
 gateway / nginx beside the goal (at least 0.5x).
 
+``--workers N`` (N > 1) runs the gateway as ``imagecache gateway --workers N``
+(N processes on one port, SO_REUSEPORT) and nginx with a master and
+``worker_processes N`` (``listen ... reuseport``), the servers of both on the
+first N cores, and wrk on the next core or, when none is left, on those same
+N cores. It prints each system's requests per second of server CPU (every
+process: the gateway's supervisor, workers and node; nginx's master and
+workers) and the ratio beside the goal for workers (at least 0.8x nginx's),
+with the throughput; the gateway's counters are read from every worker.
+
 ``--py-spy PATH`` then profiles the gateway under the same load with that
 py-spy binary (not a project dependency) and prints where its time goes.
 
@@ -53,13 +62,19 @@ from PIL import Image
 
 from benchkit import (
     Children,
+    Cores,
     Server,
     Terminated,
+    child_pids,
+    command_line,
     cpu_seconds,
+    describe_cores,
     free_port,
+    get_from_each,
     imagecache_command,
     machine_cpu,
     progress,
+    prometheus_values,
     ratio_of,
     terminate,
     verdict,
@@ -69,14 +84,17 @@ from benchkit import (
 HOST: Final = "127.0.0.1"
 KIB: Final = 1 << 10
 MIB: Final = 1 << 20
-SERVER_CORE: Final = 0
-CLIENT_CORE: Final = 1
 INSTALL_HINT: Final = "apt-get install -y nginx-light wrk"
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 IMAGE_WIDTH: Final = 185  # pixels; the height follows from the wanted file size
 # Goal from the issue: the gateway serves cache hits at least at this share of
 # nginx's rate for the same file on the same core.
 GOAL_RATIO: Final = 0.5
+# Goal from the issue for --workers N (N > 1): requests per second of server CPU
+# at least this share of nginx's with N worker processes on the same N cores.
+GOAL_PER_CPU: Final = 0.8
+GATEWAY_WORKER: Final = "gateway-worker"  # in a gateway worker's command line
+NGINX_WORKER: Final = "nginx: worker process"  # an nginx worker's title
 START_TIMEOUT: Final = 30.0
 # A server using less of its core than this was held back by something else.
 SATURATED_CORES: Final = 0.8
@@ -120,7 +138,7 @@ def _binary(name: str, *fallbacks: str) -> str:
     return found
 
 
-def start_node(children: Children, workdir: Path) -> Server:
+def start_node(children: Children, workdir: Path, cores: Cores) -> Server:
     with open(workdir / "node.log", "wb") as log:
         process = children.start(
             [
@@ -135,7 +153,7 @@ def start_node(children: Children, workdir: Path) -> Server:
                 "--capacity-mb",
                 "256",
             ],
-            core=SERVER_CORE,
+            core=cores,
             stdout=subprocess.PIPE,
             stderr=log,
         )
@@ -145,7 +163,10 @@ def start_node(children: Children, workdir: Path) -> Server:
     return Server("node", port, process.pid)
 
 
-def start_gateway(children: Children, workdir: Path, node: Server) -> Server:
+def start_gateway(
+    children: Children, workdir: Path, node: Server, workers: int, cores: Cores
+) -> tuple[Server, list[int]]:
+    """The gateway, and its worker processes (none with one worker: it serves itself)."""
     data_dir = workdir / "data"
     data_dir.mkdir()
     port = free_port()
@@ -161,30 +182,61 @@ def start_gateway(children: Children, workdir: Path, node: Server) -> Server:
     }
     with open(workdir / "gateway.log", "wb") as log:
         process = children.start(
-            [*imagecache_command(), "--log-level", "WARNING", "gateway"],
-            core=SERVER_CORE,
+            [
+                *imagecache_command(),
+                "--log-level",
+                "WARNING",
+                "gateway",
+                *(["--workers", str(workers)] if workers > 1 else []),
+            ],
+            core=cores,
             stdout=subprocess.PIPE,
             stderr=log,
             env=env,
         )
+    # With workers, the parent says so once every worker listens.
     _read_ready_line(process, rb"gateway on http://", "the gateway")
     wait_until_listening(process, port, "the gateway")
-    return Server("gateway", port, process.pid)
+    worker_pids = workers_of(process.pid, GATEWAY_WORKER, workers) if workers > 1 else []
+    return Server("gateway", port, process.pid), worker_pids
 
 
-def nginx_config(prefix: Path, port: int, binary: str) -> str:
-    """One nginx process serving ``prefix/html`` on ``port``, everything it writes in ``prefix``."""
+def workers_of(parent: int, marker: str, count: int) -> list[int]:
+    """The ``count`` child processes of ``parent`` with ``marker`` in their command line."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        found = [pid for pid in child_pids(parent) if marker in " ".join(command_line(pid))]
+        if len(found) == count:
+            return found
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {parent} has {len(found)} {marker!r}, not {count}")
+        time.sleep(0.05)
+
+
+def nginx_config(prefix: Path, port: int, binary: str, workers: int = 1) -> str:
+    """nginx serving ``prefix/html`` on ``port``, everything it writes in ``prefix``.
+
+    One worker: one process (no master). More: a master and that many workers,
+    each with its own listening socket (``reuseport``: the kernel spreads
+    connections over them as over the gateway's workers).
+    """
     built = subprocess.run([binary, "-V"], capture_output=True, text=True, check=False).stderr
     temp_paths = "".join(
         f"    {module}_temp_path {prefix / ('temp-' + module)};\n"
         for module in ("proxy", "fastcgi", "uwsgi", "scgi")
         if f"--without-http_{module}_module" not in built
     )
+    if workers > 1:
+        # Workers of a master run as root only if told (else "nobody", who may not read prefix).
+        processes = (
+            "user root;\n" if os.geteuid() == 0 else ""
+        ) + f"worker_processes {workers};\ndaemon off;\nmaster_process on;\n"
+        reuseport = " reuseport"
+    else:
+        processes = "worker_processes 1;\ndaemon off;\nmaster_process off;\n"
+        reuseport = ""
     return f"""\
-worker_processes 1;
-daemon off;
-master_process off;
-error_log {prefix / "error.log"} warn;
+{processes}error_log {prefix / "error.log"} warn;
 pid {prefix / "nginx.pid"};
 events {{
     worker_connections 1024;
@@ -197,7 +249,7 @@ http {{
     keepalive_requests 1000000;
     client_body_temp_path {prefix / "temp-body"};
 {temp_paths}    server {{
-        listen {HOST}:{port};
+        listen {HOST}:{port}{reuseport};
         root {prefix / "html"};
         location /image/ {{
             default_type image/png;
@@ -208,23 +260,27 @@ http {{
 """
 
 
-def start_nginx(children: Children, workdir: Path, key: str, image: bytes) -> Server:
+def start_nginx(
+    children: Children, workdir: Path, key: str, image: bytes, workers: int, cores: Cores
+) -> tuple[Server, list[int]]:
+    """nginx, and its worker processes (none with one worker: it serves itself)."""
     binary = _binary("nginx", "/usr/sbin/nginx")
     prefix = workdir / "nginx"
     (prefix / "html" / "image").mkdir(parents=True)
     (prefix / "html" / "image" / key).write_bytes(image)
     port = free_port()
     config = prefix / "nginx.conf"
-    config.write_text(nginx_config(prefix, port, binary))
+    config.write_text(nginx_config(prefix, port, binary, workers))
     with open(prefix / "stderr.log", "wb") as log:
         process = children.start(
             [binary, "-c", str(config), "-p", str(prefix), "-e", str(prefix / "error.log")],
-            core=SERVER_CORE,
+            core=cores,
             stdout=log,
             stderr=log,
         )
     wait_until_listening(process, port, "nginx")
-    return Server("nginx", port, process.pid)
+    worker_pids = workers_of(process.pid, NGINX_WORKER, workers) if workers > 1 else []
+    return Server("nginx", port, process.pid), worker_pids
 
 
 # -- /proc ----------------------------------------------------------------------
@@ -312,16 +368,17 @@ def check_response(server: Server, path: str, image: bytes) -> Fetched:
     return got
 
 
-def gateway_counters(port: int) -> dict[str, float]:
-    """The gateway's Prometheus counters and gauges (``GET /metrics``), by name."""
-    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    counters: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            counters[name] = float(value)
-    return counters
+def gateway_counters(port: int, pids: Sequence[int]) -> dict[int, dict[str, float]]:
+    """Each gateway process's Prometheus counters and gauges (``GET /metrics``), by name.
+
+    ``pids`` are the processes that serve the port: the gateway itself, or its
+    workers, each with counters of its own, all of which are read.
+    """
+    answers = get_from_each(port, "/metrics", pids)
+    missing = [pid for pid in pids if pid not in answers]
+    if missing:
+        raise RuntimeError(f"GET /metrics never reached gateway process(es) {missing}")
+    return {pid: prometheus_values(answers[pid].decode()) for pid in pids}
 
 
 def node_counters(port: int) -> dict[str, int]:
@@ -443,10 +500,28 @@ class System:
     path: str
     pids: dict[str, int]  # process name -> pid; all count as the server's CPU
     expected_bytes: int  # one whole response on the wire
+    parent: int = 0  # with workers: the process that started them
+    workers: tuple[int, ...] = ()  # the worker processes (none: the server has none)
+    worker_marker: str = ""  # in the workers' command lines
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}{self.path}"
+
+    def check_workers(self) -> None:
+        """Raise RuntimeError when a worker exited (or was started again) meanwhile."""
+        if not self.workers:
+            return
+        now = tuple(
+            pid
+            for pid in child_pids(self.parent)
+            if self.worker_marker in " ".join(command_line(pid))
+        )
+        if now != self.workers:
+            raise RuntimeError(
+                f"{self.name}'s workers changed during the run ({self.workers} -> {now}): one "
+                "exited or was started again (see its log); the CPU figures would be wrong"
+            )
 
 
 @dataclass(frozen=True)
@@ -470,21 +545,20 @@ class Sample:
         return self.cpu_total / requests * 1000 if requests else math.nan
 
 
-def run_wrk(children: Children, wrk: Wrk, system: System, duration: float) -> Sample:
-    """One wrk run against ``system``, with the CPU its processes used meanwhile."""
+def run_wrk(children: Children, wrk: Wrk, system: System, duration: float, cores: Cores) -> Sample:
+    """One wrk run (on ``cores``) against ``system``, with the CPU its processes used meanwhile."""
     argv = wrk.argv(system.url, duration)
     cpu_before = {name: cpu_seconds(pid) for name, pid in system.pids.items()}
     busy_before, steal_before = machine_cpu()
     children_before = children_cpu()
     started = time.perf_counter()
-    process = children.start(
-        argv, core=CLIENT_CORE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    process = children.start(argv, core=cores, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         output, _ = process.communicate(timeout=duration + 60)
     finally:
         children.stop(process)
     wall = time.perf_counter() - started
+    system.check_workers()
     cpu_after = {name: cpu_seconds(pid) for name, pid in system.pids.items()}
     busy_after, steal_after = machine_cpu()
     wrk_cpu = children_cpu() - children_before
@@ -532,14 +606,25 @@ class Cell:
         return sum(s.wrk.bytes_read for s in self.samples) / seconds if seconds else 0.0
 
     def cpu(self, name: str | None = None) -> float:
-        """Server CPU seconds over every run, of one process or all of them."""
+        """Server CPU seconds over every run, of all processes, one, or those named ``name*``."""
         if name is None:
             return sum(s.cpu_total for s in self.samples)
-        return sum(s.server_cpu[name] for s in self.samples)
+        if name in self.system.pids:
+            return sum(s.server_cpu[name] for s in self.samples)
+        return sum(
+            cpu
+            for s in self.samples
+            for process, cpu in s.server_cpu.items()
+            if process.startswith(name)
+        )
 
     def cpu_per_kilo(self, name: str | None = None) -> float:
         requests = self.requests
         return self.cpu(name) / requests * 1000 if requests else math.nan
+
+    def requests_per_cpu_second(self) -> float:
+        cpu = self.cpu()
+        return self.requests / cpu if cpu else math.nan
 
     def cores(self, name: str | None = None) -> float:
         wall = self.wall_seconds
@@ -655,7 +740,7 @@ def profile_gateway(
     output = workdir / "gateway.py-spy.txt"
     load = children.start(
         wrk.argv(gateway.url, seconds + 2 * lead),
-        core=CLIENT_CORE,
+        core=args.client_cores,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -666,7 +751,9 @@ def profile_gateway(
                 py_spy,
                 "record",
                 "--pid",
-                str(gateway.pids["gateway"]),
+                # With workers: the supervisor, and (--subprocesses) every worker.
+                str(gateway.parent or gateway.pids["gateway"]),
+                *(["--subprocesses"] if gateway.workers else []),
                 "--duration",
                 str(seconds),
                 "--rate",
@@ -679,7 +766,7 @@ def profile_gateway(
                 "--output",
                 str(output),
             ],
-            core=CLIENT_CORE,
+            core=args.client_cores,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -707,14 +794,20 @@ def profile_gateway(
     )
 
 
-def print_profile(profile: Profile, gateway: Cell) -> None:
+def print_profile(profile: Profile, gateway: Cell, args: argparse.Namespace) -> None:
+    workers = (
+        f" ({args.workers} workers and their supervisor: py-spy --subprocesses)"
+        if args.workers > 1
+        else ""
+    )
     print(
-        f"Profile of the gateway under the same load (py-spy --gil --native, {profile.rate} "
-        f"samples/s for {profile.seconds:g} s, ~{profile.requests:,} requests): "
+        f"Profile of the gateway{workers} under the same load (py-spy --gil --native, "
+        f"{profile.rate} samples/s for {profile.seconds:g} s, ~{profile.requests:,} requests): "
         f"{profile.samples:,} samples holding the GIL"
     )
     print(
-        "py-spy samples wall-clock time. The gateway shares core 0 with the node, so time it "
+        "py-spy samples wall-clock time. The gateway shares "
+        f"{describe_cores(args.server_cores)} with the node, so time it "
         "spends preempted (mostly\ninside the write() that wakes the node) counts where it was; "
         "us/req = samples / rate / requests. Line numbers merged.\n"
         f"py-spy pauses the gateway to sample it: {profile.requests / profile.seconds:,.0f} req/s "
@@ -783,19 +876,29 @@ def print_results(
         f"Gateway cache hits against nginx: GET /image/<key> of {image_text}; "
         f"{wrk_version} -t{args.threads} -c{args.connections} --latency"
     )
+    server_cores = describe_cores(args.server_cores)
+    if args.workers > 1:
+        shared = set(args.server_cores) == set(args.client_cores)
+        placement = (
+            f"servers on {server_cores} (imagecache = {args.workers} gateway workers, their "
+            f"supervisor and the cache node;\nnginx = its master and {args.workers} workers, "
+            f"listen reuseport), wrk on {describe_cores(args.client_cores)}"
+            + (" too (no core is left for it alone)" if shared else "")
+        )
+    else:
+        placement = (
+            f"servers on {server_cores} (imagecache = gateway + its cache node), "
+            f"wrk on {describe_cores(args.client_cores)}"
+        )
     print(
         f"{args.rounds} rounds of {args.duration:g} s per system, systems in turn (A B A B), "
         f"after a {args.warmup:g} s warm-up each; "
-        + (
-            f"servers on core {SERVER_CORE} (imagecache = gateway + its cache node), "
-            f"wrk on core {CLIENT_CORE}"
-            if args.pin
-            else "NOTHING PINNED (fewer than 2 cores)"
-        )
+        + (placement if args.pin else "NOTHING PINNED (fewer than 2 cores)")
     )
     print(
         "CPU s/1k = the server's utime+stime (/proc/PID/stat, all threads) per 1,000 responses; "
-        "cores = the same per second\n(1.00: core 0 saturated); wrk = wrk's CPU share of its "
+        f"cores = the same per second\n({len(args.server_cores):.2f}: {server_cores} saturated);"
+        " wrk = wrk's CPU share of its "
         "core (near 100%: wrk-bound); other = cores busy with other\nprocesses meanwhile, "
         "steal = cores taken by the hypervisor (both near 0 on a quiet machine); "
         "B/resp = bytes read per response"
@@ -844,18 +947,46 @@ def print_results(
             f"{cell.system.expected_bytes:>10,}  {', '.join(checks)}"
         )
         if len(cell.system.pids) > 1:
-            for process in cell.system.pids:
+            parts = list(cell.system.pids)
+            if cell.system.workers and name == "imagecache":
+                parts.insert(0, "gateway, in all")
+            for process in parts:
+                part = "gateway" if process == "gateway, in all" else process
                 print(
                     f"  {process:<19}{'':>9}{'':>8}{'':>8}{'':>8}"
-                    f"{cell.cpu_per_kilo(process):>10.4f}{cell.cpu_per_kilo(process) * 1000:>8.1f}"
-                    f"{cell.cores(process):>7.2f}"
+                    f"{cell.cpu_per_kilo(part):>10.4f}{cell.cpu_per_kilo(part) * 1000:>8.1f}"
+                    f"{cell.cores(part):>7.2f}"
                 )
     print("(p50: median of the rounds' p50; p99: the worst round's p99)")
     print()
+    if args.workers > 1:
+        print(
+            "requests per second of server CPU (responses / CPU seconds of every server "
+            "process above, over all rounds):"
+        )
+        for name, cell in cells.items():
+            print(
+                f"  {name:<19}{cell.requests_per_cpu_second():>9,.0f}  "
+                f"({cell.requests:,} responses / {cell.cpu():.2f} CPU s of "
+                f"{', '.join(cell.system.pids)})"
+            )
+        print()
 
     throughput = ratio_of(ours.throughput, theirs.throughput)
     per_cpu = ratio_of(theirs.cpu_per_kilo(), ours.cpu_per_kilo())
-    print(f"Ratio imagecache / nginx (goal: throughput at least {GOAL_RATIO:g}x nginx's)")
+    if args.workers > 1:
+        print(
+            f"Ratio imagecache / nginx, {args.workers} workers each (goal: requests per second "
+            f"of server CPU at least {GOAL_PER_CPU:g}x nginx's)"
+        )
+        throughput_goal = ""
+        per_cpu_goal = f">= {GOAL_PER_CPU:g}x  {verdict(per_cpu >= GOAL_PER_CPU)}"
+    else:
+        print(f"Ratio imagecache / nginx (goal: throughput at least {GOAL_RATIO:g}x nginx's)")
+        throughput_goal = f">= {GOAL_RATIO:g}x  {verdict(throughput >= GOAL_RATIO)}"
+        per_cpu_goal = (
+            f"(>= {GOAL_RATIO:g}x  {verdict(per_cpu >= GOAL_RATIO)} at one saturated core)"
+        )
     print()
     header = f"{'':<26}{'all rounds':>11}{'per round':>20}  goal"
     print(header)
@@ -865,13 +996,13 @@ def print_results(
             "throughput (req/s)",
             throughput,
             lambda s: s.wrk.requests_per_second,
-            f">= {GOAL_RATIO:g}x  {verdict(throughput >= GOAL_RATIO)}",
+            throughput_goal,
         ),
         (
             "requests per server CPU s",
             per_cpu,
             lambda s: 1 / s.cpu_per_kilo,
-            f"(>= {GOAL_RATIO:g}x  {verdict(per_cpu >= GOAL_RATIO)} at one saturated core)",
+            per_cpu_goal,
         ),
         (
             "server CPU per request",
@@ -898,14 +1029,16 @@ def print_results(
             for a, b in zip(ours.samples, theirs.samples, strict=True)
         )
         print(f"{label:<26}{overall:>10.2f}x{per_round:>20}  {goal}")
-    unsaturated = [name for name, cell in cells.items() if cell.cores() < SATURATED_CORES]
+    saturated = SATURATED_CORES * len(args.server_cores)
+    unsaturated = [name for name, cell in cells.items() if cell.cores() < saturated]
     if unsaturated:
         print(
-            f"NOTE: {' and '.join(unsaturated)} used less than {SATURATED_CORES:.0%} of core "
-            f"{SERVER_CORE}: something else (wrk, other processes: see the wrk and other\n"
+            f"NOTE: {' and '.join(unsaturated)} used less than {SATURATED_CORES:.0%} of "
+            f"{server_cores}: something else (wrk, other processes: see the wrk and other\n"
             "columns) held the throughput back, so the throughput ratio is not one of the "
             "servers' capacities. Requests per server CPU second\n(what each would serve with "
-            "the core to itself) compare them better."
+            f"the {'cores' if len(args.server_cores) > 1 else 'core'} to itself) compare them "
+            "better."
         )
     print()
 
@@ -922,20 +1055,28 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     image, (width, height) = noise_png(args.size)
     image_text = f"a {len(image):,} B PNG ({width}x{height} random pixels)"
 
-    node = start_node(children, workdir)
-    gateway = start_gateway(children, workdir, node)
-    nginx = start_nginx(children, workdir, key, image)
+    cores = args.server_cores
+    node = start_node(children, workdir, cores)
+    gateway, gateway_workers = start_gateway(children, workdir, node, args.workers, cores)
+    nginx, nginx_workers = start_nginx(children, workdir, key, image, args.workers, cores)
     progress(
         f"node (pid {node.pid}) on port {node.port}; gateway (pid {gateway.pid}) on port "
         f"{gateway.port}; nginx (pid {nginx.pid}) on port {nginx.port}; files in {workdir}"
     )
+    if args.workers > 1:
+        progress(
+            f"gateway workers: pids {', '.join(map(str, gateway_workers))}; "
+            f"nginx workers: pids {', '.join(map(str, nginx_workers))}"
+        )
+    # The processes that answer on the gateway's port, each with counters of its own.
+    gateway_servers = gateway_workers or [gateway.pid]
 
     upload(gateway.port, key, image)
     first = node_counters(node.port)
     gateway_response = check_response(gateway, path, image)
     nginx_response = check_response(nginx, path, image)
     after_check = node_counters(node.port)
-    gateway_before = gateway_counters(gateway.port)
+    gateway_before = gateway_counters(gateway.port, gateway_servers)
     if after_check.get("get_hits", 0) - first.get("get_hits", 0) != 1:
         raise RuntimeError(f"the first GET after the upload was not a cache hit: {after_check}")
     for server, response in ((gateway, gateway_response), (nginx, nginx_response)):
@@ -945,16 +1086,35 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
             + ", ".join(f"{n}: {v}" for n, v in response.headers if n.lower() != "date")
         )
 
+    if gateway_workers:
+        gateway_pids = {"gateway supervisor": gateway.pid} | {
+            f"gateway worker {number}": pid for number, pid in enumerate(gateway_workers, 1)
+        }
+        nginx_pids = {"nginx master": nginx.pid} | {
+            f"nginx worker {number}": pid for number, pid in enumerate(nginx_workers, 1)
+        }
+    else:
+        gateway_pids, nginx_pids = {"gateway": gateway.pid}, {"nginx": nginx.pid}
     systems = {
         "imagecache": System(
             "imagecache",
             gateway.port,
             path,
-            {"gateway": gateway.pid, "node": node.pid},
+            gateway_pids | {"node": node.pid},
             gateway_response.response_bytes,
+            gateway.pid,
+            tuple(gateway_workers),
+            GATEWAY_WORKER,
         ),
         "nginx": System(
-            "nginx", nginx.port, path, {"nginx": nginx.pid}, nginx_response.response_bytes
+            "nginx",
+            nginx.port,
+            path,
+            nginx_pids,
+            nginx_response.response_bytes,
+            nginx.pid,
+            tuple(nginx_workers),
+            NGINX_WORKER,
         ),
     }
     wrk_version = subprocess.run(
@@ -967,7 +1127,7 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     gateway_requests = 0
     if args.warmup > 0:
         for system in systems.values():
-            sample = run_wrk(children, wrk, system, args.warmup)
+            sample = run_wrk(children, wrk, system, args.warmup, args.client_cores)
             if system.name == "imagecache":
                 gateway_requests += sample.wrk.requests
             progress(f"warm-up  {system.name:<11} {sample.wrk.requests_per_second:>9,.0f} req/s")
@@ -975,7 +1135,7 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     cells = {name: Cell(system) for name, system in systems.items()}
     for number in range(1, args.rounds + 1):
         for name, system in systems.items():  # A B A B: the systems take turns
-            sample = run_wrk(children, wrk, system, args.duration)
+            sample = run_wrk(children, wrk, system, args.duration, args.client_cores)
             cells[name].samples.append(sample)
             if name == "imagecache":
                 gateway_requests += sample.wrk.requests
@@ -988,13 +1148,20 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
                 f"  other {sample.other_cores:.2f} cores" + (f"  ERRORS {errors}" if errors else "")
             )
     last = node_counters(node.port)
-    gateway_after = gateway_counters(gateway.port)
+    gateway_after = gateway_counters(gateway.port, gateway_servers)
 
     print_results(cells, args, image_text, wrk_version)
 
-    def gateway_delta(name: str) -> int:
+    def gateway_delta(name: str, pid: int | None = None) -> int:
+        """A counter's growth over the runs, in one gateway process or summed over all."""
         name = f"imagecache_gateway_{name}_total"
-        return round(gateway_after.get(name, 0) - gateway_before.get(name, 0))
+        return round(
+            sum(
+                gateway_after[server].get(name, 0) - gateway_before[server].get(name, 0)
+                for server in gateway_servers
+                if pid in (None, server)
+            )
+        )
 
     # The gateway counts a hit per request; the node counts one per lookup,
     # and hot keys' requests share their version CHECKs (src/imagecache/fastpath.py).
@@ -1026,6 +1193,21 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
         f"        {served:,} answered by the fast path from the gateway's kept copy, after "
         f"{checks:,} version CHECKs with the node ({node_lookups:,} node lookups in all)"
     )
+    if gateway_workers:
+        # The kernel spreads connections over the workers (by a hash of their addresses),
+        # so wrk's 16 connections need not split evenly.
+        print(
+            "        (summed over the gateway's workers, each read apart with GET /metrics) "
+            "per worker:"
+        )
+        for number, pid in enumerate(gateway_workers, 1):
+            worker_hits = gateway_delta("cache_hits", pid)
+            print(
+                f"          worker {number} (pid {pid}): {worker_hits:,} cache hits "
+                f"({ratio_of(worker_hits, hits):.0%}), {gateway_delta('fast_path_served', pid):,}"
+                f" by the fast path, {gateway_delta('version_checks', pid):,} CHECKs, "
+                f"{gateway_delta('fast_path_handed_over', pid):,} connections handed to aiohttp"
+            )
     print()
     sys.stdout.flush()
 
@@ -1038,7 +1220,7 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
         except (RuntimeError, ValueError) as error:
             progress(f"profile abandoned: {error}")
         else:
-            print_profile(profile, cells["imagecache"])
+            print_profile(profile, cells["imagecache"], args)
     return responses_ok and all_hits
 
 
@@ -1050,6 +1232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of A B (2)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (16)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway workers (imagecache gateway --workers N) and nginx worker_processes, "
+        "both on the first N cores (1)",
+    )
     parser.add_argument(
         "--warmup", type=float, default=2.0, help="seconds of unmeasured wrk per system first (2)"
     )
@@ -1075,9 +1264,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads > args.connections:
         parser.error("wrk needs at least one connection per thread")
 
-    args.pin = (os.cpu_count() or 1) >= 2
+    available = sorted(os.sched_getaffinity(0))
+    args.pin = len(available) >= 2
+    if not 1 <= args.workers <= max(1, len(available)):
+        parser.error(f"--workers must be from 1 to the number of usable cores ({len(available)})")
+    # The servers get the first N cores; wrk the next one, or, when none is left, the
+    # same N (the fairest left: both systems share them with wrk alike; bench/README.md).
+    args.server_cores = tuple(available[: args.workers])
+    args.client_cores = (
+        (available[args.workers],) if len(available) > args.workers else args.server_cores
+    )
     if args.pin:
-        os.sched_setaffinity(0, {CLIENT_CORE})
+        os.sched_setaffinity(0, set(args.client_cores))
     else:
         progress("fewer than 2 cores: nothing is pinned, figures are not comparable")
     signal.signal(signal.SIGTERM, terminate)

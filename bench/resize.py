@@ -5,6 +5,9 @@ in a temporary folder on free loopback ports, uploads a working set of
 random-noise PNGs that fits on one node, then keeps ``--clients`` readers
 fetching random keys (``GET /image/<key>``) while it resizes the pool through
 the gateway's ``/api/configure_cache`` (by default 1 -> 2 -> 4 -> 8 -> 4 -> 2 -> 1).
+``--workers N`` runs the gateway in N processes (``imagecache up --workers N``;
+1 by default, whatever ``up``'s own default); their counters are read from
+each and summed.
 
 For every step it prints the share of the working set whose owner changed
 (rendezvous ring over the node ids before and after, read from the metadata
@@ -48,10 +51,14 @@ from PIL import Image
 
 from benchkit import (
     Terminated,
+    child_pids,
+    command_line,
     die_with_parent,
     free_port,
+    get_from_each,
     imagecache_command,
     progress,
+    prometheus_values,
     ratio_of,
     terminate,
     verdict,
@@ -78,10 +85,13 @@ MAX_NODES: Final = 8
 GOAL_MOVED: Final = 1.15  # keys whose owner changed, at most this multiple of the ideal share
 GOAL_HITS_AFTER: Final = 0.95  # hit rate after a step, at least this share of the one before
 METRIC_PREFIX: Final = "imagecache_gateway_"
+# The manager's line; "N outdated" (copies refused as older than the catalog) came later.
 MIGRATION_LINE: Final = re.compile(
-    r"migration: (\d+) of (\d+) keys changed owner, (\d+) copied \(([\d.]+) MB\) in ([\d.]+) s"
+    r"migration: (\d+) of (\d+) keys changed owner, (\d+) copied \(([\d.]+) MB\),?"
+    r"(?: (\d+) outdated,)? in ([\d.]+) s"
 )
 READ_AROUND_LINE: Final = "failed, reading around it"
+GATEWAY_WORKER: Final = "gateway-worker"  # in a gateway worker's command line
 
 
 # -- the imagecache up process ----------------------------------------------------
@@ -119,6 +129,7 @@ class Up:
     gateway_port: int
     manager_port: int
     first_node_port: int
+    workers: int  # gateway processes; with one, the gateway runs in the up process itself
 
     @property
     def gateway(self) -> str:
@@ -136,8 +147,18 @@ class Up:
     def output_size(self) -> int:
         return self.log.stat().st_size
 
+    def gateway_processes(self) -> tuple[int, ...]:
+        """The processes that serve the gateway's port, each with counters of its own."""
+        if self.workers == 1:
+            return (self.process.pid,)
+        return tuple(
+            pid
+            for pid in child_pids(self.process.pid)
+            if GATEWAY_WORKER in " ".join(command_line(pid))
+        )
 
-def start_up(workdir: Path, log_level: str) -> Up:
+
+def start_up(workdir: Path, log_level: str, workers: int) -> Up:
     """Start ``imagecache up`` in ``workdir`` (its own process group) and wait for its banner."""
     gateway_port = free_port()
     manager_port = free_port()
@@ -156,7 +177,7 @@ def start_up(workdir: Path, log_level: str) -> Up:
     log_path = workdir / "up.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [*imagecache_command(), "--log-level", log_level, "up"],
+            [*imagecache_command(), "--log-level", log_level, "up", "--workers", str(workers)],
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -166,7 +187,7 @@ def start_up(workdir: Path, log_level: str) -> Up:
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
-    up = Up(process, workdir, log_path, gateway_port, manager_port, first_node_port)
+    up = Up(process, workdir, log_path, gateway_port, manager_port, first_node_port, workers)
     deadline = time.monotonic() + START_TIMEOUT
     while BANNER not in up.output():
         if process.poll() is not None:
@@ -229,7 +250,14 @@ async def upload_all(http: aiohttp.ClientSession, up: Up, images: Mapping[str, b
 
 @dataclass(frozen=True)
 class Counters:
-    """The gateway's Prometheus counters at one moment."""
+    """The gateway's Prometheus counters at one moment, summed over its processes.
+
+    Each gateway worker counts for itself; ``processes`` are the pids read, and
+    ``lookups`` the hits + misses of each. A difference of two readings
+    (``since``) is stale, its counters NaN, when the processes differ (a
+    worker exited or was started again in between: its counts restarted from
+    0) or when some process could not be read at either end (``missing``).
+    """
 
     at: float
     hits: float
@@ -237,8 +265,27 @@ class Counters:
     node_errors: float
     blob_reads: float
     nodes: float
+    processes: tuple[int, ...] = ()
+    lookups: tuple[float, ...] = ()
+    missing: int = 0
+
+    @property
+    def stale(self) -> bool:
+        return self.missing > 0
 
     def since(self, earlier: Counters) -> Counters:
+        if self.processes != earlier.processes or self.stale or earlier.stale:
+            return Counters(
+                self.at - earlier.at,
+                math.nan,
+                math.nan,
+                math.nan,
+                math.nan,
+                self.nodes,
+                self.processes,
+                (),
+                max(1, self.missing + earlier.missing),
+            )
         return Counters(
             self.at - earlier.at,
             self.hits - earlier.hits,
@@ -246,6 +293,8 @@ class Counters:
             self.node_errors - earlier.node_errors,
             self.blob_reads - earlier.blob_reads,
             self.nodes,
+            self.processes,
+            tuple(a - b for a, b in zip(self.lookups, earlier.lookups, strict=True)),
         )
 
     @property
@@ -254,24 +303,46 @@ class Counters:
         return self.hits / lookups if lookups else math.nan
 
 
-async def scrape(http: aiohttp.ClientSession, up: Up) -> Counters:
-    """The gateway's hit, miss, node error and blob read counters (``GET /metrics``)."""
-    async with http.get(f"{up.gateway}/metrics") as reply:
-        text = await reply.text()
-        if reply.status != 200:
-            raise RuntimeError(f"GET /metrics answered {reply.status}")
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(METRIC_PREFIX):
-            name, _, value = line.partition(" ")
-            values[name.removeprefix(METRIC_PREFIX).removesuffix("_total")] = float(value)
+async def scrape(up: Up) -> Counters:
+    """The gateway's hit, miss, node error and blob read counters (``GET /metrics``).
+
+    With several gateway processes, each one's (the kernel picks the process
+    for each connection: ``benchkit.get_from_each`` connects until every one
+    answered, told apart by which holds the connection), summed.
+    """
+    return await asyncio.to_thread(_scrape, up)
+
+
+def _scrape(up: Up) -> Counters:
+    processes = up.gateway_processes()
+    answers = get_from_each(up.gateway_port, "/metrics", processes)
+    at = time.monotonic()
+    each: list[dict[str, float]] = []
+    for pid in processes:
+        if pid in answers:
+            values = prometheus_values(answers[pid].decode())
+            each.append(
+                {
+                    name.removeprefix(METRIC_PREFIX).removesuffix("_total"): value
+                    for name, value in values.items()
+                    if name.startswith(METRIC_PREFIX)
+                }
+            )
+
+    def total(name: str) -> float:
+        return sum(values[name] for values in each)
+
     return Counters(
-        time.monotonic(),
-        values["cache_hits"],
-        values["cache_misses"],
-        values["cache_node_errors"],
-        values["blob_reads"],
-        values["cache_nodes"],
+        at,
+        total("cache_hits"),
+        total("cache_misses"),
+        total("cache_node_errors"),
+        total("blob_reads"),
+        min((values["cache_nodes"] for values in each), default=math.nan),
+        processes,
+        tuple(values["cache_hits"] + values["cache_misses"] for values in each),
+        # None found at all (every worker gone) counts as one missing.
+        len(processes) - len(each) if processes else 1,
     )
 
 
@@ -444,6 +515,7 @@ class Migration:
     copied: int
     megabytes: float
     seconds: float
+    outdated: int = 0  # copies refused: older than the catalog's version
 
 
 @dataclass(frozen=True)
@@ -497,13 +569,12 @@ def moved_between(before: Sequence[str], after: Sequence[str], keys: Sequence[by
 class Measure:
     """Marks a window: the gateway's counters, the machine's CPU, the time."""
 
-    def __init__(self, http: aiohttp.ClientSession, up: Up, reads: Reads) -> None:
-        self._http = http
+    def __init__(self, up: Up, reads: Reads) -> None:
         self._up = up
         self._reads = reads
 
     async def mark(self) -> tuple[Counters, tuple[int, int]]:
-        return await scrape(self._http, self._up), cpu_jiffies()
+        return await scrape(self._up), cpu_jiffies()
 
     def window(
         self, start: tuple[Counters, tuple[int, int]], end: tuple[Counters, tuple[int, int]]
@@ -550,13 +621,17 @@ async def resize(
 
     text = up.output(log_offset)
     found = MIGRATION_LINE.findall(text)
-    migration = (
-        Migration(
-            int(found[-1][0]), int(found[-1][1]), int(found[-1][2]), *map(float, found[-1][3:])
+    migration = None
+    if found:
+        moved, examined, copied, megabytes, outdated, seconds = found[-1]
+        migration = Migration(
+            int(moved),
+            int(examined),
+            int(copied),
+            float(megabytes),
+            float(seconds),
+            int(outdated) if outdated else 0,
         )
-        if found
-        else None
-    )
     ids_before = [m.node_id for m in before]
     ids_after = [m.node_id for m in after]
     encoded = [key.encode() for key in keys]
@@ -594,6 +669,14 @@ def _percent(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1%}"
 
 
+def _times(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
+
+
+def _count(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0f}"
+
+
 def _ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value * 1000:.1f}"
 
@@ -610,13 +693,22 @@ def print_results(
     print(
         f"Resizing under load: {args.images} noise PNGs ({image_bytes / MIB:.1f} MB, "
         f"{image_bytes / args.images / KIB:.1f} KB each) in nodes of {cache_mb} MB (LRU); "
-        f"GET /image/<key> of random keys by {load}"
+        f"GET /image/<key> of random keys by {load}; "
+        + (
+            "one gateway process"
+            if args.workers == 1
+            else f"{args.workers} gateway worker processes (imagecache up --workers {args.workers})"
+        )
+    )
+    summed = (
+        f", summed over the {args.workers} workers (each read apart)" if args.workers > 1 else ""
     )
     print(
         f"windows: {args.settle_seconds:g} s before the configure_cache call, the call itself, "
         f"{args.settle_seconds:g} s after it returned. Hits: the gateway's Prometheus counters\n"
-        f"imagecache_gateway_cache_hits_total / (+ cache_misses_total), deltas over each window. "
-        f"moved: working-set keys whose owner\nchanged (imagecache.ring.Ring over the node ids of "
+        f"imagecache_gateway_cache_hits_total / (+ cache_misses_total), deltas over each "
+        f"window{summed}. moved: working-set keys whose owner\nchanged (imagecache.ring.Ring "
+        "over the node ids of "
         f"the nodes table before and after); ideal: 1 - smaller/larger pool;\n"
         f"{HASH_SAMPLE // 1000}k: the same share over {HASH_SAMPLE:,} synthetic keys "
         f"(the hash, without the sampling noise of {args.images} keys)"
@@ -635,6 +727,7 @@ def print_results(
         reported = (
             f"{migration.moved}/{migration.examined}, {migration.copied}, "
             f"{migration.megabytes:.1f}, {migration.seconds:.2f}"
+            + (f", {migration.outdated} outdated" if migration.outdated else "")
             if migration is not None
             else "(no migration line)"
         )
@@ -661,12 +754,12 @@ def print_results(
     for step in steps:
         old, new = step.sizes
         before, during, after = (step.windows[w] for w in ("before", "during", "after"))
-        misses = "/".join(f"{w.counters.misses:.0f}" for w in (before, during, after))
-        node_errors = "/".join(f"{w.counters.node_errors:.0f}" for w in (before, during, after))
+        misses = "/".join(_count(w.counters.misses) for w in (before, during, after))
+        node_errors = "/".join(_count(w.counters.node_errors) for w in (before, during, after))
         print(
             f"{f'{old}->{new}':<8}{_percent(before.counters.hit_rate):>11}"
             f"{_percent(during.counters.hit_rate):>8}{_percent(after.counters.hit_rate):>8}"
-            f"{step.hits_kept:>6.2f}x{step.call_seconds:>8.2f}"
+            f"{_times(step.hits_kept):>7}{step.call_seconds:>8.2f}"
             f"{during.reads / during.counters.at if during.counters.at else math.nan:>9,.0f}"
             f"{_ms(during.percentile(0.5)):>8}{_ms(before.percentile(0.99)):>11}"
             f"{_ms(during.percentile(0.99)):>11}{_ms(after.percentile(0.99)):>10}"
@@ -677,9 +770,41 @@ def print_results(
         "the resize and migration are done;\nreads/s, p50: during the call; errors: reads "
         "that failed or answered non-200 or other bytes, in all three windows; cores: the\n"
         f"machine's busy CPUs during the call (of {os.cpu_count()}); misses, node err: the "
-        "gateway's counters before/during/after)"
+        "gateway's counters before/during/after"
+        + (", summed over its workers)" if args.workers > 1 else ")")
     )
     print()
+
+
+def print_accounting(steps: Sequence[Step], reads: Reads, whole: Counters, up: Up) -> None:
+    """Whether the gateway's counters saw every read: the hit rates rest on them."""
+    processes = (
+        "the gateway (in the up process)"
+        if up.workers == 1
+        else f"the {up.workers} gateway workers (pids {', '.join(map(str, whole.processes))})"
+    )
+    if whole.stale:
+        print(
+            f"counters: {processes} could not all be read at the start and the end of the "
+            "readers, or one exited or was started again meanwhile: no accounting"
+        )
+        return
+    lookups = whole.hits + whole.misses
+    print(
+        f"counters: {processes} counted {lookups:,.0f} lookups (hits + misses) for the "
+        f"{len(reads.starts):,} reads made ({ratio_of(lookups, len(reads.starts)):.1%}), "
+        f"{whole.hits:,.0f} hits, {whole.misses:,.0f} misses, {whole.node_errors:,.0f} node "
+        f"errors, {whole.blob_reads:,.0f} blob reads"
+        + (
+            "; lookups per worker: "
+            + ", ".join(
+                f"{number}: {count:,.0f} ({ratio_of(count, lookups):.0%})"
+                for number, count in enumerate(whole.lookups, 1)
+            )
+            if up.workers > 1
+            else ""
+        )
+    )
 
 
 def print_goals(steps: Sequence[Step], reads: Reads) -> bool:
@@ -688,24 +813,31 @@ def print_goals(steps: Sequence[Step], reads: Reads) -> bool:
     errors = len(reads.errors)  # the whole run, not only the windows
     sizes_ok = all(s.answer.get("numNodes") == s.sizes[1] for s in steps)
     worst_moved = max(s.moved_ratio for s in steps)
-    worst_kept = min(s.hits_kept for s in steps)
+    kept = [s.hits_kept for s in steps]
+    # NaN: a window without counters (stale: see the check below).
+    worst_kept = math.nan if any(map(math.isnan, kept)) else min(kept)
     print(
         f"goal: keys moved at most {GOAL_MOVED:g}x the ideal share: worst {worst_moved:.2f}x  "
         f"{verdict(moved_ok)}"
     )
     print(
         f"goal: hit rate after at least {GOAL_HITS_AFTER:.0%} of before: worst "
-        f"{worst_kept:.1%}  {verdict(hits_ok)}"
+        f"{_percent(worst_kept)}  {verdict(hits_ok)}"
     )
     print(f"goal: no read error in the whole run: {errors}  {verdict(errors == 0)}")
     print(
         "check: every configure_cache call answered the size asked for, and the nodes table "
         f"listed that many active nodes  {verdict(sizes_ok)}"
     )
+    stale = sum(w.counters.stale for s in steps for w in s.windows.values())
+    print(
+        "check: the counters of every gateway process were read at every mark, and no process "
+        f"exited or started in between: {stale} stale windows  {verdict(stale == 0)}"
+    )
     for _started, problem in reads.errors[:10]:
         print(f"  {problem}")
     print()
-    return moved_ok and hits_ok and errors == 0 and sizes_ok
+    return moved_ok and hits_ok and errors == 0 and sizes_ok and stale == 0
 
 
 # -- the benchmark ---------------------------------------------------------------------
@@ -759,9 +891,9 @@ async def benchmark(up: Up, args: argparse.Namespace, steps: Sequence[int]) -> b
         if where.on_owner < len(keys):
             # The uploads write through to the owner, but only as a best effort: fill
             # the rest by reading every key once, so that the steps start warm.
-            first = await scrape(http, up)
+            first = await scrape(up)
             await warm(http, up, images)
-            last = (await scrape(http, up)).since(first)
+            last = (await scrape(up)).since(first)
             where = await placement(members, keys)
             progress(
                 f"read every key once: {last.misses:.0f} misses, {last.hits:.0f} hits; now "
@@ -771,13 +903,14 @@ async def benchmark(up: Up, args: argparse.Namespace, steps: Sequence[int]) -> b
             progress("WARNING: the working set is not all cached before the first step")
 
         reads = Reads()
+        opening = await scrape(up)  # every read of the run counts between this and the last
         stop = asyncio.Event()
         interval = args.clients / args.rate if args.rate else 0.0
         readers = [
             asyncio.create_task(reader(n, http, up, images, interval, reads, stop))
             for n in range(args.clients)
         ]
-        measure = Measure(http, up, reads)
+        measure = Measure(up, reads)
         results: list[Step] = []
         try:
             for target in steps[1:]:
@@ -800,6 +933,7 @@ async def benchmark(up: Up, args: argparse.Namespace, steps: Sequence[int]) -> b
         finally:
             stop.set()
             await asyncio.gather(*readers, return_exceptions=True)
+        whole = (await scrape(up)).since(opening)
         if results:
             sample = [f"sample-{number}".encode() for number in range(HASH_SAMPLE)]
             results = [
@@ -818,6 +952,7 @@ async def benchmark(up: Up, args: argparse.Namespace, steps: Sequence[int]) -> b
                 f"{total_reads:,} reads in all, {len(reads.errors)} failed; "
                 f"p99 over the whole run {_ms(percentile(reads.latencies, 0.99))} ms"
             )
+            print_accounting(results, reads, whole, up)
             print()
             return print_goals(results, reads)
     return True
@@ -868,6 +1003,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="node capacity (cacheSize) in MB; 0: twice the working set + 4, at least 8 (0)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes: imagecache up --workers N (1, as before up had workers; "
+        "up's own default is one per core)",
+    )
     parser.add_argument("--keep-log", metavar="PATH", help="copy imagecache up's output there")
     parser.add_argument(
         "--log-level",
@@ -875,8 +1017,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="imagecache up's --log-level (INFO: resizes, migrations)",
     )
     args = parser.parse_args(argv)
-    if min(args.images, args.size_kb, args.clients) < 1 or args.cache_mb < 0:
-        parser.error("--images, --size-kb, --clients must be positive, --cache-mb not negative")
+    if min(args.images, args.size_kb, args.clients, args.workers) < 1 or args.cache_mb < 0:
+        parser.error(
+            "--images, --size-kb, --clients, --workers must be positive, --cache-mb not negative"
+        )
     if args.rate < 0 or args.settle_seconds < 1:
         parser.error("--rate must not be negative, --settle-seconds at least 1")
 
@@ -888,7 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-resize-") as name:
             directory = Path(name)
             try:
-                up = start_up(directory, args.log_level)
+                up = start_up(directory, args.log_level, args.workers)
                 progress(
                     f"imagecache up (pid {up.process.pid}) in {directory}: gateway on port "
                     f"{up.gateway_port}, manager on {up.manager_port}, nodes from "
