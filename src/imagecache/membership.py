@@ -1,8 +1,9 @@
 """The gateway following the cache pool's membership, under a lease.
 
 Several times a second the gateway reads the membership (nodes, states,
-dirty marks, epoch), applies it to its pool, and then renews its entry in
-the gateway registry with that epoch (``MembershipStore.renew_gateway``).
+dirty marks, epoch) and applies it to its pool; at once when the epoch
+changed, and every second otherwise, it then renews its entry in the gateway
+registry with that epoch (``MembershipStore.renew_gateway``).
 Whoever changes the membership waits for that acknowledgement from every
 gateway whose lease runs; a gateway that could not renew trusts its view
 only until its own lease ends, measured from before it read the view, so
@@ -12,6 +13,7 @@ it stops serving from the cache before the others stop waiting for it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -21,10 +23,12 @@ from imagecache.poolmembers import Membership, MembershipStore, NodeRecord
 
 log = logging.getLogger(__name__)
 
-# A gateway renews its view this often ...
+# A gateway reads the membership this often, and acknowledges a new epoch at once ...
 RENEW_SECONDS = 0.25
-# ... under a lease of this long on the database's clock, which it trusts
-# locally for a share of it only: clocks may run at slightly different rates.
+# ... and otherwise renews its lease this often (a write: not at every read) ...
+LEASE_RENEW_SECONDS = 1.0
+# ... a lease of this long on the database's clock, which it trusts locally
+# for a share of it only: clocks may run at slightly different rates.
 VIEW_LEASE_SECONDS = 3.0
 LOCAL_SHARE = 0.8
 
@@ -57,6 +61,8 @@ class MembershipFollower:
         self._registered = registered
         self.gateway_id = uuid.uuid4().hex
         self._applied: Membership | None = None
+        self._acknowledged_epoch = -1
+        self._renewed_at = -math.inf  # when the read behind the last renewal began
 
     @property
     def epoch(self) -> int:
@@ -79,8 +85,15 @@ class MembershipFollower:
             membership = await self._store.get_membership()
         if membership != self._applied:
             await self._apply(membership)
-        if self._registered:
+        if not self._registered:
+            return
+        if (
+            membership.epoch != self._acknowledged_epoch
+            or asked_at - self._renewed_at >= LEASE_RENEW_SECONDS
+            or not self._pool.view_is_current
+        ):
             await self._store.renew_gateway(self.gateway_id, membership.epoch, self._lease_seconds)
+            self._acknowledged_epoch, self._renewed_at = membership.epoch, asked_at
             self._pool.hold_view(asked_at + self._lease_seconds * LOCAL_SHARE)
 
     async def ensure_current(self) -> None:
