@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imagecache.database import (
     MYSQL_TABLE,
+    RowId,
     Store,
     Timestamp,
     bump,
@@ -87,9 +88,7 @@ journal_table = Table(
 outbox_table = Table(
     "invalidations",
     _schema,
-    Column(
-        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    ),
+    Column("id", RowId, primary_key=True, autoincrement=True),
     Column("key", String(250), nullable=False),  # EVERY_KEY: every key
     Column("version", BigInteger, nullable=False),
     **MYSQL_TABLE,

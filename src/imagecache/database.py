@@ -38,6 +38,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Integer,
     MetaData,
     String,
     Table,
@@ -62,6 +63,8 @@ WRITE = "imagecache_write"
 
 # Naive UTC on both databases; MySQL's DATETIME keeps only whole seconds unless told.
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# An auto-increment id: 64 bits on MySQL; SQLite only auto-increments INTEGER.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
 # Keys compare byte for byte (case-sensitive) and sort alike on both databases.
 MYSQL_TABLE: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
 

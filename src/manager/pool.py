@@ -102,11 +102,12 @@ class PoolController:
             await self._configure(nodes, await self.settings())
             published = (await self._membership.get_membership()).nodes
             active = {NodeHandle(n.node_id, n.address) for n in published if n.state == "active"}
+            adopted = set(nodes)
             joining = [n for n in nodes if n not in active]
             leaving = [
                 handle
                 for n in published
-                if (handle := NodeHandle(n.node_id, n.address)) not in set(nodes)
+                if (handle := NodeHandle(n.node_id, n.address)) not in adopted
             ]
             await self._clear_strictly(joining)
             self._members = [n for n in nodes if n in active]

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import (
-    BigInteger,
     Column,
     Float,
     Integer,
@@ -25,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from imagecache.database import MYSQL_TABLE, Store, Timestamp, naive_utc_now
+from imagecache.database import MYSQL_TABLE, RowId, Store, Timestamp, naive_utc_now
 
 _SETTINGS_ATTEMPTS = 5
 
@@ -34,9 +33,7 @@ _schema = MetaData()
 activity_table = Table(
     "activity",
     _schema,
-    Column(
-        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    ),
+    Column("id", RowId, primary_key=True, autoincrement=True),
     Column("at", Timestamp, nullable=False),
     Column("size_before", Integer, nullable=False),
     Column("size_after", Integer, nullable=False),

@@ -36,7 +36,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateTable
 
-from imagecache.database import WRITE, open_database, storage_failures
+from imagecache.database import WRITE, RowId, open_database, storage_failures
 from manager.metrics import MetricsStore, MinuteStats, PoolSample, minute_of
 
 RETENTION = timedelta(hours=2)
@@ -49,7 +49,6 @@ _MINUTE = timedelta(minutes=1)
 # Naive UTC on both databases; MySQL's DATETIME keeps only whole seconds unless told.
 _Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 # SQLite numbers rows itself only for a column declared exactly INTEGER PRIMARY KEY.
-_RowId = BigInteger().with_variant(Integer(), "sqlite")
 
 schema = MetaData()
 
@@ -59,7 +58,7 @@ schema = MetaData()
 samples_table = Table(
     "metric_samples",
     schema,
-    Column("id", _RowId, primary_key=True, autoincrement=True),
+    Column("id", RowId, primary_key=True, autoincrement=True),
     Column("at", _Timestamp, nullable=False),
     Column("workers", Integer, nullable=False),
     Column("lookups", BigInteger, nullable=False),
