@@ -19,11 +19,18 @@ import pytest
 from aiohttp import web
 from PIL import Image as PILImage
 
-from cachenode.server import NodeServer
+from cachenode.client import NodeClient
+from cachenode.readleases import MAX_READ_LEASE_SECONDS
+from cachenode.server import NodeConfig, NodeServer
 from imagecache.app import create_app, gateway_site
-from imagecache.appkeys import FAST_PATH_COUNTERS, KEPT_COPIES
+from imagecache.appkeys import FAST_PATH_COUNTERS, KEPT_COPIES, POOL
 from imagecache.config import Config
-from imagecache.fastpath import FastPathCounters, FastPathSite, parse_image_request
+from imagecache.fastpath import (
+    REPORT_SECONDS,
+    FastPathCounters,
+    FastPathSite,
+    parse_image_request,
+)
 from imagecache.keptcopies import etag_matches
 from tests.conftest import image_bytes
 
@@ -376,3 +383,121 @@ async def test_a_connection_alternating_between_images_gets_each_right(gateway: 
     statuses = await exchange(gateway.port, get("/image/cat"), tagged, tagged, get("/image/cat"))
     assert [reply.status for reply in statuses] == [200, 304, 304, 200]
     assert gateway.counters.served == 8
+
+
+# -- read leases and loads -----------------------------------------------------------------
+
+
+async def node_hits(node_server: NodeServer) -> int:
+    host, port = node_server.address
+    async with NodeClient(host, port) as client:
+        hits = (await client.stats())["hits"]
+    assert isinstance(hits, int)
+    return hits
+
+
+async def test_a_hot_key_is_checked_once_per_read_lease_not_once_per_read(
+    gateway: Gateway,
+) -> None:
+    await gateway.upload("cat", PNG)
+    await exchange(gateway.port, get("/image/cat"))
+    await exchange(gateway.port, get("/image/cat"))  # its CHECK takes a read lease
+    checks = gateway.counters.checks
+    replies = await exchange(gateway.port, *[get("/image/cat")] * 20)
+    assert [reply.body for reply in replies] == [PNG] * 20
+    assert gateway.counters.served == 21
+    assert gateway.counters.checks - checks <= 1  # at most one renewal in a moment this short
+
+
+async def test_without_read_leases_every_read_waits_for_a_check(gateway_config: Config) -> None:
+    config = replace(gateway_config, gateway=replace(gateway_config.gateway, read_lease_ms=0))
+    async with running(config) as gateway:
+        await gateway.upload("cat", PNG)
+        await exchange(gateway.port, get("/image/cat"))
+        for _ in range(5):
+            await exchange(gateway.port, get("/image/cat"))
+        assert (gateway.counters.served, gateway.counters.checks) == (5, 5)
+
+
+async def test_reads_served_under_read_leases_count_as_hits_on_the_node(
+    gateway: Gateway, node_server: NodeServer
+) -> None:
+    """The manager sizes the pool by the nodes' hit rates: reads that never
+    reached the node must still count there."""
+    await gateway.upload("cat", PNG)
+    await exchange(gateway.port, get("/image/cat"))  # a hit of the write-through: 1
+    before = await node_hits(node_server)
+    for _ in range(6):  # across several leases: renewals report, and so does the timer
+        await exchange(gateway.port, *[get("/image/cat")] * 5)
+        await asyncio.sleep(0.12)
+    await asyncio.sleep(REPORT_SECONDS + 0.5)
+    assert await node_hits(node_server) - before == 30
+
+
+async def test_a_new_view_of_the_pool_voids_the_read_leases(
+    gateway: Gateway, gateway_config: Config
+) -> None:
+    """A membership change or a dirty mark may be why an upload did not wait
+    for a node's leases (docs/design.md): a lease from before it is not used."""
+    await gateway.upload("cat", PNG)
+    await exchange(gateway.port, get("/image/cat"))
+    await exchange(gateway.port, get("/image/cat"))
+    checks = gateway.counters.checks
+    await exchange(gateway.port, get("/image/cat"))
+    assert gateway.counters.checks == checks  # under the lease
+    pool = gateway.app[POOL]
+    await pool.set_members([(node_id, pool.members[0].address) for node_id in pool.node_ids])
+    await exchange(gateway.port, get("/image/cat"))
+    assert gateway.counters.checks == checks + 1
+
+
+async def test_an_upload_elsewhere_waits_out_this_gateways_read_lease(
+    gateway: Gateway, gateway_config: Config
+) -> None:
+    """Gray and Cheriton's leases: the writer waits until no holder may still
+    serve the old version, so a read begun after the upload's reply sees it."""
+    async with running(gateway_config) as other:
+        await gateway.upload("cat", PNG)
+        for data in (PNG_2, PNG, PNG_2, PNG):
+            await exchange(gateway.port, get("/image/cat"))
+            await exchange(gateway.port, get("/image/cat"))  # now under a lease
+            checks = gateway.counters.checks
+            await other.upload("cat", data)
+            (reply,) = await exchange(gateway.port, get("/image/cat"))
+            assert reply.body == data
+            assert gateway.counters.checks > checks  # the lease had ended: it asked
+
+
+async def test_a_connection_whose_first_image_has_no_copy_stays_on_the_fast_path(
+    gateway: Gateway,
+) -> None:
+    await gateway.upload("cat", PNG)
+    await gateway.upload("dog", PNG_2)
+    counters = gateway.counters
+    handed_over = counters.handed_over  # the uploads' connections
+    replies = await exchange(
+        gateway.port, get("/image/cat"), get("/image/dog"), get("/image/cat"), get("/image/dog")
+    )
+    assert [reply.body for reply in replies] == [PNG, PNG_2, PNG, PNG_2]
+    assert replies[0].headers["content-type"] == "image/png"
+    assert (counters.loaded, counters.served, counters.handed_over) == (2, 2, handed_over)
+    assert len(gateway.app[KEPT_COPIES]) == 2
+
+
+async def test_a_restarted_node_waits_out_the_read_leases_of_its_previous_incarnation(
+    gateway_config: Config, node_server: NodeServer
+) -> None:
+    """The new incarnation never heard of the lease the reader holds; it
+    counts every key as leased for the longest lease after it starts."""
+    longest = replace(gateway_config.gateway, read_lease_ms=int(MAX_READ_LEASE_SECONDS * 1000))
+    config = replace(gateway_config, gateway=longest)
+    async with running(config) as reader, running(config) as writer:
+        await writer.upload("cat", PNG)
+        await exchange(reader.port, get("/image/cat"))
+        await exchange(reader.port, get("/image/cat"))  # now under a lease
+        _, port = node_server.address
+        await node_server.stop()
+        async with NodeServer(NodeConfig(port=port, capacity_mb=64)):
+            await writer.upload("cat", PNG_2)
+            (reply,) = await exchange(reader.port, get("/image/cat"))
+            assert reply.body == PNG_2

@@ -16,6 +16,7 @@ from cachenode.protocol import (
     MAGIC_REQUEST,
     MAGIC_RESPONSE,
     MAX_KEYS_COUNT,
+    MILLISECONDS,
     TICKET,
     Frame,
     FrameDecoder,
@@ -24,6 +25,7 @@ from cachenode.protocol import (
     encode_header,
     encode_request,
 )
+from cachenode.readleases import MAX_READ_LEASE_SECONDS
 from cachenode.sessions import BinarySession, TextSession, session_for
 from cachenode.status import Status
 from cachenode.store import DEFAULT_TOMBSTONE_SECONDS, MIB, Policy, Store, counted_size
@@ -88,15 +90,17 @@ def call(
     flags: int = 0,
     version: int = 0,
     ticket: int | None = None,
+    extras: bytes = b"",
 ) -> Frame:
     """Send one request and return its one reply.
 
     A versioned SET or ADD carries a fresh write ticket unless ``ticket`` says
-    which (0: none).
+    which (0: none); other extras are sent as given.
     """
     if ticket is None:
         ticket = session._node.store.ticket() if version and opcode in WRITES else 0
-    extras = TICKET.pack(ticket) if ticket else b""
+    if ticket:
+        extras = TICKET.pack(ticket)
     replies = exchange(
         session,
         encode_request(opcode, request_id, key, value, flags=flags, version=version, extras=extras),
@@ -895,6 +899,109 @@ def test_a_write_delete_release_or_clear_ends_the_lease(ending: bytes) -> None:
     assert reply.status in (Status.OK, Status.NOT_FOUND, Status.NOT_STORED)
     after = call(session, Opcode.LEASE, b"k")
     assert after.status in (Status.OK, Status.NOT_FOUND)  # the item, or a new lease
+
+
+# -- binary: read leases ----------------------------------------------------------------------
+
+
+def milliseconds(reply: Frame) -> int | None:
+    """The milliseconds a reply's extras carry; None when it carries none."""
+    return MILLISECONDS.unpack(reply.extras)[0] if reply.extras else None
+
+
+def lease_check(session: BinarySession, key: bytes, ms: int) -> Frame:
+    return call(session, Opcode.CHECK, key, flags=1, extras=MILLISECONDS.pack(ms))
+
+
+def settled_node() -> tuple[BinarySession, FakeClock]:
+    """A node past the time in which it counts every key as leased by its last incarnation."""
+    clock = FakeClock()
+    session = BinarySession(make_node(clock=clock))
+    clock.advance(MAX_READ_LEASE_SECONDS)
+    return session, clock
+
+
+def test_a_check_grants_the_read_lease_asked_for_up_to_the_maximum() -> None:
+    session, _ = settled_node()
+    call(session, Opcode.SET, b"k", b"v", version=4)
+    assert milliseconds(lease_check(session, b"k", 200)) == 200
+    assert milliseconds(lease_check(session, b"k", 60_000)) == MAX_READ_LEASE_SECONDS * 1000
+    plain = call(session, Opcode.CHECK, b"k", flags=1)
+    assert (plain.status, plain.version, milliseconds(plain)) == (Status.OK, 4, None)
+    missing = lease_check(session, b"nothing", 200)
+    assert (missing.status, milliseconds(missing)) == (Status.NOT_FOUND, None)
+    assert session._node.stats()["read_leases_granted"] == 2
+
+
+def test_an_invalidation_reports_how_long_leases_on_older_versions_still_run() -> None:
+    session, clock = settled_node()
+    call(session, Opcode.SET, b"k", b"v4", version=4)
+    assert milliseconds(call(session, Opcode.DELETE, b"k", version=5)) == 0  # never leased
+    call(session, Opcode.SET, b"k", b"v5", version=5)
+    lease_check(session, b"k", 200)
+    clock.advance(0.05)
+    assert milliseconds(call(session, Opcode.DELETE, b"k", version=6)) == 150
+    # The lease was on version 5: removing versions older than 5 waits for nothing.
+    assert milliseconds(call(session, Opcode.DELETE, b"k", version=5)) == 0
+    assert milliseconds(call(session, Opcode.DELETE, b"other", version=9)) == 0
+    clock.advance(0.15)
+    assert milliseconds(call(session, Opcode.DELETE, b"k", version=6)) == 0
+
+
+def test_a_newer_version_leased_keeps_the_older_versions_lease_in_the_reply() -> None:
+    session, clock = settled_node()
+    call(session, Opcode.SET, b"k", b"v5", version=5)
+    lease_check(session, b"k", 300)  # on 5, until 0.3
+    call(session, Opcode.SET, b"k", b"v6", version=6)
+    clock.advance(0.1)
+    lease_check(session, b"k", 100)  # on 6, until 0.2
+    # Invalidating up to 6 must still wait for the lease on 5; up to 7, for both.
+    assert milliseconds(call(session, Opcode.DELETE, b"k", version=6)) == 200
+    assert milliseconds(call(session, Opcode.DELETE, b"k", version=7)) == 200
+    assert milliseconds(call(session, Opcode.DELETE, b"k")) == 200  # unversioned: every version
+
+
+def test_clear_reports_the_longest_read_lease_of_any_key() -> None:
+    session, clock = settled_node()
+    for key, ms in ((b"a", 100), (b"b", 400), (b"c", 250)):
+        call(session, Opcode.SET, key, b"v", version=1)
+        lease_check(session, key, ms)
+    clock.advance(0.1)
+    assert milliseconds(call(session, Opcode.CLEAR, version=2)) == 300
+
+
+def test_a_new_incarnation_counts_every_key_as_leased_for_the_longest_lease() -> None:
+    """It cannot know what its previous incarnation granted, only for how long at most."""
+    clock = FakeClock()
+    session = BinarySession(make_node(clock=clock))
+    longest = int(MAX_READ_LEASE_SECONDS * 1000)
+    assert milliseconds(call(session, Opcode.DELETE, b"k", version=3)) == longest
+    assert milliseconds(call(session, Opcode.CLEAR)) == longest
+    clock.advance(MAX_READ_LEASE_SECONDS - 0.25)
+    assert milliseconds(call(session, Opcode.DELETE, b"k", version=3)) == 250
+    clock.advance(0.25)
+    assert milliseconds(call(session, Opcode.DELETE, b"k", version=3)) == 0
+
+
+def test_ended_read_leases_are_forgotten() -> None:
+    session, clock = settled_node()
+    for n in range(100):
+        call(session, Opcode.SET, b"k%d" % n, b"v", version=1)
+        lease_check(session, b"k%d" % n, 100)
+    assert len(session._node.read_leases) == 100
+    clock.advance(0.2)
+    call(session, Opcode.SET, b"last", b"v", version=1)
+    lease_check(session, b"last", 100)
+    assert len(session._node.read_leases) == 1
+
+
+@pytest.mark.parametrize("extras", [b"\x00", b"\x00" * 8])
+def test_a_read_lease_time_of_the_wrong_size_is_an_invalid_argument(extras: bytes) -> None:
+    session, _ = settled_node()
+    call(session, Opcode.SET, b"k", b"v", version=1)
+    reply = call(session, Opcode.CHECK, b"k", extras=extras)
+    assert reply.status == Status.INVALID_ARGUMENT
+    assert len(session._node.read_leases) == 0
 
 
 # -- binary: write tickets --------------------------------------------------------------------

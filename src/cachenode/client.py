@@ -23,6 +23,7 @@ from cachenode.protocol import (
     MAGIC_REQUEST,
     MAGIC_RESPONSE,
     MAX_REQUEST_ID,
+    MILLISECONDS,
     TICKET,
     Frame,
     FrameDecoder,
@@ -283,19 +284,23 @@ class NodeClient:
         frame = await self._call(Opcode.CHECK, key, flags=1, accept=(Status.NOT_FOUND,))
         return None if frame.status == Status.NOT_FOUND else frame.version
 
-    def check_soon(self, key: bytes, requests: int = 1) -> asyncio.Future[Frame] | None:
+    def check_soon(
+        self, key: bytes, requests: int = 1, lease_ms: int = 0
+    ) -> asyncio.Future[Frame] | None:
         """Send a CHECK of ``key`` on behalf of ``requests`` reads now, without
         awaiting anything, on a connection that is open and idle enough; None
-        when there is none (then use ``check``).
+        when there is none (then use ``check``). With ``lease_ms``, ask for a
+        read lease that long (``read_lease_of`` the reply: what was granted).
 
         For callers that cannot afford a task per request (the gateway's fast
         path). The future gives the reply frame (OK with the version, or
         NOT_FOUND) or fails with NodeUnavailable; the caller sets its own
         timeout by cancelling it, which also forgets the request.
         """
+        extras = MILLISECONDS.pack(min(lease_ms, _MAX_U32)) if lease_ms > 0 else b""
         for connection in self._connections:
             if connection.ready and connection.in_flight < _SEND_SOON_MAX_IN_FLIGHT:
-                future = connection.send(Opcode.CHECK, key, b"", min(requests, _MAX_U32), 0)
+                future = connection.send(Opcode.CHECK, key, b"", min(requests, _MAX_U32), 0, extras)
                 future.add_done_callback(functools.partial(_abandon_if_cancelled, connection))
                 return future
         return None
@@ -326,9 +331,18 @@ class NodeClient:
         frame = await self._call(Opcode.DELETE, key, version=version, accept=(Status.NOT_FOUND,))
         return frame.status == Status.OK
 
-    async def clear(self, *, version: int = 0) -> None:
-        """Remove every item; with ``version``, also refuse older writes for a while."""
-        await self._call(Opcode.CLEAR, version=version)
+    async def invalidate(self, key: bytes, version: int) -> float:
+        """Remove every version of ``key`` older than ``version`` (a versioned
+        ``delete``); returns the seconds that read leases on them still run."""
+        frame = await self._call(Opcode.DELETE, key, version=version, accept=(Status.NOT_FOUND,))
+        return _seconds_of(frame)
+
+    async def clear(self, *, version: int = 0) -> float:
+        """Remove every item; with ``version``, also refuse older writes for a while.
+
+        Returns the seconds that read leases on the removed items still run.
+        """
+        return _seconds_of(await self._call(Opcode.CLEAR, version=version))
 
     async def stats(self) -> dict[str, Any]:
         frame = await self._call(Opcode.STATS)
@@ -456,6 +470,17 @@ class NodeClient:
         except (OSError, TimeoutError) as error:
             raise NodeUnavailable(f"cannot connect to {self.address}: {error}") from error
         return connection
+
+
+def read_lease_of(frame: Frame) -> float:
+    """The seconds of read lease a CHECK reply grants (0 when none)."""
+    return _seconds_of(frame)
+
+
+def _seconds_of(frame: Frame) -> float:
+    if len(frame.extras) != MILLISECONDS.size:
+        return 0.0
+    return float(MILLISECONDS.unpack(frame.extras)[0]) / 1000
 
 
 def _abandon_if_cancelled(connection: _Connection, future: asyncio.Future[Frame]) -> None:

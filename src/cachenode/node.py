@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 from cachenode import __version__
 from cachenode.leases import Leases
+from cachenode.readleases import ReadLeases
 from cachenode.store import MIB, Store
 
 StatValue = int | float | str
@@ -25,6 +26,7 @@ class Node:
     ) -> None:
         self.store = store
         self.leases = Leases(store.clock)
+        self.read_leases = ReadLeases(store.clock)
         self.version = __version__
         self.wall_clock = wall_clock
         self.current_connections = 0
@@ -36,6 +38,7 @@ class Node:
         stats["capacity_mb"] = self.store.capacity / MIB
         stats["leases_granted"] = self.leases.granted
         stats["lease_waits"] = self.leases.waits
+        stats["read_leases_granted"] = self.read_leases.granted
         stats["current_connections"] = self.current_connections
         stats["total_connections"] = self.total_connections
         stats["boot_id"] = self.store.boot_id

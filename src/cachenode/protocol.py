@@ -22,9 +22,12 @@ MAGIC_RESPONSE = 0xCB
 HEADER = struct.Struct(">BBHHHIIIQ")
 HEADER_SIZE = HEADER.size  # 28
 MAX_KEY_LENGTH = 250
-# Extras sit between the header and the key; only a write ticket (8 bytes) is defined.
+# Extras sit between the header and the key: a write ticket (SET, ADD), or
+# milliseconds (a read lease asked for and granted by CHECK; how long read
+# leases still run, in the replies of DELETE and CLEAR).
 MAX_EXTRAS_LENGTH = 32
 TICKET = struct.Struct(">Q")
+MILLISECONDS = struct.Struct(">I")
 # A frame may never declare more; a node refuses values above its own maximum
 # item size (default 16 MiB) with TOO_LARGE and skips them without buffering.
 MAX_VALUE_LENGTH = 1 << 30
@@ -139,9 +142,18 @@ def encode_response(
     key: bytes = b"",
     flags: int = 0,
     version: int = 0,
+    extras: bytes = b"",
 ) -> bytes:
     return encode_frame(
-        MAGIC_RESPONSE, opcode, request_id, key, value, status=status, flags=flags, version=version
+        MAGIC_RESPONSE,
+        opcode,
+        request_id,
+        key,
+        value,
+        status=status,
+        flags=flags,
+        version=version,
+        extras=extras,
     )
 
 

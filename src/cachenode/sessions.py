@@ -26,6 +26,7 @@ from cachenode.protocol import (
     MAGIC_RESPONSE,
     MAX_KEY_LENGTH,
     MAX_KEYS_COUNT,
+    MILLISECONDS,
     TICKET,
     Frame,
     FrameDecoder,
@@ -44,7 +45,8 @@ MAX_CONFIG_MB = 1 << 20
 _GET = int(Opcode.GET)
 _GET_BYTE = bytes([_GET])
 _OK = int(Status.OK)
-_TAKES_TICKET = frozenset({int(Opcode.SET), int(Opcode.ADD)})
+# Opcodes whose requests may carry extras: a write ticket, or a read lease's time.
+_TAKES_EXTRAS = frozenset({int(Opcode.SET), int(Opcode.ADD), int(Opcode.CHECK)})
 
 # Values up to this size are sent in one buffer with their header; bigger
 # ones go out as a separate buffer so they are never copied.
@@ -134,7 +136,7 @@ class BinarySession:
                     out.append(_error(frame.opcode, frame.request_id, Status.TOO_LARGE, message))
                     continue
                 handler = self._handlers.get(frame.opcode)
-                if frame.extras and handler is not None and frame.opcode not in _TAKES_TICKET:
+                if frame.extras and handler is not None and frame.opcode not in _TAKES_EXTRAS:
                     message = f"opcode 0x{frame.opcode:02x} takes no extras"
                     out.append(
                         _error(frame.opcode, frame.request_id, Status.INVALID_ARGUMENT, message)
@@ -234,12 +236,14 @@ class BinarySession:
         finally:
             self._node.leases.release(frame.key)
         status = Status.OK if found else Status.NOT_FOUND
-        return [encode_response(Opcode.DELETE, frame.request_id, status)]
+        left = self._node.read_leases.seconds_left(frame.key, frame.version)
+        return [encode_response(Opcode.DELETE, frame.request_id, status, extras=_ms(left))]
 
     def _clear(self, frame: Frame) -> list[Value]:
         self._node.store.clear(frame.version)
         self._node.leases.clear()
-        return [encode_response(Opcode.CLEAR, frame.request_id)]
+        left = self._node.read_leases.seconds_left_on_any()
+        return [encode_response(Opcode.CLEAR, frame.request_id, extras=_ms(left))]
 
     def _lease(self, frame: Frame) -> list[Value]:
         # Not a lookup: the client's GET before it counted the miss, and
@@ -269,8 +273,20 @@ class BinarySession:
         if item is None:
             return [encode_response(Opcode.CHECK, frame.request_id, Status.NOT_FOUND)]
         self._node.store.count_hits(max(1, frame.flags))
+        granted = b""
+        if frame.extras:
+            if len(frame.extras) != MILLISECONDS.size:
+                raise InvalidKey(f"a read lease time is {MILLISECONDS.size} bytes")
+            asked = MILLISECONDS.unpack(frame.extras)[0] / 1000
+            granted = _ms(self._node.read_leases.grant(frame.key, item.version, asked), up=False)
         return [
-            encode_response(Opcode.CHECK, frame.request_id, flags=item.flags, version=item.version)
+            encode_response(
+                Opcode.CHECK,
+                frame.request_id,
+                flags=item.flags,
+                version=item.version,
+                extras=granted,
+            )
         ]
 
     def _ticket(self, frame: Frame) -> list[Value]:
@@ -361,6 +377,13 @@ def _megabytes(settings: dict[str, object], name: str) -> int | None:
     if value > MAX_CONFIG_MB:  # also refuses Infinity, which json accepts
         raise InvalidConfig(f"{name} must be at most {MAX_CONFIG_MB} (1 TiB), not {value!r}")
     return int(value * MIB)
+
+
+def _ms(seconds: float, *, up: bool = True) -> bytes:
+    """``seconds`` as the extras of milliseconds: rounded up for a time to wait
+    out, down for a lease granted, so that neither side is ever short."""
+    ms = math.ceil(seconds * 1000) if up else math.floor(seconds * 1000)
+    return MILLISECONDS.pack(ms)
 
 
 def _error(opcode: int, request_id: int, status: Status, message: str) -> bytes:

@@ -64,7 +64,9 @@ def gateway_site(
             app[POOL],
             aiohttp_protocol,
             app[FAST_PATH_COUNTERS],
+            load=app[SERVICE].read,
             timeout=app[CONFIG].gateway.node_timeout,
+            read_lease_seconds=app[CONFIG].gateway.read_lease_ms / 1000,
             idle_timeout=idle_timeout,
         )
 

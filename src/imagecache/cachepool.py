@@ -32,6 +32,11 @@ from imagecache.ring import Ring
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _OWNERS_KEPT = 10_000
+# Read leases (cachenode.readleases) are measured on two machines' clocks:
+# the holder trusts a lease for this share of its time, and whoever
+# invalidates waits out the time the node reports divided by it. Clock rates
+# differ by parts per million; this allows them 25%.
+LEASE_CLOCK_SHARE = 0.8
 
 
 @dataclass
@@ -80,6 +85,8 @@ class CachePool:
         self._owners_ring = self._ring
         self._owners: dict[str, PoolMember] = {}
         self._view_valid_until = math.inf  # a pool not following a membership needs no lease
+        # Counts the views applied: a read lease holds only under the view it was taken in.
+        self.view_generation = 0
         self.counters = PoolCounters()
 
     # -- membership ---------------------------------------------------------
@@ -123,6 +130,7 @@ class CachePool:
         for member in self._members.values():
             member.dirty = member.node_id in dirty
         self._ring = Ring(sorted(routed))
+        self.view_generation += 1
         # Reads already under way on a removed node finish first: its client
         # closes on a later heal, once they have had their timeout.
         self._retired += [(self._clock(), m.client) for m in gone]
@@ -247,15 +255,18 @@ class CachePool:
         Every node, not only the owner, routed or not: a node that owned the
         key under an earlier membership may own it again later. Nodes set
         aside after a failure are not waited for: they count as not told.
+        Returns once no gateway may still serve an older version under a
+        read lease of a node that was told.
         """
         encoded = key.encode()
         return await self._on_every_member(
-            lambda m: m.client.delete(encoded, version=version), node_ids
+            lambda m: m.client.invalidate(encoded, version), node_ids
         )
 
     async def clear(self, version: int = 0, node_ids: Collection[str] | None = None) -> list[str]:
         """Empty every node (or those of ``node_ids``); with ``version``, older
-        writes are refused too. Returns the ids of the nodes that could not be told."""
+        writes are refused too. Returns the ids of the nodes that could not be
+        told, once the read leases on what the others held have ended."""
         return await self._on_every_member(lambda m: m.client.clear(version=version), node_ids)
 
     async def heal(self) -> None:
@@ -317,25 +328,29 @@ class CachePool:
 
     async def _on_every_member(
         self,
-        call: Callable[[PoolMember], Awaitable[object]],
+        invalidation: Callable[[PoolMember], Awaitable[float]],
         node_ids: Collection[str] | None = None,
     ) -> list[str]:
-        """Ids of the members that ``call`` failed on (or that were set aside)."""
+        """Ids of the members that ``invalidation`` failed on (or that were set
+        aside), once the read leases the others reported have run out."""
         members = [m for m in self.members if node_ids is None or m.node_id in node_ids]
         now = self._clock()
 
-        async def told(member: PoolMember) -> bool:
+        async def told(member: PoolMember) -> float | None:
+            """Seconds its read leases still run; None when it was not told."""
             if member.unusable_until > now:
-                return False
+                return None
             try:
-                await call(member)
+                return await invalidation(member)
             except NodeError as error:
                 self._set_aside(member, error)
-                return False
-            return True
+                return None
 
-        results = await asyncio.gather(*(told(member) for member in members))
-        return [m.node_id for m, ok in zip(members, results, strict=True) if not ok]
+        leases_left = await asyncio.gather(*(told(member) for member in members))
+        longest = max((left for left in leases_left if left is not None), default=0.0)
+        if longest > 0:
+            await asyncio.sleep(longest / LEASE_CLOCK_SHARE)
+        return [m.node_id for m, left in zip(members, leases_left, strict=True) if left is None]
 
     def _set_aside(self, member: PoolMember, error: Exception) -> None:
         self.counters.errors += 1

@@ -51,6 +51,11 @@ class GatewayConfig:
     # Copies of hot images the gateway keeps as ready responses, served after
     # a version CHECK with their node (src/imagecache/fastpath.py); 0: none.
     kept_copies_mb: float = 64.0
+    # How long a kept copy is served without asking its node again, under a
+    # read lease the node grants (src/cachenode/readleases.py); an upload of a
+    # key read that recently is acknowledged up to this much later. 0: ask
+    # for every read. Nodes grant at most 500.
+    read_lease_ms: int = 250
     manager_url: str = "http://127.0.0.1:5001"
     manager_token: str = ""  # shared secret, from IMAGECACHE_MANAGER_TOKEN
     secret_key: str = ""  # signs flash-message cookies; a random one when empty
@@ -112,6 +117,10 @@ class Config:
             raise ConfigError(
                 f"gateway.kept_copies_mb must be 0 to 1048576, not {self.gateway.kept_copies_mb}"
             )
+        if not 0 <= self.gateway.read_lease_ms <= 500:
+            raise ConfigError(
+                f"gateway.read_lease_ms must be 0 to 500, not {self.gateway.read_lease_ms}"
+            )
         for node in self.gateway.nodes:
             parse_address(node)
         if self.manager.pool not in ("local", "aws"):
@@ -150,6 +159,7 @@ _ENVIRONMENT: dict[str, tuple[str, str]] = {
     "IMAGECACHE_NODES": ("gateway", "nodes"),
     "IMAGECACHE_NODE_TIMEOUT": ("gateway", "node_timeout"),
     "IMAGECACHE_KEPT_COPIES_MB": ("gateway", "kept_copies_mb"),
+    "IMAGECACHE_READ_LEASE_MS": ("gateway", "read_lease_ms"),
     "IMAGECACHE_MANAGER_URL": ("gateway", "manager_url"),
     "IMAGECACHE_MANAGER_TOKEN": ("gateway", "manager_token"),
     "IMAGECACHE_SECRET_KEY": ("gateway", "secret_key"),

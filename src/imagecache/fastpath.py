@@ -2,29 +2,32 @@
 
 Every connection to the gateway starts here. A request that is a plain
 ``GET /image/<key>`` of an image this gateway keeps a copy of is answered
-from that copy once the key's cache node confirms, with a CHECK round trip of
-a few dozen bytes, that it still holds the same version; the image's bytes
-neither cross from the node nor go through aiohttp's request machinery.
+from that copy while the key's cache node vouches for its version: under a
+read lease the node granted, or else once a CHECK round trip of a few dozen
+bytes confirms it; the image's bytes neither cross from the node nor go
+through aiohttp's request machinery.
 Anything else (another path or method, a body, an unusual header, a key with
 no copy, a node that does not confirm, a failure) hands the connection, with
 every byte not yet answered, to aiohttp's own protocol, which then serves it
 for the rest of its life exactly as if the fast path did not exist.
 
 Why a copy cannot be stale: it is served only when the owner node reports
-the same version as the copy's, after the request arrived, and a version
-names exactly one upload's bytes. So the reply is the one the node's GET
-would have given at that moment, and docs/design.md argues why that one is
-never older than the last acknowledged upload.
+the same version as the copy's, after the request arrived or under a read
+lease that still holds (``VersionChecks``), and a version names exactly one
+upload's bytes. So the reply is one the node's GET could have given while
+the request was under way, and docs/design.md argues why that one is never
+older than the last acknowledged upload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import NamedTuple, cast
@@ -33,10 +36,12 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web_runner import BaseRunner
 
+from cachenode.client import NodeClient, read_lease_of
 from cachenode.protocol import Frame
 from cachenode.status import Status
-from imagecache.cachepool import CachePool
+from imagecache.cachepool import LEASE_CLOCK_SHARE, CachePool
 from imagecache.keptcopies import KeptCopies, KeptImage, etag_matches
+from imagecache.service import Image
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,7 @@ def parse_image_request(head: bytes) -> ImageRequest | None:
 @dataclass
 class FastPathCounters:
     served: int = 0  # requests answered from a kept copy
+    loaded: int = 0  # requests of keys with no copy, read the full way and answered here
     handed_over: int = 0  # connections given to aiohttp
     checks: int = 0  # CHECKs sent (requests share them)
 
@@ -111,25 +117,72 @@ class FastPathCounters:
 # item, or NO_ANSWER when the node failed or did not answer in time.
 NO_ANSWER = -1
 VersionCallback = Callable[[int | None], None]
+# Reads served under read leases are reported to their nodes (as CHECK's
+# count of reads), so that the nodes' hit rates stay true, at least this often.
+REPORT_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class ReadLease:
+    """A node's word that ``version`` of a key stays its current one until
+    ``until`` (on this process's monotonic clock, with the margin taken)."""
+
+    version: int
+    client: NodeClient  # of the node that granted it
+    view: int  # the pool's view generation when it was asked for
+    until: float
+    reads: int = 0  # served under it and not yet reported to the node
 
 
 class VersionChecks:
     """CHECKs of keys' versions with their nodes, shared by requests that may share them.
 
-    A request may only rely on a CHECK sent after it arrived. So per key, one
-    CHECK is in flight for the requests that came before it was sent; those
-    arriving meanwhile wait for the next one, sent when it returns. A hot key
-    costs one round trip per round trip time, whatever its request rate.
+    A request may rely on a read lease (cachenode.readleases) that still
+    holds, or else on a CHECK sent after it arrived. So per key, one CHECK is
+    in flight for the requests that came before it was sent; those arriving
+    meanwhile wait for the next one, sent when it returns. Each CHECK asks for
+    a read lease, under which the key's requests are answered at once: a hot
+    key costs one round trip per lease, whatever its request rate.
+
+    Why a lease is never stale: the node counts it from when it answered the
+    CHECK, this side from before it sent it, for ``LEASE_CLOCK_SHARE`` of its
+    time; whoever invalidates the key waits out what the node reports before
+    acknowledging (``CachePool.invalidate``). A lease taken under another view
+    of the pool (a membership change, a node marked dirty) or from a node that
+    no longer serves the key is not used.
     """
 
-    def __init__(self, pool: CachePool, timeout: float, counters: FastPathCounters) -> None:
+    def __init__(
+        self,
+        pool: CachePool,
+        timeout: float,
+        counters: FastPathCounters,
+        read_lease_seconds: float = 0.0,
+    ) -> None:
         # Kept: asyncio.get_running_loop() costs a getpid() system call each time.
         self._loop = asyncio.get_running_loop()
         self._pool = pool
         self._timeout = timeout
         self._counters = counters
+        self._lease_ms = round(read_lease_seconds * 1000)
         self._in_flight: dict[str, list[VersionCallback]] = {}  # key -> who waits for it
         self._next: dict[str, list[VersionCallback]] = {}  # key -> who waits for the next
+        self._leases: dict[str, ReadLease] = {}
+        self._report_timer: asyncio.TimerHandle | None = None
+
+    def leased(self, key: str, version: int) -> bool:
+        """Whether a read of ``version`` of ``key`` may be answered now, under a read lease."""
+        lease = self._leases.get(key)
+        if (
+            lease is None
+            or lease.version != version
+            or time.monotonic() >= lease.until
+            or lease.view != self._pool.view_generation
+            or self._pool.usable_client(key) is not lease.client
+        ):
+            return False
+        lease.reads += 1
+        return True
 
     def ask(self, key: str, callback: VersionCallback) -> bool:
         """Call ``callback`` with what a CHECK of ``key`` sent from now on tells;
@@ -142,24 +195,48 @@ class VersionChecks:
         self._in_flight[key] = [callback]
         return True
 
+    def close(self) -> None:
+        """Report the reads served under leases, and stop."""
+        self._report()
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
+
     def _send(self, key: str, requests: int) -> bool:
         client = self._pool.usable_client(key)
-        check = client.check_soon(key.encode(), requests) if client is not None else None
+        if client is None:
+            return False
+        lease = self._leases.get(key)
+        reported = lease.reads if lease is not None else 0
+        sent_at = time.monotonic()
+        view = self._pool.view_generation
+        check = client.check_soon(key.encode(), requests + reported, self._lease_ms)
         if check is None:
             return False
+        if lease is not None:
+            lease.reads = 0
         self._counters.checks += 1
         timeout = self._loop.call_later(self._timeout, check.cancel)
-        check.add_done_callback(lambda done: self._answered(key, done, timeout))
+        check.add_done_callback(
+            lambda done: self._answered(key, done, timeout, client, view, sent_at)
+        )
         return True
 
     def _answered(
-        self, key: str, check: asyncio.Future[Frame], timeout: asyncio.TimerHandle
+        self,
+        key: str,
+        check: asyncio.Future[Frame],
+        timeout: asyncio.TimerHandle,
+        client: NodeClient,
+        view: int,
+        sent_at: float,
     ) -> None:
         timeout.cancel()
         version: int | None = NO_ANSWER
         if not check.cancelled() and check.exception() is None:
             reply = check.result()
             version = reply.version if reply.status == Status.OK else None
+            self._take_lease(key, reply, client, view, sent_at)
         callbacks = self._in_flight.pop(key)
         waiting = self._next.pop(key, None) or []
         # After a failure the waiting requests go the full way at once, which
@@ -174,6 +251,51 @@ class VersionChecks:
             except Exception:  # one connection's failure must not strand the others
                 log.exception("fast path: answering a request failed")
 
+    def _take_lease(
+        self, key: str, reply: Frame, client: NodeClient, view: int, sent_at: float
+    ) -> None:
+        granted = read_lease_of(reply) if reply.status == Status.OK else 0.0
+        if granted <= 0:
+            self._leases.pop(key, None)
+            return
+        previous = self._leases.get(key)
+        self._leases[key] = ReadLease(
+            reply.version,
+            client,
+            view,
+            sent_at + granted * LEASE_CLOCK_SHARE,
+            previous.reads if previous is not None else 0,
+        )
+        if self._report_timer is None:
+            self._report_timer = self._loop.call_later(REPORT_SECONDS, self._report_and_again)
+
+    def _report_and_again(self) -> None:
+        self._report()
+        self._report_timer = (
+            self._loop.call_later(REPORT_SECONDS, self._report_and_again) if self._leases else None
+        )
+
+    def _report(self) -> None:
+        """Tell nodes the reads served under their leases (as lookups that hit,
+        best effort), and forget leases that have ended."""
+        now = time.monotonic()
+        for key, lease in list(self._leases.items()):
+            if lease.reads:
+                report = lease.client.check_soon(key.encode(), lease.reads)
+                if report is not None:
+                    lease.reads = 0
+                    timeout = self._loop.call_later(self._timeout, report.cancel)
+                    report.add_done_callback(functools.partial(_settled, timeout))
+            if lease.until <= now and (not lease.reads or lease.view != self._pool.view_generation):
+                del self._leases[key]
+
+
+def _settled(timeout: asyncio.TimerHandle, report: asyncio.Future[Frame]) -> None:
+    """A report's reply (or failure, which changes nothing) has come."""
+    timeout.cancel()
+    if not report.cancelled():
+        report.exception()  # retrieved: a failed report is not worth a log line
+
 
 class FastPath:
     """What every fast-path connection shares: the copies, the pool, aiohttp's protocol."""
@@ -185,7 +307,9 @@ class FastPath:
         aiohttp_protocol: Callable[[], asyncio.Protocol],
         counters: FastPathCounters,
         *,
+        load: Callable[[str], Coroutine[object, object, Image]] | None = None,
         timeout: float = 0.5,
+        read_lease_seconds: float = 0.0,
         idle_timeout: float = 75.0,
     ) -> None:
         self.loop = asyncio.get_running_loop()  # kept: getting it costs a system call
@@ -193,7 +317,10 @@ class FastPath:
         self.copies = copies
         self.pool = pool
         self.aiohttp_protocol = aiohttp_protocol
-        self.checks = VersionChecks(pool, timeout, counters)
+        # Reads an image the full way (ImageService.read), for a key with no copy.
+        self.load = load
+        self.loads: set[asyncio.Task[Image]] = set()  # held: the loop keeps only weak references
+        self.checks = VersionChecks(pool, timeout, counters, read_lease_seconds)
         # As aiohttp's keep-alive timeout: a connection that sends nothing
         # (or never finishes a request) for this long is closed.
         self.idle_timeout = idle_timeout
@@ -232,6 +359,7 @@ class FastPath:
                     await self._drained.wait()
         for connection in list(self.connections):
             connection.close()
+        self.checks.close()
 
 
 class FastConnection(asyncio.Protocol):
@@ -241,7 +369,7 @@ class FastConnection(asyncio.Protocol):
         self._fast = fast
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._checking = False  # a CHECK is in flight: later requests wait their turn
+        self._waiting = False  # a CHECK or a load is in flight: later requests wait their turn
         self._write_paused = False  # the transport's buffer is full
         self._read_paused = False
         self._hand_over_waiting = False  # to aiohttp once the transport can write again
@@ -266,7 +394,7 @@ class FastConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if not self._checking:
+        if not self._waiting:
             self._serve_next()
         else:
             self._update_reading()
@@ -285,7 +413,7 @@ class FastConnection(asyncio.Protocol):
         self._update_reading()
         if self._hand_over_waiting:
             self._hand_over()
-        elif not self._checking:
+        elif not self._waiting:
             self._serve_next()
 
     def close(self) -> None:
@@ -294,7 +422,7 @@ class FastConnection(asyncio.Protocol):
 
     def close_when_idle(self) -> None:
         """Close now if no request is in progress, else once it is answered."""
-        if not self._checking and not self._write_paused:
+        if not self._waiting and not self._write_paused:
             self.close()
 
     def _update_reading(self) -> None:
@@ -302,7 +430,7 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        pause = self._write_paused or (self._checking and len(self._buffer) > 4 * MAX_HEAD)
+        pause = self._write_paused or (self._waiting and len(self._buffer) > 4 * MAX_HEAD)
         if pause != self._read_paused:
             self._read_paused = pause
             if pause:
@@ -311,13 +439,20 @@ class FastConnection(asyncio.Protocol):
                 transport.resume_reading()
 
     def _serve_next(self) -> None:
+        """Answer the requests received, in order, until one must wait or none is left."""
+        while self._serve_one():
+            pass
+
+    def _serve_one(self) -> bool:
+        """Answer the first request received if it can be answered now; True
+        when it was and the next one may follow."""
         transport = self._transport
         if transport is None or transport.is_closing() or self._write_paused:
-            return
+            return False
         self._active = True
         if self._fast.stopping and not self._buffer:
             transport.close()
-            return
+            return False
         buffer = self._buffer
         request = self._last_request
         # A keep-alive client mostly repeats its last head byte for byte; the
@@ -330,27 +465,34 @@ class FastConnection(asyncio.Protocol):
             if end < 0:
                 if len(buffer) >= MAX_HEAD:
                     self._hand_over()
-                return
+                return False
             size = end + 4
             self._last_head = bytes(buffer[:size])
             request = self._last_request = parse_image_request(self._last_head[:end])
             if request is None:
                 self._hand_over()
-                return
-        kept = self._fast.copies.get(request.key)
-        if kept is None or not self._fast.checks.ask(
+                return False
+        fast = self._fast
+        kept = fast.copies.get(request.key)
+        if kept is None:
+            self._load(request, size)
+            return False
+        if fast.checks.leased(request.key, kept.version):
+            return self._respond(request, kept, size, hit=True)
+        if not fast.checks.ask(
             request.key, lambda version: self._checked(version, request, kept, size)
         ):
             self._hand_over()
-            return
-        self._checking = True
+            return False
+        self._waiting = True
         if len(self._buffer) > 4 * MAX_HEAD:
             self._update_reading()
+        return False
 
     def _checked(
         self, version: int | None, request: ImageRequest, kept: KeptImage, size: int
     ) -> None:
-        self._checking = False
+        self._waiting = False
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -361,11 +503,53 @@ class FastConnection(asyncio.Protocol):
                 self._fast.copies.drop(request.key)
             self._hand_over()
             return
+        if self._respond(request, kept, size, hit=True):
+            self._serve_next()
+
+    def _load(self, request: ImageRequest, size: int) -> None:
+        """Read an image this gateway keeps no copy of the full way, keep it,
+        and answer; anything but an image (a missing key, a failure) goes to
+        aiohttp, which reads it again and answers as it would have."""
+        fast = self._fast
+        if fast.load is None:
+            self._hand_over()
+            return
+        self._waiting = True
+        load = fast.loop.create_task(fast.load(request.key))
+        fast.loads.add(load)
+        load.add_done_callback(lambda done: self._loaded(done, request, size))
+
+    def _loaded(self, load: asyncio.Task[Image], request: ImageRequest, size: int) -> None:
+        self._fast.loads.discard(load)
+        self._waiting = False
+        if load.cancelled() or load.exception() is not None:
+            if self._transport is not None and not self._transport.is_closing():
+                self._hand_over()
+            return
+        image = load.result()
+        kept = self._fast.copies.keep(image.key, image.version, image.content_type, image.data)
+        self._fast.counters.loaded += 1
+        transport = self._transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and self._respond(request, kept, size, hit=False)
+        ):
+            self._serve_next()
+
+    def _respond(self, request: ImageRequest, kept: KeptImage, size: int, *, hit: bool) -> bool:
+        """Answer ``request`` (``size`` bytes of the buffer) from ``kept``
+        (``hit``: a kept copy, which the pool's counters have not seen yet);
+        True when the connection stays open and holds more bytes to serve."""
+        transport = self._transport
+        assert transport is not None
         del self._buffer[:size]
-        self._fast.pool.counters.hits += 1
-        self._fast.counters.served += 1
-        date = self._fast.date_line()
-        closing = request.close or self._fast.stopping
+        fast = self._fast
+        if hit:
+            fast.pool.counters.hits += 1
+            fast.counters.served += 1
+        date = fast.date_line()
+        closing = request.close or fast.stopping
         connection = b"Connection: close\r\n" if closing else b""
         if etag_matches(request.if_none_match, kept.etag):
             transport.write(
@@ -378,8 +562,9 @@ class FastConnection(asyncio.Protocol):
             )
         if closing:
             transport.close()
-        elif self._buffer:  # pipelined requests (pause_writing has stopped reading if need be)
-            self._serve_next()
+            return False
+        # Pipelined requests (pause_writing has stopped reading if need be).
+        return bool(self._buffer)
 
     def _hand_over(self) -> None:
         """From now on aiohttp serves this connection, starting with the unanswered bytes."""
@@ -420,7 +605,7 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        if not self._active and not self._checking and not self._write_paused:
+        if not self._active and not self._waiting and not self._write_paused:
             transport.close()
             return
         self._active = False

@@ -1,7 +1,7 @@
 """The gateway's own copies of hot images, kept as ready HTTP responses.
 
-A copy is only ever served after the key's cache node has confirmed that it
-still holds the same version (``fastpath``): a copy is a way to skip moving
+A copy is only ever served while the key's cache node vouches that it still
+holds the same version (``fastpath``: a CHECK, or a read lease): a copy is a way to skip moving
 the bytes from the node, never a second source of truth, so it cannot make a
 read older than what the node would have returned.
 """
@@ -41,6 +41,20 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
     return b"*" in tokens or etag in tokens or b"W/" + etag in tokens
 
 
+def prepared(version: int, content_type: str, body: bytes) -> KeptImage:
+    """An image as a ready response: its header lines made once for every read."""
+    etag = etag_of(version).encode()
+    common = b"ETag: %s\r\nCache-Control: no-cache\r\n" % etag
+    return KeptImage(
+        version,
+        etag,
+        b"Content-Type: %s\r\nContent-Length: %d\r\n%s"
+        % (content_type.encode(), len(body), common),
+        common,
+        body,
+    )
+
+
 class KeptCopies:
     """Least recently used images up to ``capacity`` bytes; 0 keeps nothing."""
 
@@ -55,30 +69,23 @@ class KeptCopies:
             self._images.move_to_end(key)
         return image
 
-    def keep(self, key: str, version: int, content_type: str, body: bytes) -> None:
+    def keep(self, key: str, version: int, content_type: str, body: bytes) -> KeptImage:
+        """Keep this image of ``key`` if it is worth keeping; returns it prepared either way."""
+        image = prepared(version, content_type, body)
         if version <= 0:
-            return  # unversioned (a text protocol write): CHECK could not tell it apart
+            return image  # unversioned (a text protocol write): CHECK could not tell it apart
         current = self._images.get(key)
         if current is not None and current.version >= version:
-            return
-        etag = etag_of(version).encode()
-        common = b"ETag: %s\r\nCache-Control: no-cache\r\n" % etag
-        image = KeptImage(
-            version,
-            etag,
-            b"Content-Type: %s\r\nContent-Length: %d\r\n%s"
-            % (content_type.encode(), len(body), common),
-            common,
-            body,
-        )
+            return image
         if image.size > self.capacity // 4:  # one image must not flush the rest
-            return
+            return image
         self.drop(key)
         self._images[key] = image
         self._used += image.size
         while self._used > self.capacity:
             _, evicted = self._images.popitem(last=False)
             self._used -= evicted.size
+        return image
 
     def drop(self, key: str) -> None:
         image = self._images.pop(key, None)
