@@ -46,11 +46,11 @@ async def test_a_view_past_its_lease_serves_nothing_until_renewed(
     try:
         pool.hold_view(clock.now + 2.4)
         assert await pool.get("cat") is not None
-        assert pool.usable_client("cat") is not None
+        assert pool.usable_owner("cat") is not None
         clock.now += 2.4
         assert not pool.view_is_current
         assert await pool.get("cat") is None  # read around: the blob store answers
-        assert pool.usable_client("cat") is None  # nor the fast path
+        assert pool.usable_owner("cat") is None  # nor the fast path
         assert await pool.ticket("cat") is None  # nor any fill
         pool.hold_view(clock.now + 2.4)
         assert await pool.get("cat") is not None

@@ -32,6 +32,7 @@ from imagecache.fastpath import (
     parse_image_request,
 )
 from imagecache.keptcopies import etag_matches
+from imagecache.memfiles import MIN_FILE_BYTES, MemoryFiles
 from tests.conftest import image_bytes
 
 
@@ -501,3 +502,78 @@ async def test_a_restarted_node_waits_out_the_read_leases_of_its_previous_incarn
             await writer.upload("cat", PNG_2)
             (reply,) = await exchange(reader.port, get("/image/cat"))
             assert reply.body == PNG_2
+
+
+# -- images sent from in-memory files ------------------------------------------------------
+
+
+async def test_big_images_go_out_from_in_memory_files_byte_for_byte(gateway: Gateway) -> None:
+    images = {"medium": noise_png(90), "big": noise_png(330), "huge": noise_png(900)}
+    for key, data in images.items():
+        await gateway.upload(key, data)
+    await gateway.upload("small", PNG)
+    keys = [*images, "small"]
+    await exchange(gateway.port, *[get(f"/image/{key}") for key in keys])
+    kept = gateway.app[KEPT_COPIES]
+    for key in images:
+        image = kept.get(key)
+        assert image is not None
+        assert image.file is not None, key
+    small = kept.get("small")
+    assert small is not None
+    assert small.file is None  # too small to gain from a file
+    order = [*keys, *reversed(keys), "huge", "huge", "medium"]
+    replies = await exchange(gateway.port, *[get(f"/image/{key}") for key in order])
+    expected = {**images, "small": PNG}
+    assert [reply.body for reply in replies] == [expected[key] for key in order]
+    assert all(int(r.headers["content-length"]) == len(r.body) for r in replies)
+
+
+async def test_a_connection_answered_from_a_file_closes_when_asked(gateway: Gateway) -> None:
+    """The descriptor the fast path sends files with must not keep the socket open."""
+    big = noise_png(200)
+    await gateway.upload("big", big)
+    await exchange(gateway.port, get("/image/big"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(get("/image/big") + get("/image/big", "Connection: close"))
+        assert (await read_reply(reader)).body == big
+        assert (await read_reply(reader)).body == big
+        assert await asyncio.wait_for(reader.read(), 3) == b""
+    finally:
+        writer.close()
+
+
+async def test_a_connection_handed_to_aiohttp_after_a_file_closes_when_asked(
+    gateway: Gateway,
+) -> None:
+    big = noise_png(200)
+    await gateway.upload("big", big)
+    await exchange(gateway.port, get("/image/big"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        keys = b"POST /api/list_keys HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n"
+        writer.write(get("/image/big") + keys + b"Connection: close\r\n\r\n")
+        assert (await read_reply(reader)).body == big
+        assert (await read_reply(reader)).status == 200  # aiohttp's
+        assert await asyncio.wait_for(reader.read(), 3) == b""
+    finally:
+        writer.close()
+
+
+def test_in_memory_files_are_bounded_and_closed_once_unused() -> None:
+    files = MemoryFiles(limit=2)
+    data = os.urandom(MIN_FILE_BYTES)
+    first, second = files.make(data), files.make(data)
+    assert first is not None
+    assert second is not None
+    assert bytes(first.view) == data
+    assert files.make(data) is None  # at the limit: the caller keeps plain bytes
+    assert files.make(b"x" * (MIN_FILE_BYTES - 1)) is None  # too small to gain
+    descriptor = first.fd
+    os.fstat(descriptor)
+    del first
+    assert files.open == 1
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(descriptor)
+    assert files.make(data) is not None

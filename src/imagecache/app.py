@@ -37,6 +37,7 @@ from imagecache.invalidation import Invalidator
 from imagecache.keptcopies import KeptCopies
 from imagecache.manager_link import ManagerLink
 from imagecache.membership import RENEW_SECONDS, MembershipFollower
+from imagecache.memfiles import MemoryFiles
 from imagecache.poolmembers import MembershipStore
 from imagecache.service import ImageService
 
@@ -80,7 +81,9 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.gateway.max_upload_bytes + (1 << 20),
     )
     app[CONFIG] = config
-    app[KEPT_COPIES] = KeptCopies(int(config.gateway.kept_copies_mb * MIB))
+    app[KEPT_COPIES] = KeptCopies(
+        int(config.gateway.kept_copies_mb * MIB), MemoryFiles.for_this_process()
+    )
     app[FAST_PATH_COUNTERS] = FastPathCounters()
     app[FLASH_SECRET] = config.gateway.secret_key.encode() or secrets.token_bytes(32)
     aiohttp_jinja2.setup(

@@ -299,10 +299,14 @@ class CachePool:
         self._members.clear()
         self._ring = Ring(())
 
-    def usable_client(self, key: str) -> NodeClient | None:
-        """The client of ``key``'s owner, when that node may serve reads now."""
-        member = self._usable_owner(key)
-        return None if member is None else member.client
+    def usable_owner(self, key: str) -> PoolMember | None:
+        """``key``'s owner, when that node may serve reads now."""
+        return self._usable_owner(key)
+
+    def may_read(self, member: PoolMember, now: float) -> bool:
+        """Whether ``member`` may serve reads at ``now`` (on the pool's clock), as
+        the owner ``usable_owner`` returned under the current ``view_generation``."""
+        return not member.dirty and member.unusable_until <= now < self._view_valid_until
 
     # -- internals ----------------------------------------------------------
 

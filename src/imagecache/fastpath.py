@@ -25,7 +25,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -36,11 +38,12 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web_runner import BaseRunner
 
-from cachenode.client import NodeClient, read_lease_of
+from cachenode.client import read_lease_of
 from cachenode.protocol import Frame
 from cachenode.status import Status
-from imagecache.cachepool import LEASE_CLOCK_SHARE, CachePool
+from imagecache.cachepool import LEASE_CLOCK_SHARE, CachePool, PoolMember
 from imagecache.keptcopies import KeptCopies, KeptImage, etag_matches
+from imagecache.memfiles import MemoryFile
 from imagecache.service import Image
 
 log = logging.getLogger(__name__)
@@ -128,7 +131,7 @@ class ReadLease:
     ``until`` (on this process's monotonic clock, with the margin taken)."""
 
     version: int
-    client: NodeClient  # of the node that granted it
+    node: PoolMember  # the node that granted it
     view: int  # the pool's view generation when it was asked for
     until: float
     reads: int = 0  # served under it and not yet reported to the node
@@ -173,12 +176,14 @@ class VersionChecks:
     def leased(self, key: str, version: int) -> bool:
         """Whether a read of ``version`` of ``key`` may be answered now, under a read lease."""
         lease = self._leases.get(key)
+        if lease is None or lease.version != version:
+            return False
+        now = time.monotonic()
+        # Under the same view, the node that granted the lease still owns the key.
         if (
-            lease is None
-            or lease.version != version
-            or time.monotonic() >= lease.until
+            now >= lease.until
             or lease.view != self._pool.view_generation
-            or self._pool.usable_client(key) is not lease.client
+            or not self._pool.may_read(lease.node, now)
         ):
             return False
         lease.reads += 1
@@ -203,14 +208,14 @@ class VersionChecks:
             self._report_timer = None
 
     def _send(self, key: str, requests: int) -> bool:
-        client = self._pool.usable_client(key)
-        if client is None:
+        node = self._pool.usable_owner(key)
+        if node is None:
             return False
         lease = self._leases.get(key)
         reported = lease.reads if lease is not None else 0
         sent_at = time.monotonic()
         view = self._pool.view_generation
-        check = client.check_soon(key.encode(), requests + reported, self._lease_ms)
+        check = node.client.check_soon(key.encode(), requests + reported, self._lease_ms)
         if check is None:
             return False
         if lease is not None:
@@ -218,7 +223,7 @@ class VersionChecks:
         self._counters.checks += 1
         timeout = self._loop.call_later(self._timeout, check.cancel)
         check.add_done_callback(
-            lambda done: self._answered(key, done, timeout, client, view, sent_at)
+            lambda done: self._answered(key, done, timeout, node, view, sent_at)
         )
         return True
 
@@ -227,7 +232,7 @@ class VersionChecks:
         key: str,
         check: asyncio.Future[Frame],
         timeout: asyncio.TimerHandle,
-        client: NodeClient,
+        node: PoolMember,
         view: int,
         sent_at: float,
     ) -> None:
@@ -236,7 +241,7 @@ class VersionChecks:
         if not check.cancelled() and check.exception() is None:
             reply = check.result()
             version = reply.version if reply.status == Status.OK else None
-            self._take_lease(key, reply, client, view, sent_at)
+            self._take_lease(key, reply, node, view, sent_at)
         callbacks = self._in_flight.pop(key)
         waiting = self._next.pop(key, None) or []
         # After a failure the waiting requests go the full way at once, which
@@ -252,7 +257,7 @@ class VersionChecks:
                 log.exception("fast path: answering a request failed")
 
     def _take_lease(
-        self, key: str, reply: Frame, client: NodeClient, view: int, sent_at: float
+        self, key: str, reply: Frame, node: PoolMember, view: int, sent_at: float
     ) -> None:
         granted = read_lease_of(reply) if reply.status == Status.OK else 0.0
         if granted <= 0:
@@ -261,7 +266,7 @@ class VersionChecks:
         previous = self._leases.get(key)
         self._leases[key] = ReadLease(
             reply.version,
-            client,
+            node,
             view,
             sent_at + granted * LEASE_CLOCK_SHARE,
             previous.reads if previous is not None else 0,
@@ -281,7 +286,7 @@ class VersionChecks:
         now = time.monotonic()
         for key, lease in list(self._leases.items()):
             if lease.reads:
-                report = lease.client.check_soon(key.encode(), lease.reads)
+                report = lease.node.client.check_soon(key.encode(), lease.reads)
                 if report is not None:
                     lease.reads = 0
                     timeout = self._loop.call_later(self._timeout, report.cancel)
@@ -377,9 +382,16 @@ class FastConnection(asyncio.Protocol):
         self._last_head = b""  # the last head parsed, blank line included, and its request
         self._last_request: ImageRequest | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        # A descriptor of its own for the connection's socket, to send kept
+        # images with sendfile(2) while the transport has nothing queued.
+        self._sender: socket.socket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        raw = transport.get_extra_info("socket")
+        if raw is not None and raw.type == socket.SOCK_STREAM:
+            with contextlib.suppress(OSError):
+                self._sender = socket.socket(fileno=os.dup(raw.fileno()))
         # Pushing back at the default 64 KiB would stall every response of a
         # 100 KB image for a loop iteration; this still bounds what one
         # client that does not read can make the gateway hold.
@@ -388,6 +400,7 @@ class FastConnection(asyncio.Protocol):
         self._arm_idle_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._close_sender()
         self._fast.forget(self)
         self._transport = None
         self._cancel_idle_timer()
@@ -551,20 +564,48 @@ class FastConnection(asyncio.Protocol):
         date = fast.date_line()
         closing = request.close or fast.stopping
         connection = b"Connection: close\r\n" if closing else b""
-        if etag_matches(request.if_none_match, kept.etag):
+        if request.if_none_match and etag_matches(request.if_none_match, kept.etag):
             transport.write(
                 b"HTTP/1.1 304 Not Modified\r\n%s%s%s\r\n"
                 % (date, connection, kept.not_modified_headers)
             )
         else:
-            transport.writelines(
-                [b"HTTP/1.1 200 OK\r\n%s%s%s\r\n" % (date, connection, kept.headers), kept.body]
-            )
+            head = b"HTTP/1.1 200 OK\r\n%s%s%s\r\n" % (date, connection, kept.headers)
+            if kept.file is None or not self._send_file(transport, head, kept.file):
+                transport.writelines([head, kept.body])
         if closing:
             transport.close()
             return False
         # Pipelined requests (pause_writing has stopped reading if need be).
         return bool(self._buffer)
+
+    def _send_file(self, transport: asyncio.Transport, head: bytes, file: MemoryFile) -> bool:
+        """Send ``head`` and then ``file`` with sendfile(2), straight to the
+        socket; what the socket does not take goes through the transport, in
+        order. False when nothing was sent (then the caller writes it all)."""
+        sender = self._sender
+        if sender is None or transport.get_write_buffer_size():
+            return False  # bytes written before must leave first
+        try:
+            # MSG_MORE: the head leaves in one segment with the body's start.
+            sent = sender.send(head, socket.MSG_MORE)
+        except OSError:  # would block, or a failed socket the transport will report
+            return False
+        if sent < len(head):
+            transport.writelines([head[sent:], file.view])
+            return True
+        try:
+            sent = os.sendfile(sender.fileno(), file.fd, 0, len(file))
+        except OSError:
+            sent = 0
+        if sent < len(file):
+            transport.write(file.view[sent:])
+        return True
+
+    def _close_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
 
     def _hand_over(self) -> None:
         """From now on aiohttp serves this connection, starting with the unanswered bytes."""
@@ -580,6 +621,7 @@ class FastConnection(asyncio.Protocol):
             transport.resume_reading()
         transport.set_write_buffer_limits()  # aiohttp's flow control, on the defaults
         self._cancel_idle_timer()
+        self._close_sender()
         self._fast.forget(self)
         self._fast.counters.handed_over += 1
         self._transport = None

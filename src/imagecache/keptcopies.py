@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from imagecache.memfiles import MemoryFile, MemoryFiles
+
 
 @dataclass(frozen=True, slots=True)
 class KeptImage:
@@ -18,7 +20,8 @@ class KeptImage:
     etag: bytes  # as sent, quotes included: b'"v12"'
     headers: bytes  # the 200 response's header lines after the status line, up to the blank line
     not_modified_headers: bytes  # the same for a 304
-    body: bytes
+    body: bytes | memoryview  # a view of ``file`` when there is one
+    file: MemoryFile | None = None  # the body in an in-memory file, for sendfile
 
     @property
     def size(self) -> int:
@@ -41,25 +44,33 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
     return b"*" in tokens or etag in tokens or b"W/" + etag in tokens
 
 
-def prepared(version: int, content_type: str, body: bytes) -> KeptImage:
-    """An image as a ready response: its header lines made once for every read."""
+def prepared(
+    version: int, content_type: str, body: bytes, files: MemoryFiles | None = None
+) -> KeptImage:
+    """An image as a ready response: its header lines made once for every read,
+    and its bytes in an in-memory file when ``files`` can make one."""
     etag = etag_of(version).encode()
     common = b"ETag: %s\r\nCache-Control: no-cache\r\n" % etag
-    return KeptImage(
-        version,
-        etag,
-        b"Content-Type: %s\r\nContent-Length: %d\r\n%s"
-        % (content_type.encode(), len(body), common),
+    headers = b"Content-Type: %s\r\nContent-Length: %d\r\n%s" % (
+        content_type.encode(),
+        len(body),
         common,
-        body,
     )
+    file = files.make(body) if files is not None else None
+    if file is None:
+        return KeptImage(version, etag, headers, common, body)
+    return KeptImage(version, etag, headers, common, file.view, file)
 
 
 class KeptCopies:
-    """Least recently used images up to ``capacity`` bytes; 0 keeps nothing."""
+    """Least recently used images up to ``capacity`` bytes; 0 keeps nothing.
 
-    def __init__(self, capacity: int) -> None:
+    With ``files``, big images are kept in in-memory files (``memfiles``).
+    """
+
+    def __init__(self, capacity: int, files: MemoryFiles | None = None) -> None:
         self.capacity = capacity
+        self._files = files
         self._images: OrderedDict[str, KeptImage] = OrderedDict()
         self._used = 0
 
@@ -71,14 +82,14 @@ class KeptCopies:
 
     def keep(self, key: str, version: int, content_type: str, body: bytes) -> KeptImage:
         """Keep this image of ``key`` if it is worth keeping; returns it prepared either way."""
-        image = prepared(version, content_type, body)
-        if version <= 0:
-            return image  # unversioned (a text protocol write): CHECK could not tell it apart
         current = self._images.get(key)
-        if current is not None and current.version >= version:
-            return image
-        if image.size > self.capacity // 4:  # one image must not flush the rest
-            return image
+        if (
+            version <= 0  # unversioned (a text protocol write): CHECK could not tell it apart
+            or (current is not None and current.version >= version)
+            or len(body) >= self.capacity // 4  # one image must not flush the rest
+        ):
+            return prepared(version, content_type, body)
+        image = prepared(version, content_type, body, self._files)
         self.drop(key)
         self._images[key] = image
         self._used += image.size
