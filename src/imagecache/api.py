@@ -13,8 +13,9 @@ from typing import Any
 from aiohttp import web
 
 from imagecache.appkeys import CONFIG, KEPT_COPIES, MANAGER, SERVICE
-from imagecache.errors import ImagecacheError
-from imagecache.uploads import read_upload
+from imagecache.errors import ImagecacheError, Unauthorized
+from imagecache.uploads import read_fields, read_upload
+from imagecache.webguards import require_api_token
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +35,54 @@ def success(**fields: Any) -> web.Response:
 
 def failure(status: int, message: str) -> web.Response:
     return web.json_response(
-        {"success": "false", "error": {"code": status, "message": message}}, status=status
+        {"success": "false", "error": {"code": status, "message": message}},
+        status=status,
+        headers=_CHALLENGE if status == 401 else None,
     )
+
+
+# RFC 9110: a 401 names the authentication scheme it wants.
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="imagecache"'}
 
 
 @web.middleware
 async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every failure under /api in the error shape, with the same HTTP status."""
-    if not request.path.startswith("/api/") and request.path != "/api":
+    """Every failure under /api in the error shape, with the same HTTP status; a
+    refusal elsewhere (webguards) as plain text. A refused request is logged
+    in one line, without a traceback: the client's mistake is not the gateway's."""
+    is_api = request.path.startswith("/api/") or request.path == "/api"
+    try:
         response: web.StreamResponse = await handler(request)
         return response
-    try:
-        response = await handler(request)
-        return response
     except ImagecacheError as error:
+        log_refusal(request, error.http_status, str(error))
+        if not is_api:
+            headers = _CHALLENGE if isinstance(error, Unauthorized) else None
+            return web.Response(status=error.http_status, text=str(error), headers=headers)
         return failure(error.http_status, str(error))
     except web.HTTPException as error:
-        if error.status < 400:
+        if not is_api or error.status < 400:
             raise
+        log_refusal(request, error.status, error.reason)
         return failure(error.status, error.reason)
     except Exception:
+        if not is_api:
+            raise
         log.exception("unexpected error in %s %s", request.method, request.path)
         return failure(500, "internal error; the gateway's log has the details")
 
 
+def log_refusal(request: web.Request, status: int, message: str) -> None:
+    """One line for a request refused as the client's mistake (4xx); a missing
+    image (404) is an ordinary answer and goes unlogged."""
+    if status >= 500 or status == 404:
+        return
+    level = logging.WARNING if status in (401, 403) else logging.INFO
+    log.log(level, "refused %s %s (%d): %s", request.method, request.path[:200], status, message)
+
+
 async def delete_all(request: web.Request) -> web.Response:
+    require_api_token(request, request.app[CONFIG].gateway.api_token)
     await request.app[SERVICE].delete_all()
     request.app[KEPT_COPIES].clear()  # never served again anyway; free the memory now
     return success()
@@ -82,8 +106,9 @@ async def read_key(request: web.Request) -> web.Response:
 
 async def forward_to_manager(request: web.Request) -> web.Response:
     """configure_cache, getNumNodes and getRate are the manager's: pass them on."""
-    params = dict(request.query)
-    if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        params.update({k: str(v) for k, v in (await request.post()).items()})
     name = request.path.rsplit("/", 1)[1]
+    if name == "configure_cache":
+        require_api_token(request, request.app[CONFIG].gateway.api_token)
+    params = dict(request.query)
+    params.update(await read_fields(request))
     return web.json_response(await request.app[MANAGER].call(name, params))

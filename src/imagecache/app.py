@@ -12,7 +12,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from imagecache import api, pages, prometheus
+from imagecache import api, pages, prometheus, webguards
 from imagecache.appkeys import (
     BLOBS,
     CATALOG,
@@ -33,6 +33,7 @@ from imagecache.config import MIB, Config
 from imagecache.database import Database
 from imagecache.errors import StorageError
 from imagecache.fastpath import FastPath, FastPathCounters, FastPathSite
+from imagecache.images import ImageInspector
 from imagecache.invalidation import Invalidator
 from imagecache.keptcopies import KeptCopies
 from imagecache.manager_link import ManagerLink
@@ -77,9 +78,11 @@ def gateway_site(
 def create_app(config: Config) -> web.Application:
     """The gateway for ``config``; resources open when the application starts."""
     app = web.Application(
-        middlewares=[api.api_errors],
+        # api_errors outside: it gives the guards' refusals their shape and log line.
+        middlewares=[api.api_errors, webguards.same_site_writes],
         client_max_size=config.gateway.max_upload_bytes + (1 << 20),
     )
+    app.on_response_prepare.append(webguards.add_security_headers)
     app[CONFIG] = config
     app[KEPT_COPIES] = KeptCopies(
         int(config.gateway.kept_copies_mb * MIB), MemoryFiles.for_this_process()
@@ -134,7 +137,8 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def service_ctx(app: web.Application) -> AsyncIterator[None]:
     invalidator = Invalidator(app[CATALOG], app[MEMBERSHIP_STORE], app[MEMBERSHIP], app[POOL])
-    app[SERVICE] = ImageService(app[CATALOG], app[BLOBS], app[POOL], invalidator)
+    images = ImageInspector(app[CONFIG].gateway.max_image_pixels)
+    app[SERVICE] = ImageService(app[CATALOG], app[BLOBS], app[POOL], invalidator, images=images)
     yield
 
 

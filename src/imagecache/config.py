@@ -19,6 +19,11 @@ from typing import Any
 
 DEFAULT_DATA_DIR = Path("imagecache-data")
 MIB = 1 << 20
+# Pillow refuses images of more pixels than this in Image.open itself (twice
+# its Image.MAX_IMAGE_PIXELS), so a higher gateway.max_image_pixels could not hold.
+MAX_IMAGE_PIXELS_CEILING = 178_956_970
+# gateway.max_image_pixels by default: at most about 200 MB of decoded pixels at once.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 class ConfigError(ValueError):
@@ -59,6 +64,13 @@ class GatewayConfig:
     manager_url: str = "http://127.0.0.1:5001"
     manager_token: str = ""  # shared secret, from IMAGECACHE_MANAGER_TOKEN
     secret_key: str = ""  # signs flash-message cookies; a random one when empty
+    # When set (from IMAGECACHE_API_TOKEN), configure_cache and delete_all need
+    # "Authorization: Bearer <token>"; empty keeps them open, as the API's contract has them.
+    api_token: str = ""
+    # Uploads of more pixels are refused before decoding: a small file can
+    # decode to gigabytes (4 bytes a pixel). Also the budget of pixels one
+    # gateway process decodes at once.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # Gateway processes sharing the port (src/imagecache/workers.py); 0: the
     # command's default (`gateway`: 1, `up`: one per core, at most 4).
     workers: int = 0
@@ -121,6 +133,11 @@ class Config:
             raise ConfigError(
                 f"gateway.read_lease_ms must be 0 to 500, not {self.gateway.read_lease_ms}"
             )
+        if not 0 < self.gateway.max_image_pixels <= MAX_IMAGE_PIXELS_CEILING:
+            raise ConfigError(
+                f"gateway.max_image_pixels must be 1 to {MAX_IMAGE_PIXELS_CEILING},"
+                f" not {self.gateway.max_image_pixels}"
+            )
         for node in self.gateway.nodes:
             parse_address(node)
         if self.manager.pool not in ("local", "aws"):
@@ -163,6 +180,8 @@ _ENVIRONMENT: dict[str, tuple[str, str]] = {
     "IMAGECACHE_MANAGER_URL": ("gateway", "manager_url"),
     "IMAGECACHE_MANAGER_TOKEN": ("gateway", "manager_token"),
     "IMAGECACHE_SECRET_KEY": ("gateway", "secret_key"),
+    "IMAGECACHE_API_TOKEN": ("gateway", "api_token"),
+    "IMAGECACHE_MAX_IMAGE_PIXELS": ("gateway", "max_image_pixels"),
     "IMAGECACHE_MANAGER_HOST": ("manager", "host"),
     "IMAGECACHE_MANAGER_PORT": ("manager", "port"),
     "IMAGECACHE_MANAGER_PASSWORD": ("manager", "password"),

@@ -19,6 +19,25 @@ class UploadTooLarge(ImagecacheError):
     http_status = 413
 
 
+class ImageTooLarge(ImagecacheError):
+    """An image of more pixels than ``gateway.max_image_pixels``: decoding it would cost
+    too much memory, whatever its file size."""
+
+    http_status = 413
+
+
+class Unauthorized(ImagecacheError):
+    """A call that needs the API token came without it, or with another one."""
+
+    http_status = 401
+
+
+class Forbidden(ImagecacheError):
+    """A state-changing request a browser sent from another site's page."""
+
+    http_status = 403
+
+
 class ImageNotFound(ImagecacheError):
     http_status = 404
 

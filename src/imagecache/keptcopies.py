@@ -12,6 +12,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from imagecache.memfiles import MemoryFile, MemoryFiles
+from imagecache.webguards import SECURITY_HEADERS
+
+# The headers aiohttp's responses get from webguards.add_security_headers.
+_SECURITY_HEADER_LINES = b"".join(
+    b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in SECURITY_HEADERS
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +56,7 @@ def prepared(
     """An image as a ready response: its header lines made once for every read,
     and its bytes in an in-memory file when ``files`` can make one."""
     etag = etag_of(version).encode()
-    common = b"ETag: %s\r\nCache-Control: no-cache\r\n" % etag
+    common = b"ETag: %s\r\nCache-Control: no-cache\r\n%s" % (etag, _SECURITY_HEADER_LINES)
     headers = b"Content-Type: %s\r\nContent-Length: %d\r\n%s" % (
         content_type.encode(),
         len(body),

@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
+from imagecache.api import log_refusal
 from imagecache.appkeys import CONFIG, FLASH_SECRET, KEPT_COPIES, SERVICE
 from imagecache.errors import BadRequest, ImagecacheError, ImageNotFound
 from imagecache.flash import set_flash, take_flash
@@ -43,6 +44,7 @@ async def add_image(request: web.Request) -> web.StreamResponse:
         form = await read_upload(request, request.app[CONFIG].gateway.max_upload_bytes)
         result = await request.app[SERVICE].upload(form.key, form.data)
     except ImagecacheError as error:
+        log_refusal(request, error.http_status, str(error))
         return render(
             request,
             "add.html",

@@ -32,7 +32,7 @@ from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool, WriteTicket
 from imagecache.catalog import ImageCatalog, ImageRecord
 from imagecache.errors import BlobNotFound, ImagecacheError, ImageNotFound, StorageError
-from imagecache.images import check_key, content_type_for, flags_for, inspect_image
+from imagecache.images import ImageInspector, check_key, content_type_for, flags_for
 from imagecache.invalidation import Invalidator, read_back
 from imagecache.singleflight import Flight, SingleFlight
 
@@ -76,14 +76,17 @@ class ImageService:
         invalidator: Invalidator,
         *,
         fill_lease_seconds: float = FILL_LEASE_SECONDS,
+        images: ImageInspector | None = None,
     ) -> None:
-        """``fill_lease_seconds`` 0 turns fill leases off: every gateway loads its own misses."""
+        """``fill_lease_seconds`` 0 turns fill leases off: every gateway loads its own misses.
+        ``images`` checks uploads (its pixel limit, default 50 million)."""
         self._catalog = catalog
         self._blobs = blobs
         self._pool = pool
         self._invalidator = invalidator
         self._lease_seconds = fill_lease_seconds
         self._loads: SingleFlight[Image] = SingleFlight()
+        self._images = images or ImageInspector()
         self.blob_reads = 0  # for tests and metrics: loads that reached the blob store
 
     async def upload(self, key: str, data: bytes) -> UploadResult:
@@ -94,7 +97,7 @@ class ImageService:
         (then it was not acknowledged: the image may be stored or not).
         """
         check_key(key)
-        info = await asyncio.to_thread(inspect_image, data)
+        info = await self._images.inspect(data)
         blob_name = uuid.uuid4().hex
         await self._catalog.begin_upload(blob_name)
         try:

@@ -1,14 +1,29 @@
-"""Reading an upload form (fields ``key`` and ``file``) with the size limit enforced up front."""
+"""Reading request bodies: an upload form (fields ``key`` and ``file``) with the size
+limit enforced up front, and the form fields of an admin call.
+
+A body that does not parse (no boundary, a boundary the body lacks, a body cut
+short, an unknown encoding or charset) is the client's mistake: BadRequest,
+never an unexpected error.
+"""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from imagecache.errors import BadRequest, UploadTooLarge
+from imagecache.errors import BadRequest, ImagecacheError, UploadTooLarge
 
 _CHUNK = 256 * 1024
+# A key is at most 128 characters; a longer field is refused before it is held.
+_MAX_KEY_FIELD_BYTES = 4096
+# What aiohttp's body parsers raise on a malformed body: ValueError for
+# boundaries and cut-short bodies, RuntimeError for unknown encodings,
+# LookupError for unknown charsets, zlib.error for a bad deflate/gzip part,
+# HttpProcessingError for a part's malformed headers.
+_MALFORMED = (ValueError, RuntimeError, LookupError, zlib.error, HttpProcessingError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +38,7 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
 
     Reads at most ``max_bytes + 1`` bytes of the file, so an oversized upload
     is refused (UploadTooLarge) without being held in memory; raises
-    BadRequest when the form lacks a field.
+    BadRequest when the form lacks a field or does not parse.
     """
     if not request.content_type.startswith("multipart/"):
         raise BadRequest(
@@ -32,6 +47,24 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
         )
     if request.content_length is not None and request.content_length > max_bytes + 64 * 1024:
         raise UploadTooLarge(_too_large(max_bytes))
+    try:
+        return await _read_upload(request, max_bytes)
+    except _MALFORMED as error:
+        raise BadRequest(f"the multipart form is malformed: {error}") from None
+
+
+async def read_fields(request: web.Request) -> dict[str, str]:
+    """The fields of a urlencoded or multipart form body ({} for other bodies);
+    raises BadRequest when the body does not parse."""
+    if request.content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        return {}
+    try:
+        return {name: str(value) for name, value in (await request.post()).items()}
+    except _MALFORMED as error:
+        raise BadRequest(f"the form is malformed: {error}") from None
+
+
+async def _read_upload(request: web.Request, max_bytes: int) -> Upload:
     key: str | None = None
     data: bytes | None = None
     filename = ""
@@ -40,10 +73,13 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
         if not isinstance(part, BodyPartReader):
             raise BadRequest("nested multipart bodies are not accepted")
         if part.name == "key":
-            key = (await part.read(decode=True)).decode("utf-8", "replace").strip()
+            raw = await _read_limited(
+                part, _MAX_KEY_FIELD_BYTES, BadRequest("the key field is too long")
+            )
+            key = bytes(part.decode(raw)).decode("utf-8", "replace").strip()
         elif part.name == "file":
             filename = part.filename or ""
-            data = await _read_limited(part, max_bytes)
+            data = await _read_limited(part, max_bytes, UploadTooLarge(_too_large(max_bytes)))
         else:
             await part.release()
     if not key:
@@ -53,13 +89,14 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
     return Upload(key, data, filename)
 
 
-async def _read_limited(part: BodyPartReader, max_bytes: int) -> bytes:
+async def _read_limited(part: BodyPartReader, max_bytes: int, too_large: ImagecacheError) -> bytes:
+    """The part's bytes; raises ``too_large`` as soon as they pass ``max_bytes``."""
     chunks: list[bytes] = []
     size = 0
     while chunk := await part.read_chunk(_CHUNK):
         size += len(chunk)
         if size > max_bytes:
-            raise UploadTooLarge(_too_large(max_bytes))
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
