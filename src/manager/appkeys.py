@@ -8,7 +8,7 @@ from imagecache.blobs import BlobStore
 from imagecache.catalog import ImageCatalog
 from imagecache.config import Config
 from imagecache.poolmembers import MembershipStore
-from manager.auth import Password, Sessions
+from manager.auth import LoginThrottle, Password, Sessions
 from manager.autoscaler import Autoscaler
 from manager.backends.base import PoolBackend
 from manager.collector import Collector
@@ -28,4 +28,5 @@ COLLECTOR = web.AppKey("collector", Collector)
 AUTOSCALER = web.AppKey("autoscaler", Autoscaler)
 PASSWORD = web.AppKey("password", Password)
 SESSIONS = web.AppKey("sessions", Sessions)
+LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 CSRF = web.RequestKey("csrf", str)  # the logged-in operator's form token

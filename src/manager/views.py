@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,18 +17,31 @@ from manager.appkeys import (
     CONFIG,
     CONTROLLER,
     CSRF,
+    LOGIN_THROTTLE,
     METRICS,
     PASSWORD,
     RECORDS,
     SESSIONS,
 )
-from manager.auth import SESSION_COOKIE, SESSION_SECONDS
+from manager.auth import (
+    DEFAULT_NEXT,
+    SESSION_COOKIE,
+    SESSION_SECONDS,
+    HashingBusy,
+    client_address,
+    local_path,
+    retry_after,
+)
 from manager.backends.base import PoolError
 from manager.charts import render_charts
+from manager.forms import read_form
 from manager.pool import ResizeError
 from manager.settings import MAX_NODES, MIN_NODES, SettingsError, apply_params, policy_label
 
+log = logging.getLogger(__name__)
+
 SPAN_MINUTES = 30
+_WHOLE_NUMBER = re.compile("0*[1-9][0-9]{0,3}")  # 1 or more
 
 
 def add_routes(app: web.Application) -> None:
@@ -68,15 +83,33 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
 
 
 async def login_page(request: web.Request) -> web.Response:
-    return render(request, "login.html", page="login", next=request.query.get("next", "/config"))
+    target = local_path(request.query.get("next", DEFAULT_NEXT))
+    return render(request, "login.html", page="login", next=target)
 
 
 async def login(request: web.Request) -> web.Response:
-    form = await request.post()
-    target = str(form.get("next", "/config"))
-    if not target.startswith("/") or target.startswith("//"):
-        target = "/config"  # never redirect off-site
-    if not request.app[PASSWORD].matches(str(form.get("password", ""))):
+    """Log in, or refuse: 401 for a wrong password, 429 while the client must
+    wait after too many, 503 while too many logins wait to be checked."""
+    form = await read_form(request)
+    target = local_path(form.get("next", DEFAULT_NEXT))  # never off-site
+    throttle, client = request.app[LOGIN_THROTTLE], client_address(request)
+    wait = throttle.attempt(client)
+    if wait:
+        return _login_refused(
+            request, target, 429, wait, "Too many wrong passwords: try again later."
+        )
+    try:
+        matches = await request.app[PASSWORD].matches(form.get("password", ""))
+    except HashingBusy:
+        return _login_refused(request, target, 503, 1, "Too many logins at once: try again.")
+    if not matches:
+        shut_for = throttle.waiting(client)
+        if shut_for:
+            log.warning(
+                "wrong manager password from %s, again: its next try waits %s s",
+                client,
+                retry_after(shut_for),
+            )
         return render(
             request,
             "login.html",
@@ -85,6 +118,7 @@ async def login(request: web.Request) -> web.Response:
             next=target,
             flash=("error", "Wrong password."),
         )
+    throttle.succeeded(client)
     response = _redirect(target)
     response.set_cookie(
         SESSION_COOKIE,
@@ -97,7 +131,18 @@ async def login(request: web.Request) -> web.Response:
     return response
 
 
+def _login_refused(
+    request: web.Request, target: str, status: int, wait: float, message: str
+) -> web.Response:
+    response = render(
+        request, "login.html", status=status, page="login", next=target, flash=("error", message)
+    )
+    response.headers["Retry-After"] = retry_after(wait)
+    return response
+
+
 async def logout(request: web.Request) -> web.Response:
+    request.app[SESSIONS].end(request.cookies.get(SESSION_COOKIE))
     response = _redirect("/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     return response
@@ -119,7 +164,7 @@ async def config_page(request: web.Request) -> web.Response:
 
 
 async def save_settings(request: web.Request) -> web.Response:
-    form = {k: str(v) for k, v in (await request.post()).items()}
+    form = await read_form(request)
     controller = request.app[CONTROLLER]
     try:
         settings = apply_params(await controller.settings(), form)
@@ -132,10 +177,11 @@ async def save_settings(request: web.Request) -> web.Response:
 
 
 async def resize(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await read_form(request)
     controller = request.app[CONTROLLER]
-    direction, count = str(form.get("direction", "")), str(form.get("count", ""))
-    if direction not in ("expand", "shrink") or not count.isdigit() or int(count) < 1:
+    direction, count = form.get("direction", ""), form.get("count", "")
+    # ASCII digits only: str.isdigit also takes "²", which int() refuses.
+    if direction not in ("expand", "shrink") or not _WHOLE_NUMBER.fullmatch(count):
         return _flash_redirect(
             request, "/config", "error", "Give a whole number of nodes (1 or more)."
         )
@@ -164,7 +210,7 @@ async def clear_cache(request: web.Request) -> web.Response:
 
 
 async def delete_all(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await read_form(request)
     if form.get("confirm") != "delete":
         return _flash_redirect(
             request, "/config", "error", "Nothing deleted: type delete in the box to confirm."
