@@ -69,13 +69,18 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class OversizedFrame:
-    """A well-formed frame whose value exceeds the decoder's limit; its body is skipped."""
+    """A well-formed frame whose value the decoder refused to buffer; its body is skipped.
+
+    Its value exceeds the decoder's limit or, when ``busy``, the receive
+    budget had no room for it (the values of other frames take it all).
+    """
 
     opcode: int
     request_id: int
     key: bytes
     value_length: int
     extras: bytes = b""
+    busy: bool = False
 
 
 def encode_frame(
@@ -185,6 +190,7 @@ class FrameDecoder(StreamInput):
     ``max_value_length`` is the largest value to buffer; a bigger but legal
     frame comes out as ``OversizedFrame`` and its body is skipped as it
     arrives, so an oversized SET costs no memory and keeps the connection.
+    So does a value to collect that ``budget`` has no room for (``busy``).
     """
 
     def __init__(self, magic: int, max_value_length: int = MAX_VALUE_LENGTH) -> None:
@@ -197,6 +203,10 @@ class FrameDecoder(StreamInput):
     def idle(self) -> bool:
         """True when every byte fed so far has come out as frames."""
         return self._pos >= len(self._data) and not self._skip and self._partial is None
+
+    def discard(self) -> None:
+        super().discard()
+        self._partial = None
 
     @property
     def buffered(self) -> int:
@@ -243,18 +253,18 @@ class FrameDecoder(StreamInput):
             if len(data) < value_start:
                 return None
             key = bytes(data[key_start:value_start])
-            available = len(data) - value_start
-            self._skip = max(0, value_length - available)
-            self._pos = value_start + min(value_length, available)
             extras = bytes(data[extras_start:key_start])
+            self._skip_from(data, value_start, value_length)
             return OversizedFrame(opcode, request_id, key, value_length, extras)
         end = value_start + value_length
         if len(data) < end:
             if value_length >= COLLECT_THRESHOLD and len(data) >= value_start:
                 key = bytes(data[key_start:value_start])
                 extras = bytes(data[extras_start:key_start])
+                if not self._collect(data, value_start, value_length):
+                    self._skip_from(data, value_start, value_length)
+                    return OversizedFrame(opcode, request_id, key, value_length, extras, busy=True)
                 self._partial = Frame(opcode, request_id, key, b"", status, flags, version, extras)
-                self._collect(data, value_start, value_length)
             return None
         key = bytes(data[key_start:value_start])  # of a bytes chunk: the slice itself
         extras = bytes(data[extras_start:key_start]) if extras_length else b""

@@ -1,12 +1,14 @@
 """The cache node's TCP server: feeds each connection's bytes to its session.
 
 All protocol work happens in ``cachenode.sessions``; this module only moves
-bytes, applies back-pressure and manages the listening socket's lifetime.
+bytes, applies back-pressure (per connection, and across connections through
+the receive budget) and manages the listening socket's lifetime.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from cachenode.inplace import receive_in_place
 from cachenode.node import Node
 from cachenode.sessions import Session, session_for
 from cachenode.store import DEFAULT_MAX_ITEM_SIZE, MIB, Policy, Store
-from cachenode.streaminput import Value
+from cachenode.streaminput import ReceiveBudget, Value
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,32 @@ class NodeConfig:
         return Node(store)
 
 
+def receive_limit(store: Store) -> int:
+    """How many bytes of values a node may be receiving at once, across all
+    its connections: twice its maximum item size, or a quarter of its
+    capacity if that is more (docs/protocol.md, Limits).
+
+    Each value of 64 KiB or more that spans reads gets a buffer of its full
+    size when its header arrives, and without a bound, clients that send
+    headers and hold back the rest could make the node allocate any amount.
+    Twice the item size lets a value of the largest size in whenever nothing
+    else is arriving, and one more beside a slow sender of such a value; a
+    quarter of the capacity lets a big node take many ordinary fills at once
+    (4,000 of 64 KiB on a 1 GiB node). So the process holds at most its
+    capacity in items plus this in values arriving (plus what connections
+    buffer below 64 KiB each), 1.25 times its capacity for a node of 128 MiB
+    or more with the default item size.
+    """
+    return max(2 * store.max_item_size, store.capacity // 4)
+
+
 class Connection(asyncio.Protocol):
     """One client connection; the protocol is chosen by its first byte."""
 
-    def __init__(self, node: Node, connections: set[Connection]) -> None:
+    def __init__(self, node: Node, connections: set[Connection], receiving: ReceiveBudget) -> None:
         self._node = node
         self._connections = connections
+        self._receiving = receiving
         self._session: Session | None = None
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -57,12 +79,20 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
         self._node.current_connections -= 1
+        # A session lives in a reference cycle (its handler table refers back
+        # to it) that only the cyclic collector frees, maybe seconds and
+        # gigabytes later: a value half received goes now, with its share of
+        # the node's receive budget.
+        if self._session is not None:
+            self._session.input.discard()
+            self._session = None
         self.lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         session = self._session
         if session is None:
             session = self._session = session_for(data[0], self._node)
+            session.input.budget = self._receiving
         self._send(session, session.receive(data))
         if session.input.missing:  # the rest of a large value is on its way
             assert self.transport is not None
@@ -101,6 +131,8 @@ class NodeServer:
     def __init__(self, config: NodeConfig, node: Node | None = None) -> None:
         self.config = config
         self.node = node or config.make_node()
+        # The limit follows the store's settings as CONFIG changes them.
+        self.receiving = ReceiveBudget(functools.partial(receive_limit, self.node.store))
         self._connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
 
@@ -113,7 +145,7 @@ class NodeServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: Connection(self.node, self._connections),
+            lambda: Connection(self.node, self._connections, self.receiving),
             self.config.host,
             self.config.port,
             reuse_address=True,

@@ -129,11 +129,7 @@ class BinarySession:
                 if isinstance(frame, OversizedFrame):
                     # A refused write ends the key's lease like any other.
                     self._node.leases.release(frame.key)
-                    message = (
-                        f"value of {frame.value_length} bytes exceeds the maximum item size "
-                        f"of {self._node.store.max_item_size} bytes"
-                    )
-                    out.append(_error(frame.opcode, frame.request_id, Status.TOO_LARGE, message))
+                    out.append(self._refusal(frame))
                     continue
                 handler = self._handlers.get(frame.opcode)
                 if frame.extras and handler is not None and frame.opcode not in _TAKES_EXTRAS:
@@ -157,6 +153,17 @@ class BinarySession:
             out.append(_error(0, 0, Status.MALFORMED, str(error)))
             self.closing = True
         return out
+
+    def _refusal(self, frame: OversizedFrame) -> bytes:
+        """The reply to a write whose value the decoder refused to buffer."""
+        if frame.busy:
+            message = refused_for_budget(self.input, frame.value_length)
+            return _error(frame.opcode, frame.request_id, Status.BUSY, message)
+        message = (
+            f"value of {frame.value_length} bytes exceeds the maximum item size "
+            f"of {self._node.store.max_item_size} bytes"
+        )
+        return _error(frame.opcode, frame.request_id, Status.TOO_LARGE, message)
 
     def _get(self, frame: Frame) -> list[Value]:
         return self._get_reply(frame.key, frame.request_id)
@@ -331,6 +338,18 @@ class BinarySession:
         ]
 
 
+def refused_for_budget(stream: StreamInput, length: int) -> str:
+    """Log, once, a write ``stream`` refused for want of room in its receive budget; say why."""
+    budget = stream.budget
+    assert budget is not None, "only a budget refuses for want of room"
+    message = (
+        f"the node is receiving {budget.reserved} bytes of values at once, "
+        f"at most {budget.limit()}: no room for {length} more, try again"
+    )
+    log.warning("refused a write: %s", message)
+    return message
+
+
 def apply_config(node: Node, body: Value) -> None:
     """Apply a CONFIG body: a JSON object with any of capacity_mb, policy, max_item_mb.
 
@@ -439,10 +458,12 @@ class TextSession:
                 reply = self._store(only_if_absent, key, flags, exptime, value)
                 if not noreply:
                     out.append(reply)
-            case text.OversizedStore(key, _, noreply):
+            case text.OversizedStore(key, length, noreply, busy):
                 self._node.leases.release(key)
+                if busy:
+                    refused_for_budget(self.input, length)
                 if not noreply:
-                    out.append(text.TOO_LARGE)
+                    out.append(text.OUT_OF_MEMORY if busy else text.TOO_LARGE)
             case text.Delete(key, noreply):
                 found = store.delete(key)
                 self._node.leases.release(key)

@@ -15,5 +15,6 @@ class Status(IntEnum):
     MALFORMED = 0x06  # framing broken: the node closes the connection after this reply
     INTERNAL_ERROR = 0x07
     LEASED = 0x08  # LEASE of a key another client is loading: ask again shortly
+    BUSY = 0x09  # SET/ADD while the node receives as many values at once as it may: try again
     # Never sent on the wire: the client's status for a node it could not reach.
     UNAVAILABLE = 0xFF

@@ -13,6 +13,12 @@ its client) asks ``value_buffer`` where the ``missing`` bytes belong and
 receives them straight into the value: the kernel's copy is then the only
 one, as in memcached. Bytes of a refused value are dropped as they arrive
 (``_skip``).
+
+Such a buffer is reserved from a ``ReceiveBudget`` shared by all of a node's
+connections before it is allocated: when the budget has no room the decoder
+refuses the value and skips its bytes instead (docs/protocol.md, Limits).
+A connection that goes away ``discard``s its input, which frees the buffer
+and its reservation at once, whatever else still refers to the decoder.
 """
 
 from __future__ import annotations
@@ -58,11 +64,40 @@ def _uninitialized_bytearray() -> Callable[[int], bytearray]:
 _value_bytearray = _uninitialized_bytearray()
 
 
+class ReceiveBudget:
+    """The bytes of values being collected across connections, capped at ``limit()``.
+
+    Only values collected in a buffer of their own count (64 KiB or more,
+    spanning reads): everything else a connection buffers is bounded by its
+    size class and the line and read sizes. ``limit`` is asked at each
+    reservation, so that it follows the node's settings as CONFIG changes them.
+    """
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self.limit = limit
+        self.reserved = 0  # bytes of the values being collected now
+        self.refused = 0  # values refused for want of room, since start
+
+    def reserve(self, count: int) -> bool:
+        """Reserve ``count`` bytes; False, reserving nothing, when that would pass the limit."""
+        if self.reserved + count > self.limit():
+            self.refused += 1
+            return False
+        self.reserved += count
+        return True
+
+    def release(self, count: int) -> None:
+        self.reserved -= count
+
+
 class StreamInput:
     def __init__(self) -> None:
         self._data: bytes | bytearray = b""
         self._pos = 0
         self._skip = 0  # bytes of a refused value still to discard
+        # What collected values are reserved from; set before the first feed
+        # (the node's server sets its own). None collects any value.
+        self.budget: ReceiveBudget | None = None
         self._value = bytearray()  # a large value being collected
         self._filled = 0  # bytes of it received so far
         self.missing = 0  # bytes of it still to come: read them into value_buffer()
@@ -99,22 +134,44 @@ class StreamInput:
         self._filled += count
         self.missing -= count
 
-    def _collect(self, data: bytes | bytearray, start: int, length: int) -> None:
+    def discard(self) -> None:
+        """Drop every byte held, a value being collected too, and give its
+        reservation back: the connection is gone and feeds nothing more."""
+        if self.budget is not None and self._value:
+            self.budget.release(len(self._value))
+        self._value, self._filled, self.missing = bytearray(), 0, 0
+        self._data, self._pos, self._skip = b"", 0, 0
+
+    def _collect(self, data: bytes | bytearray, start: int, length: int) -> bool:
         """Start collecting the value of ``length`` bytes at ``data[start:]``,
-        the rest of which is still to come; the input is consumed."""
+        the rest of which is still to come; the input is consumed. False,
+        consuming nothing, when the receive budget has no room for the value."""
+        if self.budget is not None and not self.budget.reserve(length):
+            return False
         self._value = _value_bytearray(length)
         with memoryview(data) as view:
             self._filled = len(view) - start
             self._value[: self._filled] = view[start:]
         self.missing = length - self._filled
         self._data, self._pos = b"", 0
+        return True
 
     def _collected(self) -> Value:
-        """The value collected, once nothing is missing (read-only from here on)."""
+        """The value collected, once nothing is missing (read-only from here on).
+        Its reservation ends: from here on the store counts it, or nobody keeps it."""
+        if self.budget is not None:
+            self.budget.release(len(self._value))
         with memoryview(self._value) as view:
             value = view.toreadonly()
         self._value, self._filled = bytearray(), 0
         return value
+
+    def _skip_from(self, data: bytes | bytearray, start: int, length: int) -> None:
+        """Drop the ``length`` bytes at ``data[start:]``, those still to come
+        as they arrive, without buffering them."""
+        available = len(data) - start
+        self._skip = max(0, length - available)
+        self._pos = start + min(length, available)
 
     def _value_of(self, data: bytes | bytearray, start: int, end: int) -> Value:
         """The value at ``data[start:end]``, as a view when that is worth it (above)."""

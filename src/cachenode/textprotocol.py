@@ -27,6 +27,8 @@ END = b"END\r\n"
 OK = b"OK\r\n"
 ERROR = b"ERROR\r\n"
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
+# memcached's reply when it has no memory for an item: here, no room in the receive budget.
+OUT_OF_MEMORY = b"SERVER_ERROR out of memory storing object\r\n"
 BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
 
 
@@ -48,11 +50,15 @@ class StoreCommand:
 
 @dataclass(frozen=True, slots=True)
 class OversizedStore:
-    """A set/add whose data block exceeds the decoder's limit; the block is skipped."""
+    """A set/add whose data block the decoder refused to buffer; the block is skipped.
+
+    It exceeds the decoder's limit or, when ``busy``, the receive budget had no room for it.
+    """
 
     key: bytes
     length: int
     noreply: bool
+    busy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,20 +190,19 @@ class TextDecoder(StreamInput):
             return BadCommand(BAD_FORMAT)
         key, flags, exptime, length, noreply = fields
         if length > self.max_value_length or len(key) > MAX_KEY_LENGTH:
-            block = length + len(CRLF)
-            available = len(data) - line_end
-            self._skip = max(0, block - available)
-            self._pos = line_end + min(block, available)
+            self._skip_from(data, line_end, length + len(CRLF))
             if len(key) > MAX_KEY_LENGTH:
                 return BadCommand(BAD_FORMAT)
             return OversizedStore(key, length, noreply)
         end = line_end + length
         if len(data) < end + len(CRLF):
             if length >= COLLECT_THRESHOLD and len(data) < end:
+                if not self._collect(data, line_end, length):
+                    self._skip_from(data, line_end, length + len(CRLF))
+                    return OversizedStore(key, length, noreply, busy=True)
                 self._collecting = StoreCommand(
                     parts[0] == b"add", key, flags, exptime, b"", noreply
                 )
-                self._collect(data, line_end, length)
             return None
         if data[end : end + len(CRLF)] != CRLF:
             raise ProtocolError("bad data chunk")
