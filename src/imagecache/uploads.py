@@ -17,8 +17,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from imagecache.errors import BadRequest, ImagecacheError, UploadTooLarge
 
 _CHUNK = 256 * 1024
-# A key is at most 128 characters; a longer field is refused before it is held.
+# A key is at most 128 characters, an admin call's field a number or a word:
+# longer fields are refused before they are held.
 _MAX_KEY_FIELD_BYTES = 4096
+_MAX_TEXT_FIELD_BYTES = 4096
 # What aiohttp's body parsers raise on a malformed body: ValueError for
 # boundaries and cut-short bodies, RuntimeError for unknown encodings,
 # LookupError for unknown charsets, zlib.error for a bad deflate/gzip part,
@@ -54,14 +56,36 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
 
 
 async def read_fields(request: web.Request) -> dict[str, str]:
-    """The fields of a urlencoded or multipart form body ({} for other bodies);
-    raises BadRequest when the body does not parse."""
-    if request.content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        return {}
+    """The text fields of a urlencoded or multipart form body ({} for other bodies);
+    raises BadRequest when the body does not parse.
+
+    A multipart body is read part by part, file parts skipped unread:
+    aiohttp's request.post() would spool them to temporary files.
+    """
     try:
-        return {name: str(value) for name, value in (await request.post()).items()}
+        if request.content_type == "application/x-www-form-urlencoded":
+            return {name: str(value) for name, value in (await request.post()).items()}
+        if request.content_type == "multipart/form-data":
+            return await _read_text_fields(request)
     except _MALFORMED as error:
         raise BadRequest(f"the form is malformed: {error}") from None
+    return {}
+
+
+async def _read_text_fields(request: web.Request) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise BadRequest("nested multipart bodies are not accepted")
+        if part.filename is not None or part.name is None:
+            await part.release()
+            continue
+        raw = await _read_limited(
+            part, _MAX_TEXT_FIELD_BYTES, BadRequest(f"the field {part.name[:100]!r} is too long")
+        )
+        fields[part.name] = bytes(part.decode(raw)).decode(part.get_charset("utf-8"))
+    return fields
 
 
 async def _read_upload(request: web.Request, max_bytes: int) -> Upload:
