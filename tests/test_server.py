@@ -196,7 +196,10 @@ async def test_unknown_text_command_gets_error_and_connection_stays(
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(b"\x00\x01garbage\r\nversion\r\n")
     assert await reader.readline() == b"ERROR\r\n"
-    assert await reader.readline() == b"VERSION " + node_server.node.version.encode() + b"\r\n"
+    assert (
+        await reader.readline()
+        == b"VERSION " + node_server.node.memcached_version.encode() + b"\r\n"
+    )
     writer.close()
     await writer.wait_closed()
 
@@ -255,7 +258,7 @@ def test_pymemcache_set_get_delete_stats(memcache: MemcacheClient) -> None:
     stats = client.stats()
     assert stats[b"curr_items"] == 0
     assert stats[b"get_hits"] == 2  # get, then get_many
-    assert client.version() == b"0.1.0"
+    assert client.version() == b"1.6.0-imagecache-0.1.0"
 
 
 def test_pymemcache_multi_get_and_large_values(memcache: MemcacheClient) -> None:

@@ -48,6 +48,11 @@ class FakeClock:
         self.now += seconds
 
 
+# What the text protocol reports as the version: memcached's tools parse the
+# leading numbers, and ours stays readable after them.
+MEMCACHED_VERSION = f"1.6.0-imagecache-{__version__}"
+
+
 def make_node(
     capacity: int = MIB,
     *,
@@ -641,7 +646,7 @@ def test_text_stats() -> None:
         word, name, value = line.decode().split(" ", 2)
         assert word == "STAT"
         stats[name] = value
-    assert stats["version"] == __version__
+    assert stats["version"] == MEMCACHED_VERSION
     assert stats["uptime"] == "61"
     assert stats["time"] == str(int(WALL_TIME))
     assert (stats["cmd_get"], stats["get_hits"], stats["get_misses"]) == ("2", "1", "1")
@@ -652,13 +657,13 @@ def test_text_stats() -> None:
     assert stats["eviction_policy"] == "lru"
 
 
-def test_text_stats_group_is_an_error() -> None:
-    assert text(TextSession(make_node()), b"stats items\r\n") == b"ERROR\r\n"
+def test_text_stats_unknown_group_is_an_error() -> None:
+    assert text(TextSession(make_node()), b"stats bogus\r\n") == b"ERROR\r\n"
 
 
 def test_text_version() -> None:
-    assert text(TextSession(make_node()), b"version\r\n") == b"VERSION " + __version__.encode() + (
-        b"\r\n"
+    assert text(TextSession(make_node()), b"version\r\n") == (
+        b"VERSION " + MEMCACHED_VERSION.encode() + b"\r\n"
     )
 
 
@@ -666,7 +671,7 @@ def test_text_quit_closes_and_ignores_what_follows() -> None:
     node = make_node()
     session = TextSession(node)
     assert text(session, b"version\r\nquit\r\nset k 0 0 1\r\nv\r\n") == (
-        b"VERSION " + __version__.encode() + b"\r\n"
+        b"VERSION " + MEMCACHED_VERSION.encode() + b"\r\n"
     )
     assert session.closing
     assert len(node.store) == 0
@@ -1154,3 +1159,109 @@ def test_expired_leases_are_swept_without_rebuilding_at_every_grant() -> None:
 def test_lease_of_the_empty_key_is_an_invalid_argument() -> None:
     session = BinarySession(make_node())
     assert call(session, Opcode.LEASE, b"").status == Status.INVALID_ARGUMENT
+
+
+# -- what memcached's tools ask for (libmemcached's memcstat, memcdump) ----------
+
+
+def test_text_version_parses_as_a_memcached_release() -> None:
+    # libmemcached reads "major.minor.micro" with strtol and refuses a major of 0.
+    reply = text(TextSession(make_node()), b"version\r\n")
+    version = reply.removeprefix(b"VERSION ").removesuffix(b"\r\n").decode()
+    release, _, ours = version.partition("-imagecache-")
+    major, minor, micro = (int(number) for number in release.split("."))
+    assert (major, minor) >= (1, 4)
+    assert micro >= 0
+    assert ours == __version__
+
+
+def stat_lines(reply: bytes) -> list[tuple[str, str]]:
+    """The (name, value) pairs of a stats reply, which must end with END."""
+    assert reply.endswith(b"END\r\n")
+    pairs = []
+    for line in reply.removesuffix(b"END\r\n").split(b"\r\n")[:-1]:
+        word, name, value = line.decode().split(" ")
+        assert word == "STAT"
+        pairs.append((name, value))
+    return pairs
+
+
+def test_text_stats_items_and_slabs_show_one_slab_class() -> None:
+    node = make_node()
+    session = TextSession(node)
+    assert text(session, b"stats items\r\n") == b"END\r\n"  # no class holds items
+    assert dict(stat_lines(text(session, b"stats slabs\r\n")))["active_slabs"] == "0"
+    text(session, b"set a 0 0 3\r\nabc\r\nset bb 0 0 5\r\nvwxyz\r\n")
+    items = dict(stat_lines(text(session, b"stats items\r\n")))
+    assert items["items:1:number"] == "2"
+    assert items["items:1:mem_requested"] == str(node.store.used)
+    assert {name.split(":")[1] for name in items} == {"1"}
+    slabs = dict(stat_lines(text(session, b"stats slabs\r\n")))
+    assert (slabs["active_slabs"], slabs["1:used_chunks"], slabs["1:cmd_set"]) == ("1", "2", "2")
+    assert slabs["total_malloced"] == str(node.store.used)
+
+
+def test_text_cachedump_lists_keys_sizes_and_expiry_times() -> None:
+    clock = FakeClock()
+    node = make_node(clock=clock)
+    session = TextSession(node)
+    text(session, b"set forever 0 0 3\r\nabc\r\nset brief 0 100 5\r\nvwxyz\r\n")
+    text(session, b"set gone 0 10 1\r\nx\r\n")
+    clock.advance(50)  # "gone" has expired, "brief" expires in 50 s
+    reply = text(session, b"stats cachedump 1 0\r\n")
+    assert sorted(reply.split(b"\r\n")[:-2]) == [
+        b"ITEM brief [5 b; %d s]" % (WALL_TIME + 50),
+        b"ITEM forever [3 b; 0 s]",
+    ]
+    assert reply.endswith(b"\r\nEND\r\n")
+    assert text(session, b"stats cachedump 1 1\r\n").count(b"ITEM ") == 1  # the limit
+    assert node.store.stats().lookups == 0  # listing is not reading
+
+
+def test_text_cachedump_of_other_classes_is_empty_up_to_the_last_class() -> None:
+    session = TextSession(make_node())
+    text(session, b"set k 0 0 1\r\nv\r\n")
+    # memcdump asks for classes 0 to 63: all but class 1 are empty.
+    assert text(session, b"stats cachedump 0 0\r\nstats cachedump 63 0\r\n") == b"END\r\nEND\r\n"
+    assert text(session, b"stats cachedump 64 0\r\n") == b"CLIENT_ERROR Illegal slab id\r\n"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"stats cachedump\r\n",
+        b"stats cachedump 1\r\n",
+        b"stats cachedump 1 0 0\r\n",
+        b"stats cachedump one 0\r\n",
+        b"stats cachedump -1 0\r\n",
+        b"stats cachedump 1 -5\r\n",
+        b"stats cachedump 4294967296 0\r\n",
+    ],
+)
+def test_text_bad_cachedump_line_is_a_client_error(line: bytes) -> None:
+    session = TextSession(make_node())
+    text(session, b"set k 0 0 1\r\nv\r\n")
+    assert text(session, line + b"get k\r\n") == (
+        b"CLIENT_ERROR bad command line format\r\nVALUE k 0 1\r\nv\r\nEND\r\n"
+    )
+
+
+def test_text_cachedump_leaves_out_keys_a_text_line_cannot_carry() -> None:
+    node = make_node()
+    binary = BinarySession(node)
+    for key in (b"plain", b"with space", b"tab\there", b"new\r\nline", b"caf\xc3\xa9"):
+        assert call(binary, Opcode.SET, key, b"v").status == Status.OK
+    reply = text(TextSession(node), b"stats cachedump 1 0\r\n")
+    keys = sorted(line.split(b" ")[1] for line in reply.split(b"\r\n")[:-2])
+    assert keys == [b"caf\xc3\xa9", b"plain"]
+
+
+def test_text_cachedump_reply_stops_at_two_megabytes_as_memcached() -> None:
+    node = make_node(capacity=64 * MIB)
+    binary = BinarySession(node)
+    for number in range(12_000):  # about 3 MB of ITEM lines
+        key = b"%0240d" % number
+        assert call(binary, Opcode.SET, key, b"v").status == Status.OK
+    reply = text(TextSession(node), b"stats cachedump 1 0\r\n")
+    assert reply.endswith(b"\r\nEND\r\n")
+    assert 2 * MIB - 300 < len(reply) <= 2 * MIB

@@ -16,6 +16,7 @@ from cachenode.textprotocol import (
     ERROR,
     MAX_LINE_LENGTH,
     BadCommand,
+    CacheDump,
     Delete,
     FlushAll,
     OversizedStore,
@@ -26,6 +27,7 @@ from cachenode.textprotocol import (
     TextCommand,
     TextDecoder,
     Version,
+    cachedump_reply,
     client_error,
     server_error,
     value_header,
@@ -536,3 +538,32 @@ def test_large_value_alone_in_its_chunk_is_not_copied() -> None:
     assert isinstance(command.value, memoryview)
     assert command.value.obj is chunk
     assert command.value == LARGE
+
+
+# -- stats cachedump (libmemcached's memcdump) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"stats cachedump 1 0\r\n", CacheDump(1, 0)),
+        (b"stats cachedump 63 100\r\n", CacheDump(63, 100)),
+        (b"stats  cachedump 0 4294967295\r\n", CacheDump(0, (1 << 32) - 1)),
+        (b"stats cachedump 64 0\r\n", BadCommand(b"CLIENT_ERROR Illegal slab id\r\n")),
+        (b"stats cachedump 1 x\r\n", BadCommand(BAD_FORMAT)),
+        (b"stats cachedump 1\r\n", BadCommand(BAD_FORMAT)),
+    ],
+)
+def test_stats_cachedump_decodes(line: bytes, expected: TextCommand) -> None:
+    decoder = TextDecoder(MAX_VALUE)
+    decoder.feed(line)
+    assert decoder.next_command() == expected
+
+
+def test_cachedump_reply_format_and_limit() -> None:
+    entries = [(b"a", 3, 0), (b"b c", 1, 0), (b"d", 10, 1_700_000_000)]
+    assert cachedump_reply(iter(entries), 0) == (
+        b"ITEM a [3 b; 0 s]\r\nITEM d [10 b; 1700000000 s]\r\nEND\r\n"
+    )
+    assert cachedump_reply(iter(entries), 1) == b"ITEM a [3 b; 0 s]\r\nEND\r\n"
+    assert cachedump_reply(iter([]), 0) == b"END\r\n"

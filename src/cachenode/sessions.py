@@ -478,14 +478,12 @@ class TextSession:
                 if not noreply:
                     out.append(text.OK)
             case text.Stats(group):
-                if group:
-                    out.append(text.ERROR)
-                    return
-                for stat_name, stat_value in self._node.memcached_stats():
-                    out.append(f"STAT {stat_name} {stat_value}\r\n".encode())
-                out.append(text.END)
+                stats = self._node.memcached_stats(group)
+                out.append(text.ERROR if stats is None else text.stats_reply(stats))
+            case text.CacheDump(slab_class, limit):
+                out.append(text.cachedump_reply(self._node.cache_dump(slab_class), limit))
             case text.Version():
-                out.append(b"VERSION " + self._node.version.encode() + text.CRLF)
+                out.append(b"VERSION " + self._node.memcached_version.encode() + text.CRLF)
             case text.Quit():
                 self.closing = True
             case text.BadCommand(reply):

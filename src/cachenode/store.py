@@ -155,6 +155,10 @@ class Store:
             self._items.move_to_end(key)
         return item
 
+    def inspect(self, key: bytes) -> Item | None:
+        """The item of ``key``, expired or not, neither counted nor marked used: for listings."""
+        return self._items.get(key)
+
     def __contains__(self, key: bytes) -> bool:
         item = self._items.get(key)
         return item is not None and not (item.expires_at and item.expires_at <= self._clock())

@@ -1,14 +1,16 @@
 """The memcached text protocol subset as a pure codec: bytes in, commands out.
 
-Supported: get, gets (several keys), set, add, delete, flush_all, stats,
-version, quit; see docs/protocol.md. ``TextDecoder.next_command`` returns a
-command, ``None`` when it needs more bytes, and raises ``ProtocolError`` only
-when the stream can no longer be parsed (a line without end, a data block
-without its CRLF); a well-framed but invalid line comes out as ``BadCommand``.
+Supported: get, gets (several keys), set, add, delete, flush_all, stats (also
+stats items, slabs and cachedump), version, quit; see docs/protocol.md.
+``TextDecoder.next_command`` returns a command, ``None`` when it needs more
+bytes, and raises ``ProtocolError`` only when the stream can no longer be
+parsed (a line without end, a data block without its CRLF); a well-framed but
+invalid line comes out as ``BadCommand``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cachenode.errors import ProtocolError
@@ -16,7 +18,8 @@ from cachenode.protocol import MAX_KEY_LENGTH
 from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput, Value
 
 MAX_LINE_LENGTH = 2048
-MAX_FLAGS = (1 << 32) - 1
+MAX_UINT32 = (1 << 32) - 1
+MAX_FLAGS = MAX_UINT32
 CRLF = b"\r\n"
 
 STORED = b"STORED\r\n"
@@ -30,6 +33,12 @@ TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
 # memcached's reply when it has no memory for an item: here, no room in the receive budget.
 OUT_OF_MEMORY = b"SERVER_ERROR out of memory storing object\r\n"
 BAD_FORMAT = b"CLIENT_ERROR bad command line format\r\n"
+ILLEGAL_SLAB = b"CLIENT_ERROR Illegal slab id\r\n"
+# memcached's slab class ids are below this; libmemcached's memcdump asks for
+# each class in turn and takes ILLEGAL_SLAB as the end of them.
+SLAB_CLASSES = 64
+# memcached never sends more than this in one cachedump reply, END included.
+MAX_CACHEDUMP_REPLY = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +88,14 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheDump:
+    """``stats cachedump <class> <limit>``: the keys of one slab class; limit 0 means all."""
+
+    slab_class: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class Version:
     pass
 
@@ -102,6 +119,7 @@ TextCommand = (
     | Delete
     | FlushAll
     | Stats
+    | CacheDump
     | Version
     | Quit
     | BadCommand
@@ -113,6 +131,34 @@ def value_header(key: bytes, flags: int, length: int, cas: int | None = None) ->
     if cas is None:
         return b"VALUE %s %d %d\r\n" % (key, flags, length)
     return b"VALUE %s %d %d %d\r\n" % (key, flags, length, cas)
+
+
+def stats_reply(stats: Iterable[tuple[str, object]]) -> bytes:
+    """A stats reply: a ``STAT <name> <value>`` line for each, then ``END``."""
+    lines = [f"STAT {name} {value}\r\n".encode() for name, value in stats]
+    return b"".join(lines) + END
+
+
+def cachedump_reply(entries: Iterable[tuple[bytes, int, int]], limit: int) -> bytes:
+    """A ``stats cachedump`` reply from (key, value length, expiry) entries.
+
+    Like memcached's: at most ``limit`` lines (0: no limit), within
+    ``MAX_CACHEDUMP_REPLY`` bytes. Keys with spaces or control characters,
+    which the text protocol cannot name, are left out.
+    """
+    lines: list[bytes] = []
+    size = len(END)
+    for key, length, expiry in entries:
+        if not _is_text_key(key):
+            continue
+        line = b"ITEM %s [%d b; %d s]\r\n" % (key, length, expiry)
+        size += len(line)
+        if size > MAX_CACHEDUMP_REPLY:
+            break
+        lines.append(line)
+        if len(lines) == limit:
+            break
+    return b"".join(lines) + END
 
 
 def client_error(message: str) -> bytes:
@@ -175,7 +221,7 @@ class TextDecoder(StreamInput):
         if name == b"flush_all":
             return _flush_all(parts)
         if name == b"stats":
-            return Stats(b" ".join(parts[1:]))
+            return _stats(parts)
         if name == b"version" and len(parts) == 1:
             return Version()
         if name == b"quit" and len(parts) == 1:
@@ -243,6 +289,26 @@ def _delete(parts: list[bytes]) -> TextCommand:
     return Delete(arguments[0], noreply)
 
 
+def _stats(parts: list[bytes]) -> TextCommand:
+    if len(parts) > 1 and parts[1] == b"cachedump":
+        return _cachedump(parts)
+    return Stats(b" ".join(parts[1:]))
+
+
+def _cachedump(parts: list[bytes]) -> TextCommand:
+    if len(parts) != 4:
+        return BadCommand(BAD_FORMAT)
+    slab_class, limit = _integer(parts[2]), _integer(parts[3])
+    # memcached reads both as unsigned 32-bit numbers.
+    if slab_class is None or limit is None:
+        return BadCommand(BAD_FORMAT)
+    if not (0 <= slab_class <= MAX_UINT32 and 0 <= limit <= MAX_UINT32):
+        return BadCommand(BAD_FORMAT)
+    if slab_class >= SLAB_CLASSES:
+        return BadCommand(ILLEGAL_SLAB)
+    return CacheDump(slab_class, limit)
+
+
 def _flush_all(parts: list[bytes]) -> TextCommand:
     noreply = parts[-1] == b"noreply"
     arguments = parts[1:-1] if noreply else parts[1:]
@@ -252,6 +318,11 @@ def _flush_all(parts: list[bytes]) -> TextCommand:
     if delay is None:
         return BadCommand(BAD_FORMAT)
     return FlushAll(delay, noreply)
+
+
+def _is_text_key(key: bytes) -> bool:
+    """True when ``key`` has no space or control byte, so a text line can carry it."""
+    return bool(key) and min(key) > 0x20 and 0x7F not in key
 
 
 def _integer(field: bytes) -> int | None:
