@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import io
 import logging
 import threading
 import time
@@ -136,6 +137,20 @@ async def test_malformed_form_bodies_are_answered_400_with_one_log_line(
         assert reply.status == 200
     assert controller.size == 1
     assert await controller.settings() == settings_before
+
+
+async def test_bodies_past_the_size_limit_are_answered_413(manager: Manager) -> None:
+    big = b"x" * (2 << 20)  # aiohttp's client_max_size is 1 MiB
+    form = aiohttp.FormData()
+    form.add_field("password", "wrong")
+    form.add_field("upload", io.BytesIO(big), filename="big.bin")
+    async with manager.http.post(manager.url("/login"), data=form) as reply:
+        assert reply.status == 413
+    urlencoded = {"Content-Type": "application/x-www-form-urlencoded"}
+    async with manager.http.post(
+        manager.url("/login"), data=io.BytesIO(b"password=" + big), headers=urlencoded
+    ) as reply:
+        assert reply.status == 413
 
 
 async def test_a_csrf_token_beyond_ascii_is_refused_not_a_crash(manager: Manager) -> None:
@@ -311,15 +326,17 @@ async def test_password_hashing_leaves_the_event_loop_free(manager: Manager) -> 
     flood_seconds = time.perf_counter() - started
     flooding = False
     await ticker
+    # scrypt takes about 40 ms a hash: on the loop, 20+ of them would stop it for
+    # most of the flood. Off it (and with the GIL released), stalls of 20 ms or
+    # more add up to a small part of the flood.
+    stalled = sum(gap for gap in gaps if gap >= 0.02)
+    assert stalled < flood_seconds / 4, (stalled, flood_seconds, max(gaps))
+    hashing_threads = [t for t in threading.enumerate() if t.name.startswith("manager-password")]
+    assert len(hashing_threads) == 1
     statuses = sorted(status for status, _ in answers)
     assert set(statuses) <= {401, 503}, statuses
     assert statuses.count(503) >= 40 - MAX_WAITING_HASHES - 1, statuses  # about 16 wait
     assert all(after == "1" for status, after in answers if status == 503)
-    # scrypt takes about 40 ms a hash: on the loop, 20+ of them would stop it for
-    # most of the flood. Off it, the longest stall is a small part of the flood.
-    assert max(gaps) < max(0.1, flood_seconds / 4), (max(gaps), flood_seconds)
-    hashing_threads = [t for t in threading.enumerate() if t.name.startswith("manager-password")]
-    assert len(hashing_threads) == 1
 
 
 # --- security headers ----------------------------------------------------------------
@@ -498,7 +515,7 @@ ANY_BODY = st.one_of(
 
 
 @settings(
-    max_examples=250,
+    max_examples=1500,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     database=None,

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from manager.appkeys import COLLECTOR, CONTROLLER
+from manager.forms import read_form
 from manager.pool import ResizeError
 from manager.settings import MAX_NODES, MIN_NODES, SettingsError, apply_params, policy_label
 
@@ -37,7 +38,7 @@ async def configure_cache(request: web.Request) -> web.Response:
     Everything is validated before anything changes; the answer echoes what
     is in force once it returns (the pool already has numNodes nodes then).
     """
-    params: dict[str, str] = {k: str(v) for k, v in (await request.post()).items()}
+    params: dict[str, str] = dict(await read_form(request))
     controller = request.app[CONTROLLER]
     try:
         settings = apply_params(await controller.settings(), params)
@@ -71,7 +72,7 @@ async def get_num_nodes(request: web.Request) -> web.Response:
 
 async def get_rate(request: web.Request) -> web.Response:
     """The miss or hit rate of the last minute (0 when there were no lookups)."""
-    params = {**request.query, **{k: str(v) for k, v in (await request.post()).items()}}
+    params = {**request.query, **(await read_form(request))}
     rate = params.get("rate", "").lower()
     if rate not in ("miss", "hit"):
         return error(400, "rate must be 'miss' or 'hit'")

@@ -96,7 +96,11 @@ async def login(request: web.Request) -> web.Response:
     wait = throttle.attempt(client)
     if wait:
         return _login_refused(
-            request, target, 429, wait, "Too many wrong passwords: try again later."
+            request,
+            target,
+            429,
+            wait,
+            f"Too many wrong passwords: try again in {retry_after(wait)} s.",
         )
     try:
         matches = await request.app[PASSWORD].matches(form.get("password", ""))
