@@ -529,7 +529,7 @@ async def test_fuzzed_requests_never_get_a_5xx(
     seen: list[tuple[str, int]] = []
 
     @settings(
-        max_examples=1500,
+        max_examples=4000,
         deadline=None,
         database=None,
         suppress_health_check=list(HealthCheck),
