@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import random
 import signal
 import socket
 import sys
@@ -27,7 +28,7 @@ from aiohttp import ClientSession, ClientTimeout, FormData
 
 from cachenode.client import NodeClient
 from imagecache.config import MIB
-from tests.conftest import image_bytes
+from tests.conftest import NodeProcess, image_bytes
 
 START_SECONDS = 60.0
 STOP_SECONDS = 20.0
@@ -58,20 +59,20 @@ class Up:
 
 
 def free_ports() -> tuple[int, int, int]:
-    """Two free ports and the base of NODE_PORTS free ports, none overlapping (best effort)."""
-    for _ in range(50):
-        with socket.socket() as first, socket.socket() as second, socket.socket() as third:
-            for probe in (first, second, third):
+    """Two free ports and the base of NODE_PORTS free ports, none overlapping (best effort).
+
+    The node ports come from below the kernel's ephemeral range: client
+    connections that other tests closed leave their ports there in TIME-WAIT,
+    unbindable for a minute, so a run of free ones is rare in that range.
+    """
+    ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        with socket.socket() as first, socket.socket() as second:
+            for probe in (first, second):
                 probe.bind(("127.0.0.1", 0))
-            ports: list[int] = [p.getsockname()[1] for p in (first, second, third)]
-        gateway_port, manager_port, base = ports
-        nodes = range(base, base + NODE_PORTS)
-        if (
-            base + NODE_PORTS < 65000
-            and gateway_port not in nodes
-            and manager_port not in nodes
-            and all(_can_bind(port) for port in nodes)
-        ):
+            gateway_port, manager_port = (p.getsockname()[1] for p in (first, second))
+        base = random.randrange(10_000, ephemeral_start - NODE_PORTS)
+        if all(_can_bind(port) for port in range(base, base + NODE_PORTS)):
             return gateway_port, manager_port, base
     raise RuntimeError("no free ports")
 
@@ -124,6 +125,10 @@ def node_pids(parent: int) -> dict[int, str]:
     return found
 
 
+def command_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
 def still_running(pid: int, command: str) -> bool:
     """Whether ``pid`` still runs ``command`` (a zombie or a reused pid does not count)."""
     try:
@@ -134,10 +139,11 @@ def still_running(pid: int, command: str) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z" and now == command
 
 
-@pytest.fixture
-async def up(tmp_path: Path) -> AsyncIterator[Up]:
-    """``imagecache up`` started in tmp_path and answering; killed with its nodes if still up."""
-    gateway_port, manager_port, first_node_port = free_ports()
+@contextlib.asynccontextmanager
+async def running_up(workdir: Path, ports: tuple[int, int, int] | None = None) -> AsyncIterator[Up]:
+    """``imagecache up`` started in ``workdir`` on ``ports`` (gateway, manager, first
+    node; free ones by default) and answering; killed with its nodes if still up."""
+    gateway_port, manager_port, first_node_port = ports or free_ports()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("IMAGECACHE_")}
     environment.update(
         PYTHONUNBUFFERED="1",
@@ -151,14 +157,14 @@ async def up(tmp_path: Path) -> AsyncIterator[Up]:
         "-m",
         "imagecache",
         "up",
-        cwd=tmp_path,
+        cwd=workdir,
         env=environment,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,  # its own process group, to clean up after a failure
     )
-    up = Up(process, gateway_port, manager_port, first_node_port, tmp_path)
+    up = Up(process, gateway_port, manager_port, first_node_port, workdir)
     reader = up.reader = asyncio.create_task(_read_output(up))
     try:
         try:
@@ -174,6 +180,12 @@ async def up(tmp_path: Path) -> AsyncIterator[Up]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # any node left behind
         await reader
+
+
+@pytest.fixture
+async def up(tmp_path: Path) -> AsyncIterator[Up]:
+    async with running_up(tmp_path) as started:
+        yield started
 
 
 async def call(http: ClientSession, up: Up, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -289,3 +301,91 @@ async def test_the_graders_sequence_against_imagecache_up(up: Up, interrupt: str
     assert listening == [], f"node ports still accepting connections:\n{up.printed()}"
     assert not _accepts(up.gateway_port)
     assert not _accepts(up.manager_port)
+
+
+# -- nothing left behind ---------------------------------------------------------------------
+
+
+def children_of(parent: int, marker: str) -> dict[int, str]:
+    """The processes whose parent is ``parent`` and whose command line holds ``marker``."""
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == parent and marker in command:
+            found[int(entry.name)] = command
+    return found
+
+
+async def wait_until_gone(processes: dict[int, str], seconds: float) -> list[str]:
+    """The command lines of ``processes`` still running after up to ``seconds``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        running = [c for pid, c in processes.items() if still_running(pid, c)]
+        if not running:
+            return []
+        await asyncio.sleep(0.1)
+    return [c for pid, c in processes.items() if still_running(pid, c)]
+
+
+async def test_a_killed_up_takes_its_nodes_and_workers_with_it(up: Up) -> None:
+    """SIGKILL gives `up` no chance to stop anything: its children must notice."""
+    for _ in range(100):
+        if node_pids(up.process.pid):
+            break
+        await asyncio.sleep(0.1)
+    children = {**node_pids(up.process.pid), **children_of(up.process.pid, "gateway-worker")}
+    assert any(" node " in command for command in children.values()), up.printed()
+    up.process.kill()  # this process only, not its group
+    # Not process.wait(): it also waits for the output pipe, which a node left
+    # behind would hold open.
+    for _ in range(100):
+        if up.process.returncode is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert await wait_until_gone(children, 10) == []
+    assert _can_bind(up.first_node_port)
+
+
+async def test_up_stops_a_node_that_a_crashed_run_left_on_its_ports(tmp_path: Path) -> None:
+    ports = free_ports()
+    first_node_port = ports[2]
+    # A node whose parent died: started by a shell that outlives its start, then exits
+    # (as `up` before nodes had a lifeline, or a node started by hand, then SIGKILL).
+    shell = await asyncio.create_subprocess_exec(
+        "sh",
+        "-c",
+        f"{sys.executable} -m imagecache node --port {first_node_port} >/dev/null 2>&1 & sleep 3",
+        start_new_session=True,
+    )
+    await shell.wait()
+    assert _accepts(first_node_port)
+    async with NodeClient("127.0.0.1", first_node_port) as client:
+        stats = await client.stats()
+    assert stats["orphaned"] is True
+    orphan = {stats["pid"]: command_of(stats["pid"])}
+    try:
+        async with running_up(tmp_path, ports) as up:
+            assert await wait_until_gone(orphan, 1) == []
+            for _ in range(100):
+                if node_pids(up.process.pid):
+                    break
+                await asyncio.sleep(0.1)
+            (command,) = node_pids(up.process.pid).values()
+            assert f"--port {first_node_port} " in command  # its own node took the port
+            assert "left by a crashed run" in up.printed()
+    finally:
+        for pid in orphan:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_node_with_a_living_parent_is_not_an_orphan(node_process: NodeProcess) -> None:
+    async with NodeClient(node_process.host, node_process.port) as client:
+        assert (await client.stats())["orphaned"] is False

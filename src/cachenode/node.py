@@ -44,6 +44,9 @@ class Node:
         self.wall_clock = wall_clock
         self.current_connections = 0
         self.total_connections = 0
+        # A node whose parent changed was left behind by a parent that died
+        # (STATS "orphaned"): `imagecache up` stops such nodes on its ports.
+        self._parent_at_start = os.getppid()
 
     def stats(self) -> dict[str, StatValue]:
         """Store statistics and connection counts under this project's names."""
@@ -56,6 +59,7 @@ class Node:
         stats["total_connections"] = self.total_connections
         stats["boot_id"] = self.store.boot_id
         stats["pid"] = os.getpid()
+        stats["orphaned"] = os.getppid() != self._parent_at_start
         stats["version"] = self.version
         return stats
 

@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
+from cachenode.lifeline import stop_when_stdin_ends
 from cachenode.server import NodeConfig, serve
 from cachenode.store import DEFAULT_MAX_ITEM_SIZE, MIB, Policy
 from imagecache.config import ConfigError, load_config
@@ -32,6 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_positive,
         default=DEFAULT_MAX_ITEM_SIZE / MIB,
         help="largest value accepted, in MiB",
+    )
+    node.add_argument(
+        "--stop-with-stdin",
+        action="store_true",
+        help="stop when standard input ends: its parent keeps a pipe open on it, so the"
+        " node dies with the parent (the local pool starts nodes so)",
     )
     for name, help_text, default_workers in (
         (
@@ -62,17 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s %(name)s{worker}: %(message)s",
     )
     if args.command == "node":
-        run(
-            serve(
-                NodeConfig(
-                    host=args.host,
-                    port=args.port,
-                    capacity_mb=args.capacity_mb,
-                    policy=args.policy,
-                    max_item_mb=args.max_item_mb,
-                )
-            )
+        node_config = NodeConfig(
+            host=args.host,
+            port=args.port,
+            capacity_mb=args.capacity_mb,
+            policy=args.policy,
+            max_item_mb=args.max_item_mb,
         )
+        run(_node(node_config, stop_with_stdin=args.stop_with_stdin))
         return 0
     # Imported here so that `imagecache node` starts without loading the web stack.
     from imagecache.up import gateway, gateway_worker, manager, up
@@ -95,6 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imagecache: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _node(config: NodeConfig, *, stop_with_stdin: bool) -> None:
+    if not stop_with_stdin:
+        await serve(config)
+        return
+    lifeline = asyncio.create_task(stop_when_stdin_ends())
+    try:
+        await serve(config)
+    finally:
+        lifeline.cancel()
 
 
 def run(main_coroutine: Coroutine[Any, Any, None]) -> None:

@@ -10,17 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from cachenode.client import NodeClient
+from cachenode.errors import NodeError
 from manager.backends.base import NodeHandle, PoolError
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 15.0
 START_ATTEMPTS = 3
+# Ports from the first one up where nodes left by a crashed run are looked for.
+ORPHAN_SCAN_PORTS = 32
+ORPHAN_STOP_SECONDS = 10.0
 
 
 @dataclass
@@ -51,6 +59,31 @@ class LocalPool:
         self._on_restart = on_restart
         self._nodes: dict[str, _NodeProcess] = {}
         self._closing = False
+
+    async def stop_orphans(self) -> list[int]:
+        """Stop the cache nodes that a crashed run left on this pool's ports.
+
+        A node started by a local pool dies with it (``--stop-with-stdin``);
+        one started otherwise whose parent died says so (STATS ``orphaned``).
+        Only such nodes are stopped, never one whose parent still runs, such as
+        another system's. Returns their process ids.
+        """
+        stopped = []
+        for port in range(self._first_port, self._first_port + ORPHAN_SCAN_PORTS):
+            if _can_bind(self._host, port):
+                continue
+            pid = await _orphan_node_on(self._host, port)
+            if pid is None:
+                continue
+            log.warning("stopping cache node pid %d on port %d, left by a crashed run", pid, port)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+            for _ in range(round(ORPHAN_STOP_SECONDS / 0.05)):  # until its port is free
+                if _can_bind(self._host, port):
+                    break
+                await asyncio.sleep(0.05)
+        return stopped
 
     async def nodes(self) -> list[NodeHandle]:
         return [node.handle for node in self._nodes.values()]
@@ -108,6 +141,10 @@ class LocalPool:
             f"{self.capacity_mb:g}",
             "--policy",
             self.policy,
+            "--stop-with-stdin",
+            # Held open and never written: when this process ends, however,
+            # the node reads the end of its input and stops (cachenode.lifeline).
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
         assert process.stdout is not None
@@ -178,6 +215,29 @@ class LocalPool:
             if port not in taken and _can_bind(self._host, port):
                 return port
         raise PoolError(f"no free port from {self._first_port} up")
+
+
+async def _orphan_node_on(host: str, port: int) -> int | None:
+    """The process id of the orphaned cache node of this machine listening on
+    ``port``, or None (nothing that answers as a node, or a node with a parent)."""
+    try:
+        async with NodeClient(host, port, timeout=1.0, connect_timeout=1.0) as client:
+            stats = await client.stats()
+    except NodeError:
+        return None
+    pid = stats.get("pid")
+    if stats.get("orphaned") is not True or not isinstance(pid, int):
+        return None
+    return pid if _runs_a_node(pid) else None
+
+
+def _runs_a_node(pid: int) -> bool:
+    """Whether process ``pid`` of this machine runs ``imagecache ... node``."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False  # not a process of this machine (or it is gone)
+    return b"node" in command and any(b"imagecache" in part for part in command)
 
 
 def _can_bind(host: str, port: int) -> bool:
