@@ -14,7 +14,6 @@ import asyncio
 import base64
 import contextlib
 import os
-import random
 import signal
 import socket
 import sys
@@ -28,6 +27,7 @@ from aiohttp import ClientSession, ClientTimeout, FormData
 
 from cachenode.client import NodeClient
 from imagecache.config import MIB
+from tests import processes
 from tests.conftest import NodeProcess, image_bytes
 
 START_SECONDS = 60.0
@@ -59,22 +59,10 @@ class Up:
 
 
 def free_ports() -> tuple[int, int, int]:
-    """Two free ports and the base of NODE_PORTS free ports, none overlapping (best effort).
-
-    The node ports come from below the kernel's ephemeral range: client
-    connections that other tests closed leave their ports there in TIME-WAIT,
-    unbindable for a minute, so a run of free ones is rare in that range.
-    """
-    ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        with socket.socket() as first, socket.socket() as second:
-            for probe in (first, second):
-                probe.bind(("127.0.0.1", 0))
-            gateway_port, manager_port = (p.getsockname()[1] for p in (first, second))
-        base = random.randrange(10_000, ephemeral_start - NODE_PORTS)
-        if all(_can_bind(port) for port in range(base, base + NODE_PORTS)):
-            return gateway_port, manager_port, base
-    raise RuntimeError("no free ports")
+    """The gateway's and manager's ports and the base of NODE_PORTS free ones, in a row
+    outside the ephemeral range (``tests.processes.free_ports``)."""
+    (gateway_port, manager_port), first_node_port = processes.free_ports(2, node_ports=NODE_PORTS)
+    return gateway_port, manager_port, first_node_port
 
 
 def _can_bind(port: int) -> bool:
