@@ -121,35 +121,49 @@ async def measure(
     return phase
 
 
-def flood_addresses(one_address: bool) -> Iterator[str]:
-    """Where flood requests come from: 127.0.0.1, or a fresh loopback address each
-    (127.1.0.1, 127.1.0.2 ... 127.1.0.254, 127.1.1.1 ...)."""
-    if one_address:
-        yield from itertools.repeat(HOST)
-        return
+def flood_addresses() -> Iterator[str]:
+    """A fresh loopback address for each flood request, shared by all flooders:
+    127.1.0.1, 127.1.0.2 ... 127.1.0.254, 127.1.1.1 ..."""
     for number in itertools.count():
         yield f"127.{1 + number // (256 * 254) % 254}.{number // 254 % 256}.{1 + number % 254}"
 
 
 async def flood(
-    up: Up, addresses: Iterator[str], answers: collections.Counter[str], stop: asyncio.Event
+    up: Up,
+    addresses: Iterator[str] | None,
+    answers: collections.Counter[str],
+    stop: asyncio.Event,
 ) -> None:
-    """One flooder: wrong passwords to the manager, back to back, until ``stop``."""
-    url = f"http://{HOST}:{up.manager_port}/login"
+    """One flooder: wrong passwords to the manager, back to back, until ``stop``.
+
+    Each request comes on a new connection from the next of ``addresses``;
+    without them, all come from 127.0.0.1 on one connection kept open.
+    """
     timeout = aiohttp.ClientTimeout(total=LOGIN_TIMEOUT)
+    if addresses is None:
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while not stop.is_set():
+                await post_wrong_password(http, up, answers)
+        return
     while not stop.is_set():
         connector = aiohttp.TCPConnector(local_addr=(next(addresses), 0), force_close=True)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-            try:
-                async with http.post(
-                    url,
-                    data={"password": "not the password", "next": "/config"},
-                    allow_redirects=False,
-                ) as reply:
-                    await reply.read()
-                    answers[str(reply.status)] += 1
-            except (aiohttp.ClientError, TimeoutError) as error:
-                answers[type(error).__name__] += 1
+            await post_wrong_password(http, up, answers)
+
+
+async def post_wrong_password(
+    http: aiohttp.ClientSession, up: Up, answers: collections.Counter[str]
+) -> None:
+    try:
+        async with http.post(
+            f"http://{HOST}:{up.manager_port}/login",
+            data={"password": "not the password", "next": "/config"},
+            allow_redirects=False,
+        ) as reply:
+            await reply.read()
+            answers[str(reply.status)] += 1
+    except (aiohttp.ClientError, TimeoutError) as error:
+        answers[type(error).__name__] += 1
 
 
 async def benchmark(up: Up, args: argparse.Namespace) -> bool:
@@ -162,7 +176,7 @@ async def benchmark(up: Up, args: argparse.Namespace) -> bool:
         progress(f"reading it again during a flood of {args.flooders} clients")
         stop = asyncio.Event()
         answers: collections.Counter[str] = collections.Counter()
-        addresses = flood_addresses(args.one_address)
+        addresses = None if args.one_address else flood_addresses()
         flood_started = time.perf_counter()
         flooders = [
             asyncio.create_task(flood(up, addresses, answers, stop)) for _ in range(args.flooders)

@@ -47,6 +47,10 @@ MAX_WAITING_HASHES = 16
 FREE_FAILURES = 5
 FIRST_DELAY_SECONDS = 1.0
 MAX_DELAY_SECONDS = 300.0
+# A try from a client that must wait is answered (429) only after this long
+# (or its wait, if shorter): one that retries at once then sends two tries a
+# second per connection, not thousands, on the loop the gateway may share.
+REFUSAL_DELAY_SECONDS = 0.5
 # A client quiet this long starts again from nothing.
 FORGET_SECONDS = 3600.0
 MAX_TRACKED_CLIENTS = 10_000
@@ -181,7 +185,9 @@ class LoginThrottle:
         max_delay: float = MAX_DELAY_SECONDS,
         max_clients: int = MAX_TRACKED_CLIENTS,
         clock: Callable[[], float] = time.monotonic,
+        refusal_delay: float = REFUSAL_DELAY_SECONDS,
     ) -> None:
+        self.refusal_delay = refusal_delay  # how long a refused try waits for its 429
         self._free_failures = free_failures
         self._first_delay = first_delay
         self._max_delay = max_delay

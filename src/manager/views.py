@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from datetime import UTC, datetime, timedelta
@@ -88,13 +89,16 @@ async def login_page(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
-    """Log in, or refuse: 401 for a wrong password, 429 while the client must
-    wait after too many, 503 while too many logins wait to be checked."""
+    """Log in, or refuse: 401 for a wrong password, 429 (after a short delay)
+    while the client must wait after too many, 503 while too many logins wait
+    to be checked."""
     form = await read_form(request)
     target = local_path(form.get("next", DEFAULT_NEXT))  # never off-site
     throttle, client = request.app[LOGIN_THROTTLE], client_address(request)
     wait = throttle.attempt(client)
     if wait:
+        await asyncio.sleep(min(wait, throttle.refusal_delay))
+        wait = throttle.waiting(client)
         return _login_refused(
             request,
             target,
