@@ -128,9 +128,14 @@ def still_running(pid: int, command: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def running_up(workdir: Path, ports: tuple[int, int, int] | None = None) -> AsyncIterator[Up]:
+async def running_up(
+    workdir: Path,
+    ports: tuple[int, int, int] | None = None,
+    settings: dict[str, str] | None = None,
+) -> AsyncIterator[Up]:
     """``imagecache up`` started in ``workdir`` on ``ports`` (gateway, manager, first
-    node; free ones by default) and answering; killed with its nodes if still up."""
+    node; free ones by default), with ``settings`` (IMAGECACHE_* variables), and
+    answering; killed with its nodes if still up."""
     gateway_port, manager_port, first_node_port = ports or free_ports()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("IMAGECACHE_")}
     environment.update(
@@ -139,6 +144,7 @@ async def running_up(workdir: Path, ports: tuple[int, int, int] | None = None) -
         IMAGECACHE_MANAGER_PORT=str(manager_port),
         IMAGECACHE_FIRST_NODE_PORT=str(first_node_port),
         IMAGECACHE_MANAGER_URL=f"http://127.0.0.1:{manager_port}",
+        **(settings or {}),
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
 
-from cachenode.errors import NodeReplyError, NodeTimeout, NodeUnavailable, ProtocolError
+from cachenode.errors import NodeError, NodeReplyError, NodeTimeout, NodeUnavailable, ProtocolError
 from cachenode.inplace import receive_in_place
 from cachenode.leases import MAX_LEASE_SECONDS
 from cachenode.protocol import (
@@ -213,9 +213,12 @@ class NodeClient:
         pool_size: int = 2,
         timeout: float = 2.0,
         connect_timeout: float = 1.0,
+        token: str = "",
     ) -> None:
+        """``token``: the node's token, sent first on every connection (AUTH)."""
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
+        self._token = token.encode()
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
@@ -467,9 +470,22 @@ class NodeClient:
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self.address), self.host, self.port
                 )
-        except (OSError, TimeoutError) as error:
+                try:
+                    if self._token:
+                        await self._authenticate(connection)
+                except BaseException:
+                    connection.close()
+                    raise
+        except (OSError, TimeoutError, NodeError) as error:
             raise NodeUnavailable(f"cannot connect to {self.address}: {error}") from error
         return connection
+
+    async def _authenticate(self, connection: _Connection) -> None:
+        """Send the token first on a new connection (AUTH); raises NodeUnavailable
+        when the node refuses it."""
+        reply = await connection.send(Opcode.AUTH, b"", self._token, 0, 0)
+        if reply.status != Status.OK:
+            raise NodeUnavailable(f"{self.address} refused this client's token")
 
 
 def read_lease_of(frame: Frame) -> float:

@@ -35,8 +35,14 @@ class Node:
         store: Store,
         *,
         wall_clock: Callable[[], float] = time.time,
+        token: bytes = b"",
+        text_protocol: bool | None = None,
     ) -> None:
         self.store = store
+        # With a token, binary connections must AUTH with it first, and the
+        # text protocol (which has no authentication) is off unless asked for.
+        self.token = token
+        self.text_protocol = not token if text_protocol is None else text_protocol
         self.leases = Leases(store.clock)
         self.read_leases = ReadLeases(store.clock)
         self.version = __version__  # ours, as the binary protocol reports it

@@ -51,6 +51,7 @@ class Opcode(IntEnum):
     CHECK = 0x0B  # the version of the cached item, without its value
     RELEASE = 0x0C  # give a lease back without filling
     TICKET = 0x0D  # a write ticket: versioned writes must carry a recent one
+    AUTH = 0x0E  # the node's token: first on every connection when the node has one
 
 
 @dataclass(slots=True)

@@ -30,6 +30,8 @@ class NodeConfig:
     capacity_mb: float = 64
     policy: Policy = Policy.LRU
     max_item_mb: float = DEFAULT_MAX_ITEM_SIZE / MIB
+    token: str = ""  # clients must AUTH with it first (docs/protocol.md); "" : none
+    text_protocol: bool | None = None  # None: on without a token, off with one
 
     def make_node(self) -> Node:
         store = Store(
@@ -37,7 +39,7 @@ class NodeConfig:
             self.policy,
             max_item_size=int(self.max_item_mb * MIB),
         )
-        return Node(store)
+        return Node(store, token=self.token.encode(), text_protocol=self.text_protocol)
 
 
 def receive_limit(store: Store) -> int:

@@ -16,5 +16,6 @@ class Status(IntEnum):
     INTERNAL_ERROR = 0x07
     LEASED = 0x08  # LEASE of a key another client is loading: ask again shortly
     BUSY = 0x09  # SET/ADD while the node receives as many values at once as it may: try again
+    UNAUTHORIZED = 0x0A  # no AUTH with the node's token came first: the connection closes
     # Never sent on the wire: the client's status for a node it could not reach.
     UNAVAILABLE = 0xFF

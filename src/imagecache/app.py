@@ -122,7 +122,7 @@ async def blobs_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = CachePool(timeout=app[CONFIG].gateway.node_timeout)
+    pool = CachePool(timeout=app[CONFIG].gateway.node_timeout, node_token=app[CONFIG].node_token)
     app[POOL] = pool
     follower = MembershipFollower(app[MEMBERSHIP_STORE], pool, app[CONFIG].gateway.nodes)
     app[MEMBERSHIP] = follower

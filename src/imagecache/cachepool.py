@@ -73,8 +73,10 @@ class CachePool:
         timeout: float = 0.5,
         retry_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        node_token: str = "",
     ) -> None:
         self._timeout = timeout
+        self._node_token = node_token
         self._retry_seconds = retry_seconds
         self._clock = clock
         self._members: dict[str, PoolMember] = {}
@@ -124,7 +126,11 @@ class CachePool:
             if node_id not in self._members:
                 host, port = parse_address(address)
                 client = NodeClient(
-                    host, port, timeout=self._timeout, connect_timeout=self._timeout
+                    host,
+                    port,
+                    timeout=self._timeout,
+                    connect_timeout=self._timeout,
+                    token=self._node_token,
                 )
                 self._members[node_id] = PoolMember(node_id, address, client)
         for member in self._members.values():

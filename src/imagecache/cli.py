@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
@@ -33,6 +34,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_positive,
         default=DEFAULT_MAX_ITEM_SIZE / MIB,
         help="largest value accepted, in MiB",
+    )
+    node.add_argument(
+        "--token",
+        default=os.environ.get("IMAGECACHE_NODE_TOKEN", ""),
+        help="clients must send this token first (AUTH); default: IMAGECACHE_NODE_TOKEN, which"
+        " unlike the flag no other user of the machine can read",
+    )
+    node.add_argument(
+        "--text-protocol",
+        action="store_true",
+        help="keep memcached's text protocol on with a token (it has no authentication)",
     )
     node.add_argument(
         "--stop-with-stdin",
@@ -75,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             capacity_mb=args.capacity_mb,
             policy=args.policy,
             max_item_mb=args.max_item_mb,
+            token=args.token,
+            text_protocol=True if args.text_protocol else None,
         )
         run(_node(node_config, stop_with_stdin=args.stop_with_stdin))
         return 0

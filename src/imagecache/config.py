@@ -102,6 +102,9 @@ class Config:
     aws: AwsConfig = field(default_factory=AwsConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     manager: ManagerConfig = field(default_factory=ManagerConfig)
+    # The cache nodes' token (docs/protocol.md, AUTH), from IMAGECACHE_NODE_TOKEN:
+    # gateways and the manager send it, local nodes are started with it.
+    node_token: str = ""
 
     def validate(self) -> Config:
         """Return self, or raise ConfigError naming the first bad setting."""
@@ -144,6 +147,11 @@ class Config:
             raise ConfigError(f"manager.pool must be 'local' or 'aws', not {self.manager.pool!r}")
         if self.manager.pool == "aws" and not self.manager.asg_name:
             raise ConfigError("manager.asg_name is required when manager.pool is 'aws'")
+        if self.manager.pool == "aws" and len(self.node_token) < 16:
+            raise ConfigError(
+                "set IMAGECACHE_NODE_TOKEN (16 characters or more) when manager.pool is 'aws':"
+                " cache nodes on a network must not take requests from anyone who reaches them"
+            )
         if self.manager.metrics not in ("sqlite", "cloudwatch"):
             raise ConfigError(
                 f"manager.metrics must be 'sqlite' or 'cloudwatch', not {self.manager.metrics!r}"
@@ -163,6 +171,7 @@ def parse_address(address: str) -> tuple[str, int]:
 _ENVIRONMENT: dict[str, tuple[str, str]] = {
     "IMAGECACHE_DATA_DIR": ("", "data_dir"),
     "IMAGECACHE_METADATA_URL": ("", "metadata_url"),
+    "IMAGECACHE_NODE_TOKEN": ("", "node_token"),
     "IMAGECACHE_BLOB_BACKEND": ("blobs", "backend"),
     "IMAGECACHE_BLOB_FOLDER": ("blobs", "folder"),
     "IMAGECACHE_S3_BUCKET": ("blobs", "bucket"),

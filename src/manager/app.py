@@ -172,11 +172,17 @@ async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
     if config.pool == "aws":
         from manager.backends.aws import open_aws_pool
 
-        async with open_aws_pool(config.asg_name, config.node_port, app[CONFIG].aws) as backend:
+        async with open_aws_pool(
+            config.asg_name, config.node_port, app[CONFIG].aws, node_token=app[CONFIG].node_token
+        ) as backend:
             app[BACKEND] = backend
             yield
         return
-    local = LocalPool(first_port=config.first_port, on_restart=_restarted(app))
+    local = LocalPool(
+        first_port=config.first_port,
+        on_restart=_restarted(app),
+        node_token=app[CONFIG].node_token,
+    )
     await local.stop_orphans()
     app[BACKEND] = local
     try:
@@ -193,7 +199,13 @@ def _restarted(app: web.Application) -> Callable[[NodeHandle], Awaitable[None]]:
 
 
 async def controller_ctx(app: web.Application) -> AsyncIterator[None]:
-    controller = PoolController(app[BACKEND], app[CATALOG], app[MEMBERSHIP_STORE], app[RECORDS])
+    controller = PoolController(
+        app[BACKEND],
+        app[CATALOG],
+        app[MEMBERSHIP_STORE],
+        app[RECORDS],
+        node_token=app[CONFIG].node_token,
+    )
     app[CONTROLLER] = controller
     settings = await controller.settings()
     if isinstance(app[BACKEND], LocalPool):
@@ -224,7 +236,11 @@ async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
     """The collector (every 5 s) and the autoscaler (every 60 s)."""
     config = app[CONFIG].manager
     controller = app[CONTROLLER]
-    collector = Collector(app[METRICS], window=timedelta(seconds=config.rate_window_seconds))
+    collector = Collector(
+        app[METRICS],
+        window=timedelta(seconds=config.rate_window_seconds),
+        node_token=app[CONFIG].node_token,
+    )
     app[COLLECTOR] = collector
     app[AUTOSCALER] = Autoscaler(controller, collector.last_minute, config.settle_seconds)
 

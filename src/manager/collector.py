@@ -117,8 +117,10 @@ class Collector:
         timeout: float = 1.0,
         clock: Callable[[], datetime] = now_utc,
         window: timedelta = WINDOW,
+        node_token: str = "",
     ) -> None:
         self._store = store
+        self._node_token = node_token
         self._window = window  # what "the last minute" spans (shorter in tests)
         self._timeout = timeout
         self._clock = clock
@@ -201,7 +203,12 @@ class Collector:
             return known[1]
         host, port = parse_address(node.address)
         client = NodeClient(
-            host, port, pool_size=1, timeout=self._timeout, connect_timeout=self._timeout
+            host,
+            port,
+            pool_size=1,
+            timeout=self._timeout,
+            connect_timeout=self._timeout,
+            token=self._node_token,
         )
         self._clients[node.node_id] = (node.address, client)
         return client

@@ -49,6 +49,8 @@ async def move_keys(
     ring: Ring,
     nodes: Mapping[str, NodeHandle],
     current_versions: CurrentVersions,
+    *,
+    node_token: str = "",
 ) -> MigrationReport:
     """Copy every key of ``sources`` whose owner under ``ring`` is another node to it,
     if the catalog still holds the cached version (``current_versions``).
@@ -64,7 +66,7 @@ async def move_keys(
     def client(node: NodeHandle) -> NodeClient:
         if node.node_id not in clients:
             host, port = parse_address(node.address)
-            clients[node.node_id] = NodeClient(host, port, pool_size=2, timeout=5)
+            clients[node.node_id] = NodeClient(host, port, pool_size=2, timeout=5, token=node_token)
         return clients[node.node_id]
 
     try:
@@ -90,12 +92,14 @@ async def move_keys(
     return report
 
 
-async def drop_keys_owned_elsewhere(sources: Iterable[NodeHandle], ring: Ring) -> int:
+async def drop_keys_owned_elsewhere(
+    sources: Iterable[NodeHandle], ring: Ring, *, node_token: str = ""
+) -> int:
     """Delete from each source the keys it no longer owns under ``ring``; returns how many."""
     dropped = 0
     for source in sources:
         host, port = parse_address(source.address)
-        async with NodeClient(host, port, timeout=5) as origin:
+        async with NodeClient(host, port, timeout=5, token=node_token) as origin:
             try:
                 foreign = [
                     k async for k, _ in origin.iter_keys(BATCH) if ring.owner(k) != source.node_id

@@ -64,8 +64,10 @@ class PoolController:
         members: MembershipStore,
         records: ManagerRecords,
         gateway_wait_seconds: float = GATEWAY_WAIT_SECONDS,
+        node_token: str = "",
     ) -> None:
         self._backend = backend
+        self._node_token = node_token
         self._catalog = catalog
         self._membership = members
         self._records = records
@@ -160,11 +162,14 @@ class PoolController:
             Ring([n.node_id for n in everyone]),
             {n.node_id: n for n in everyone},
             self._catalog.versions,
+            node_token=self._node_token,
         )
         self._members = everyone
         await self._publish()  # every gateway routes to them from now on
         # The old owners drop the copies they handed over.
-        await drop_keys_owned_elsewhere(old, Ring([n.node_id for n in everyone]))
+        await drop_keys_owned_elsewhere(
+            old, Ring([n.node_id for n in everyone]), node_token=self._node_token
+        )
 
     async def _shrink(self, count: int) -> None:
         """Hand the leaving nodes' keys to their new owners, stop routing to them, stop them."""
@@ -175,6 +180,7 @@ class PoolController:
             Ring([n.node_id for n in staying]),
             {n.node_id: n for n in staying},
             self._catalog.versions,
+            node_token=self._node_token,
         )
         self._members = staying
         # Leaving: no gateway reads from them from now on, and all still invalidate them ...
@@ -205,7 +211,7 @@ class PoolController:
         """Delete every image as the gateway's ``delete_all`` does (the outbox, every
         member, joining and leaving ones too); returns how many there were."""
         async with self._lock:  # the membership holds still meanwhile
-            pool = CachePool()
+            pool = CachePool(node_token=self._node_token)
             view = MembershipFollower(self._membership, pool, (), registered=False)
             try:
                 await view.refresh()
@@ -230,7 +236,9 @@ class PoolController:
     async def _on_node(self, node: NodeHandle, action: str, argument: object = None) -> bool:
         host, port = parse_address(node.address)
         try:
-            async with NodeClient(host, port, pool_size=1, timeout=5) as client:
+            async with NodeClient(
+                host, port, pool_size=1, timeout=5, token=self._node_token
+            ) as client:
                 if action == "config":
                     assert isinstance(argument, CacheSettings)
                     await client.config(capacity_mb=argument.capacity_mb, policy=argument.policy)

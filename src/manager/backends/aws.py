@@ -62,6 +62,7 @@ class AwsPool:
         resolve_address: Resolver | None = None,
         ready_timeout: float = 300,
         poll_seconds: float = 5,
+        node_token: str = "",
     ) -> None:
         if not 0 < node_port < 65536:
             raise ValueError(f"node_port must be a TCP port, not {node_port}")
@@ -72,6 +73,7 @@ class AwsPool:
         self.aws = aws
         self.ready_timeout = ready_timeout
         self.poll_seconds = poll_seconds
+        self._node_token = node_token
         self._resolve_address = resolve_address or self._private_address
         self._stack: AsyncExitStack | None = None
         self._autoscaling: Any = None
@@ -288,7 +290,9 @@ class AwsPool:
             group = await self._group()
             fresh = [i for i in _in_service(group) if i not in before and i not in ready]
             candidates = await self._launched(fresh)
-            answers = await asyncio.gather(*(_answers(handle) for _, handle in candidates))
+            answers = await asyncio.gather(
+                *(_answers(handle, self._node_token) for _, handle in candidates)
+            )
             for (launch_time, handle), ok in zip(candidates, answers, strict=True):
                 if ok:
                     ready[handle.node_id] = (launch_time, handle)
@@ -343,6 +347,7 @@ async def open_aws_pool(
     resolve_address: Resolver | None = None,
     ready_timeout: float = 300,
     poll_seconds: float = 5,
+    node_token: str = "",
 ) -> AsyncIterator[AwsPool]:
     """Yield a started AwsPool (see AwsPool for the arguments); close it on exit.
 
@@ -356,6 +361,7 @@ async def open_aws_pool(
         resolve_address=resolve_address,
         ready_timeout=ready_timeout,
         poll_seconds=poll_seconds,
+        node_token=node_token,
     )
     await pool.start()
     try:
@@ -377,11 +383,16 @@ def _in_service(group: dict[str, Any]) -> list[str]:
     ]
 
 
-async def _answers(handle: NodeHandle) -> bool:
+async def _answers(handle: NodeHandle, node_token: str) -> bool:
     """Whether the node at ``handle.address`` answers PING now."""
     host, port = parse_address(handle.address)
     client = NodeClient(
-        host, port, pool_size=1, timeout=_PROBE_TIMEOUT, connect_timeout=_PROBE_CONNECT_TIMEOUT
+        host,
+        port,
+        pool_size=1,
+        timeout=_PROBE_TIMEOUT,
+        connect_timeout=_PROBE_CONNECT_TIMEOUT,
+        token=node_token,
     )
     try:
         await client.ping()

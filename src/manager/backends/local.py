@@ -51,8 +51,10 @@ class LocalPool:
         capacity_mb: float = 64,
         policy: str = "lru",
         on_restart: Callable[[NodeHandle], Awaitable[None]] | None = None,
+        node_token: str = "",
     ) -> None:
         self._host = host
+        self._node_token = node_token
         self._first_port = first_port
         self.capacity_mb = capacity_mb  # for nodes started from now on
         self.policy = policy
@@ -72,7 +74,7 @@ class LocalPool:
         for port in range(self._first_port, self._first_port + ORPHAN_SCAN_PORTS):
             if _can_bind(self._host, port):
                 continue
-            pid = await _orphan_node_on(self._host, port)
+            pid = await _orphan_node_on(self._host, port, self._node_token)
             if pid is None:
                 continue
             log.warning("stopping cache node pid %d on port %d, left by a crashed run", pid, port)
@@ -146,6 +148,8 @@ class LocalPool:
             # the node reads the end of its input and stops (cachenode.lifeline).
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            # The token through the environment, where no other user can read it.
+            env={**os.environ, "IMAGECACHE_NODE_TOKEN": self._node_token},
         )
         assert process.stdout is not None
         try:
@@ -217,11 +221,13 @@ class LocalPool:
         raise PoolError(f"no free port from {self._first_port} up")
 
 
-async def _orphan_node_on(host: str, port: int) -> int | None:
+async def _orphan_node_on(host: str, port: int, node_token: str) -> int | None:
     """The process id of the orphaned cache node of this machine listening on
     ``port``, or None (nothing that answers as a node, or a node with a parent)."""
     try:
-        async with NodeClient(host, port, timeout=1.0, connect_timeout=1.0) as client:
+        async with NodeClient(
+            host, port, timeout=1.0, connect_timeout=1.0, token=node_token
+        ) as client:
             stats = await client.stats()
     except NodeError:
         return None
