@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cachenode.client import NodeClient
+from cachenode.client import NodeAccess, NodeClient
 from cachenode.errors import NodeReplyError, NodeUnavailable
 from cachenode.protocol import MAGIC_REQUEST, Opcode, encode_request
 from cachenode.status import Status
@@ -74,19 +74,19 @@ async def test_a_client_without_the_token_gets_nothing_and_is_cut_off(node: Node
     reply = talk(node, planted + encode_request(Opcode.SET, 2, b"img0006", b"planted"))
     assert reply[2:4] == Status.UNAUTHORIZED.to_bytes(2, "big")
     assert not reply.endswith(b"<still open>")
-    async with NodeClient(node.host, node.port, token=TOKEN) as owner:
+    async with NodeClient(node.host, node.port, access=NodeAccess(TOKEN)) as owner:
         assert await owner.get(b"img0005") is None
         assert await owner.get(b"img0006") is None
 
 
 async def test_a_wrong_token_is_refused(node: NodeProcess) -> None:
-    async with NodeClient(node.host, node.port, token="not-" + TOKEN) as guesser:
+    async with NodeClient(node.host, node.port, access=NodeAccess("not-" + TOKEN)) as guesser:
         with pytest.raises(NodeUnavailable, match="refused"):
             await guesser.ping()
 
 
 async def test_the_right_token_opens_every_operation(node: NodeProcess) -> None:
-    async with NodeClient(node.host, node.port, token=TOKEN, pool_size=3) as owner:
+    async with NodeClient(node.host, node.port, access=NodeAccess(TOKEN), pool_size=3) as owner:
         await asyncio.gather(*(owner.set(b"k%d" % n, b"v%d" % n) for n in range(20)))
         values = await asyncio.gather(*(owner.get(b"k%d" % n) for n in range(20)))
         assert values == [b"v%d" % n for n in range(20)]
@@ -128,7 +128,7 @@ async def test_a_gateway_with_the_token_serves_and_nothing_planted_reaches_it(
         # In threads: the gateway runs on this loop meanwhile.
         await asyncio.to_thread(talk, node, b"set img0005 1 0 7\r\nplanted\r\n")
         await asyncio.to_thread(talk, node, bytes([MAGIC_REQUEST]) + b"x" * 40)
-        async with NodeClient(node.host, node.port, token=TOKEN) as owner:
+        async with NodeClient(node.host, node.port, access=NodeAccess(TOKEN)) as owner:
             item = await owner.get_item(b"img0005")
         assert item is not None
         assert item.value == png  # written through by the gateway, with its version
@@ -180,6 +180,6 @@ async def test_up_with_a_node_token_starts_resizes_and_serves(tmp_path: Path) ->
             async with NodeClient("127.0.0.1", port) as stranger:
                 with pytest.raises(NodeReplyError):
                     await stranger.ping()
-            async with NodeClient("127.0.0.1", port, token=TOKEN) as owner:
+            async with NodeClient("127.0.0.1", port, access=NodeAccess(TOKEN)) as owner:
                 assert (await owner.stats())["capacity_mb"] > 0
         assert "refused" not in up.printed()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -41,6 +42,18 @@ _COALESCE_LIMIT = 16 * 1024
 _SEND_SOON_MAX_IN_FLIGHT = 32
 _MAX_U32 = (1 << 32) - 1
 MAX_LEASE_MS = int(MAX_LEASE_SECONDS * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAccess:
+    """How to reach nodes that protect themselves: the token sent first on every
+    connection (AUTH), and TLS with the context that verifies the nodes."""
+
+    token: str = ""
+    tls: ssl.SSLContext | None = None
+
+
+OPEN_ACCESS = NodeAccess()  # nodes without a token, in the clear
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,12 +226,13 @@ class NodeClient:
         pool_size: int = 2,
         timeout: float = 2.0,
         connect_timeout: float = 1.0,
-        token: str = "",
+        access: NodeAccess = OPEN_ACCESS,
     ) -> None:
-        """``token``: the node's token, sent first on every connection (AUTH)."""
+        """``access``: the node's token and TLS, for nodes that require them."""
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
-        self._token = token.encode()
+        self._token = access.token.encode()
+        self._tls = access.tls
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
@@ -468,7 +482,11 @@ class NodeClient:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(self.address), self.host, self.port
+                    lambda: _Connection(self.address),
+                    self.host,
+                    self.port,
+                    ssl=self._tls,
+                    server_hostname=self.host if self._tls is not None else None,
                 )
                 try:
                     if self._token:

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from typing import cast
 
@@ -32,6 +33,16 @@ class NodeConfig:
     max_item_mb: float = DEFAULT_MAX_ITEM_SIZE / MIB
     token: str = ""  # clients must AUTH with it first (docs/protocol.md); "" : none
     text_protocol: bool | None = None  # None: on without a token, off with one
+    tls_cert: str = ""  # a PEM certificate chain and its key: TLS on every connection
+    tls_key: str = ""
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server side of TLS, when a certificate is set (it must load)."""
+        if not self.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls_cert, self.tls_key or None)
+        return context
 
     def make_node(self) -> Node:
         store = Store(
@@ -152,6 +163,7 @@ class NodeServer:
             self.config.port,
             reuse_address=True,
             backlog=1024,
+            ssl=self.config.tls_context(),
         )
 
     async def stop(self) -> None:

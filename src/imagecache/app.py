@@ -122,7 +122,9 @@ async def blobs_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = CachePool(timeout=app[CONFIG].gateway.node_timeout, node_token=app[CONFIG].node_token)
+    pool = CachePool(
+        timeout=app[CONFIG].gateway.node_timeout, node_access=app[CONFIG].node_access()
+    )
     app[POOL] = pool
     follower = MembershipFollower(app[MEMBERSHIP_STORE], pool, app[CONFIG].gateway.nodes)
     app[MEMBERSHIP] = follower

@@ -24,7 +24,14 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cachenode.client import CachedItem, LeaseGranted, LeaseHeld, NodeClient
+from cachenode.client import (
+    OPEN_ACCESS,
+    CachedItem,
+    LeaseGranted,
+    LeaseHeld,
+    NodeAccess,
+    NodeClient,
+)
 from cachenode.errors import NodeError, NodeReplyError
 from imagecache.config import parse_address
 from imagecache.ring import Ring
@@ -73,10 +80,10 @@ class CachePool:
         timeout: float = 0.5,
         retry_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
-        node_token: str = "",
+        node_access: NodeAccess = OPEN_ACCESS,
     ) -> None:
         self._timeout = timeout
-        self._node_token = node_token
+        self._node_access = node_access
         self._retry_seconds = retry_seconds
         self._clock = clock
         self._members: dict[str, PoolMember] = {}
@@ -130,7 +137,7 @@ class CachePool:
                     port,
                     timeout=self._timeout,
                     connect_timeout=self._timeout,
-                    token=self._node_token,
+                    access=self._node_access,
                 )
                 self._members[node_id] = PoolMember(node_id, address, client)
         for member in self._members.values():

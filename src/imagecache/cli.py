@@ -42,6 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         " unlike the flag no other user of the machine can read",
     )
     node.add_argument(
+        "--tls-cert",
+        default=os.environ.get("IMAGECACHE_NODE_TLS_CERT", ""),
+        metavar="PEM",
+        help="serve TLS with this certificate chain (default: IMAGECACHE_NODE_TLS_CERT)",
+    )
+    node.add_argument(
+        "--tls-key",
+        default=os.environ.get("IMAGECACHE_NODE_TLS_KEY", ""),
+        metavar="PEM",
+        help="the certificate's private key, if not in --tls-cert"
+        " (default: IMAGECACHE_NODE_TLS_KEY)",
+    )
+    node.add_argument(
         "--text-protocol",
         action="store_true",
         help="keep memcached's text protocol on with a token (it has no authentication)",
@@ -89,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_item_mb=args.max_item_mb,
             token=args.token,
             text_protocol=True if args.text_protocol else None,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
         run(_node(node_config, stop_with_stdin=args.stop_with_stdin))
         return 0

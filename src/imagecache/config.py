@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from cachenode.client import NodeAccess
 
 DEFAULT_DATA_DIR = Path("imagecache-data")
 MIB = 1 << 20
@@ -105,6 +108,24 @@ class Config:
     # The cache nodes' token (docs/protocol.md, AUTH), from IMAGECACHE_NODE_TOKEN:
     # gateways and the manager send it, local nodes are started with it.
     node_token: str = ""
+    # TLS to the nodes: the CA bundle that verifies them (turns TLS on for
+    # gateways and the manager), and the certificate and key of local nodes.
+    node_tls_ca: str = ""
+    node_tls_cert: str = ""
+    node_tls_key: str = ""
+
+    def node_access(self) -> NodeAccess:
+        """How gateways and the manager reach the cache nodes."""
+        tls = ssl.create_default_context(cafile=self.node_tls_ca) if self.node_tls_ca else None
+        return NodeAccess(self.node_token, tls)
+
+    def node_environment(self) -> dict[str, str]:
+        """The settings of the ``imagecache node`` processes this system starts."""
+        return {
+            "IMAGECACHE_NODE_TOKEN": self.node_token,
+            "IMAGECACHE_NODE_TLS_CERT": self.node_tls_cert,
+            "IMAGECACHE_NODE_TLS_KEY": self.node_tls_key,
+        }
 
     def validate(self) -> Config:
         """Return self, or raise ConfigError naming the first bad setting."""
@@ -172,6 +193,9 @@ _ENVIRONMENT: dict[str, tuple[str, str]] = {
     "IMAGECACHE_DATA_DIR": ("", "data_dir"),
     "IMAGECACHE_METADATA_URL": ("", "metadata_url"),
     "IMAGECACHE_NODE_TOKEN": ("", "node_token"),
+    "IMAGECACHE_NODE_TLS_CA": ("", "node_tls_ca"),
+    "IMAGECACHE_NODE_TLS_CERT": ("", "node_tls_cert"),
+    "IMAGECACHE_NODE_TLS_KEY": ("", "node_tls_key"),
     "IMAGECACHE_BLOB_BACKEND": ("blobs", "backend"),
     "IMAGECACHE_BLOB_FOLDER": ("blobs", "folder"),
     "IMAGECACHE_S3_BUCKET": ("blobs", "bucket"),

@@ -173,7 +173,10 @@ async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
         from manager.backends.aws import open_aws_pool
 
         async with open_aws_pool(
-            config.asg_name, config.node_port, app[CONFIG].aws, node_token=app[CONFIG].node_token
+            config.asg_name,
+            config.node_port,
+            app[CONFIG].aws,
+            node_access=app[CONFIG].node_access(),
         ) as backend:
             app[BACKEND] = backend
             yield
@@ -181,7 +184,8 @@ async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
     local = LocalPool(
         first_port=config.first_port,
         on_restart=_restarted(app),
-        node_token=app[CONFIG].node_token,
+        node_access=app[CONFIG].node_access(),
+        node_environment=app[CONFIG].node_environment(),
     )
     await local.stop_orphans()
     app[BACKEND] = local
@@ -204,7 +208,7 @@ async def controller_ctx(app: web.Application) -> AsyncIterator[None]:
         app[CATALOG],
         app[MEMBERSHIP_STORE],
         app[RECORDS],
-        node_token=app[CONFIG].node_token,
+        node_access=app[CONFIG].node_access(),
     )
     app[CONTROLLER] = controller
     settings = await controller.settings()
@@ -239,7 +243,7 @@ async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
     collector = Collector(
         app[METRICS],
         window=timedelta(seconds=config.rate_window_seconds),
-        node_token=app[CONFIG].node_token,
+        node_access=app[CONFIG].node_access(),
     )
     app[COLLECTOR] = collector
     app[AUTOSCALER] = Autoscaler(controller, collector.last_minute, config.settle_seconds)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cachenode.client import NodeClient
+from cachenode.client import OPEN_ACCESS, NodeAccess, NodeClient
 from cachenode.errors import NodeError
 from imagecache.config import ConfigError, parse_address
 from manager.backends.base import NodeHandle
@@ -117,10 +117,10 @@ class Collector:
         timeout: float = 1.0,
         clock: Callable[[], datetime] = now_utc,
         window: timedelta = WINDOW,
-        node_token: str = "",
+        node_access: NodeAccess = OPEN_ACCESS,
     ) -> None:
         self._store = store
-        self._node_token = node_token
+        self._node_access = node_access
         self._window = window  # what "the last minute" spans (shorter in tests)
         self._timeout = timeout
         self._clock = clock
@@ -208,7 +208,7 @@ class Collector:
             pool_size=1,
             timeout=self._timeout,
             connect_timeout=self._timeout,
-            token=self._node_token,
+            access=self._node_access,
         )
         self._clients[node.node_id] = (node.address, client)
         return client

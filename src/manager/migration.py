@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from cachenode.client import CachedItem, NodeClient
+from cachenode.client import OPEN_ACCESS, CachedItem, NodeAccess, NodeClient
 from cachenode.errors import NodeError
 from imagecache.config import parse_address
 from imagecache.errors import StorageError
@@ -50,7 +50,7 @@ async def move_keys(
     nodes: Mapping[str, NodeHandle],
     current_versions: CurrentVersions,
     *,
-    node_token: str = "",
+    node_access: NodeAccess = OPEN_ACCESS,
 ) -> MigrationReport:
     """Copy every key of ``sources`` whose owner under ``ring`` is another node to it,
     if the catalog still holds the cached version (``current_versions``).
@@ -66,7 +66,9 @@ async def move_keys(
     def client(node: NodeHandle) -> NodeClient:
         if node.node_id not in clients:
             host, port = parse_address(node.address)
-            clients[node.node_id] = NodeClient(host, port, pool_size=2, timeout=5, token=node_token)
+            clients[node.node_id] = NodeClient(
+                host, port, pool_size=2, timeout=5, access=node_access
+            )
         return clients[node.node_id]
 
     try:
@@ -93,13 +95,13 @@ async def move_keys(
 
 
 async def drop_keys_owned_elsewhere(
-    sources: Iterable[NodeHandle], ring: Ring, *, node_token: str = ""
+    sources: Iterable[NodeHandle], ring: Ring, *, node_access: NodeAccess = OPEN_ACCESS
 ) -> int:
     """Delete from each source the keys it no longer owns under ``ring``; returns how many."""
     dropped = 0
     for source in sources:
         host, port = parse_address(source.address)
-        async with NodeClient(host, port, timeout=5, token=node_token) as origin:
+        async with NodeClient(host, port, timeout=5, access=node_access) as origin:
             try:
                 foreign = [
                     k async for k, _ in origin.iter_keys(BATCH) if ring.owner(k) != source.node_id

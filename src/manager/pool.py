@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cachenode.client import NodeClient
+from cachenode.client import OPEN_ACCESS, NodeAccess, NodeClient
 from cachenode.errors import NodeError
 from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool
@@ -64,10 +64,10 @@ class PoolController:
         members: MembershipStore,
         records: ManagerRecords,
         gateway_wait_seconds: float = GATEWAY_WAIT_SECONDS,
-        node_token: str = "",
+        node_access: NodeAccess = OPEN_ACCESS,
     ) -> None:
         self._backend = backend
-        self._node_token = node_token
+        self._node_access = node_access
         self._catalog = catalog
         self._membership = members
         self._records = records
@@ -162,13 +162,13 @@ class PoolController:
             Ring([n.node_id for n in everyone]),
             {n.node_id: n for n in everyone},
             self._catalog.versions,
-            node_token=self._node_token,
+            node_access=self._node_access,
         )
         self._members = everyone
         await self._publish()  # every gateway routes to them from now on
         # The old owners drop the copies they handed over.
         await drop_keys_owned_elsewhere(
-            old, Ring([n.node_id for n in everyone]), node_token=self._node_token
+            old, Ring([n.node_id for n in everyone]), node_access=self._node_access
         )
 
     async def _shrink(self, count: int) -> None:
@@ -180,7 +180,7 @@ class PoolController:
             Ring([n.node_id for n in staying]),
             {n.node_id: n for n in staying},
             self._catalog.versions,
-            node_token=self._node_token,
+            node_access=self._node_access,
         )
         self._members = staying
         # Leaving: no gateway reads from them from now on, and all still invalidate them ...
@@ -211,7 +211,7 @@ class PoolController:
         """Delete every image as the gateway's ``delete_all`` does (the outbox, every
         member, joining and leaving ones too); returns how many there were."""
         async with self._lock:  # the membership holds still meanwhile
-            pool = CachePool(node_token=self._node_token)
+            pool = CachePool(node_access=self._node_access)
             view = MembershipFollower(self._membership, pool, (), registered=False)
             try:
                 await view.refresh()
@@ -237,7 +237,7 @@ class PoolController:
         host, port = parse_address(node.address)
         try:
             async with NodeClient(
-                host, port, pool_size=1, timeout=5, token=self._node_token
+                host, port, pool_size=1, timeout=5, access=self._node_access
             ) as client:
                 if action == "config":
                     assert isinstance(argument, CacheSettings)

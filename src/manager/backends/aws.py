@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from cachenode.client import NodeClient
+from cachenode.client import OPEN_ACCESS, NodeAccess, NodeClient
 from cachenode.errors import NodeError
 from imagecache.config import AwsConfig, ConfigError, parse_address
 from manager.backends.base import NodeHandle, PoolError
@@ -62,7 +62,7 @@ class AwsPool:
         resolve_address: Resolver | None = None,
         ready_timeout: float = 300,
         poll_seconds: float = 5,
-        node_token: str = "",
+        node_access: NodeAccess = OPEN_ACCESS,
     ) -> None:
         if not 0 < node_port < 65536:
             raise ValueError(f"node_port must be a TCP port, not {node_port}")
@@ -73,7 +73,7 @@ class AwsPool:
         self.aws = aws
         self.ready_timeout = ready_timeout
         self.poll_seconds = poll_seconds
-        self._node_token = node_token
+        self._node_access = node_access
         self._resolve_address = resolve_address or self._private_address
         self._stack: AsyncExitStack | None = None
         self._autoscaling: Any = None
@@ -291,7 +291,7 @@ class AwsPool:
             fresh = [i for i in _in_service(group) if i not in before and i not in ready]
             candidates = await self._launched(fresh)
             answers = await asyncio.gather(
-                *(_answers(handle, self._node_token) for _, handle in candidates)
+                *(_answers(handle, self._node_access) for _, handle in candidates)
             )
             for (launch_time, handle), ok in zip(candidates, answers, strict=True):
                 if ok:
@@ -347,7 +347,7 @@ async def open_aws_pool(
     resolve_address: Resolver | None = None,
     ready_timeout: float = 300,
     poll_seconds: float = 5,
-    node_token: str = "",
+    node_access: NodeAccess = OPEN_ACCESS,
 ) -> AsyncIterator[AwsPool]:
     """Yield a started AwsPool (see AwsPool for the arguments); close it on exit.
 
@@ -361,7 +361,7 @@ async def open_aws_pool(
         resolve_address=resolve_address,
         ready_timeout=ready_timeout,
         poll_seconds=poll_seconds,
-        node_token=node_token,
+        node_access=node_access,
     )
     await pool.start()
     try:
@@ -383,7 +383,7 @@ def _in_service(group: dict[str, Any]) -> list[str]:
     ]
 
 
-async def _answers(handle: NodeHandle, node_token: str) -> bool:
+async def _answers(handle: NodeHandle, node_access: NodeAccess) -> bool:
     """Whether the node at ``handle.address`` answers PING now."""
     host, port = parse_address(handle.address)
     client = NodeClient(
@@ -392,7 +392,7 @@ async def _answers(handle: NodeHandle, node_token: str) -> bool:
         pool_size=1,
         timeout=_PROBE_TIMEOUT,
         connect_timeout=_PROBE_CONNECT_TIMEOUT,
-        token=node_token,
+        access=node_access,
     )
     try:
         await client.ping()

@@ -14,11 +14,11 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachenode.client import NodeClient
+from cachenode.client import OPEN_ACCESS, NodeAccess, NodeClient
 from cachenode.errors import NodeError
 from manager.backends.base import NodeHandle, PoolError
 
@@ -51,10 +51,13 @@ class LocalPool:
         capacity_mb: float = 64,
         policy: str = "lru",
         on_restart: Callable[[NodeHandle], Awaitable[None]] | None = None,
-        node_token: str = "",
+        node_access: NodeAccess = OPEN_ACCESS,
+        node_environment: Mapping[str, str] | None = None,
     ) -> None:
+        """``node_environment``: settings of the nodes (``Config.node_environment``)."""
         self._host = host
-        self._node_token = node_token
+        self._node_access = node_access
+        self._node_environment = dict(node_environment or {})
         self._first_port = first_port
         self.capacity_mb = capacity_mb  # for nodes started from now on
         self.policy = policy
@@ -74,7 +77,7 @@ class LocalPool:
         for port in range(self._first_port, self._first_port + ORPHAN_SCAN_PORTS):
             if _can_bind(self._host, port):
                 continue
-            pid = await _orphan_node_on(self._host, port, self._node_token)
+            pid = await _orphan_node_on(self._host, port, self._node_access)
             if pid is None:
                 continue
             log.warning("stopping cache node pid %d on port %d, left by a crashed run", pid, port)
@@ -149,7 +152,7 @@ class LocalPool:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             # The token through the environment, where no other user can read it.
-            env={**os.environ, "IMAGECACHE_NODE_TOKEN": self._node_token},
+            env={**os.environ, **self._node_environment},
         )
         assert process.stdout is not None
         try:
@@ -221,12 +224,12 @@ class LocalPool:
         raise PoolError(f"no free port from {self._first_port} up")
 
 
-async def _orphan_node_on(host: str, port: int, node_token: str) -> int | None:
+async def _orphan_node_on(host: str, port: int, node_access: NodeAccess) -> int | None:
     """The process id of the orphaned cache node of this machine listening on
     ``port``, or None (nothing that answers as a node, or a node with a parent)."""
     try:
         async with NodeClient(
-            host, port, timeout=1.0, connect_timeout=1.0, token=node_token
+            host, port, timeout=1.0, connect_timeout=1.0, access=node_access
         ) as client:
             stats = await client.stats()
     except NodeError:
