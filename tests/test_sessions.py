@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Mapping
 
@@ -1265,3 +1266,16 @@ def test_text_cachedump_reply_stops_at_two_megabytes_as_memcached() -> None:
     reply = text(TextSession(node), b"stats cachedump 1 0\r\n")
     assert reply.endswith(b"\r\nEND\r\n")
     assert 2 * MIB - 300 < len(reply) <= 2 * MIB
+
+
+def test_a_bad_request_gets_one_log_line_in_either_protocol(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    node = make_node()
+    with caplog.at_level(logging.INFO, logger="cachenode.sessions"):
+        call(BinarySession(node), 0x7F)
+        assert len(caplog.records) == 1
+        assert "unknown opcode 0x7f" in caplog.records[0].getMessage()
+        text(TextSession(node), b"frobnicate\r\n")
+        assert len(caplog.records) == 2
+        assert "bad text command" in caplog.records[1].getMessage()

@@ -167,13 +167,15 @@ class BinarySession:
                 if frame.extras and handler is not None and frame.opcode not in _TAKES_EXTRAS:
                     message = f"opcode 0x{frame.opcode:02x} takes no extras"
                     out.append(
-                        _error(frame.opcode, frame.request_id, Status.INVALID_ARGUMENT, message)
+                        _bad_request(
+                            frame.opcode, frame.request_id, Status.INVALID_ARGUMENT, message
+                        )
                     )
                     continue
                 if handler is None:
                     message = f"unknown opcode 0x{frame.opcode:02x}"
                     out.append(
-                        _error(frame.opcode, frame.request_id, Status.UNKNOWN_OPCODE, message)
+                        _bad_request(frame.opcode, frame.request_id, Status.UNKNOWN_OPCODE, message)
                     )
                     continue
                 try:
@@ -459,6 +461,12 @@ def _error(opcode: int, request_id: int, status: Status, message: str) -> bytes:
     return encode_response(opcode, request_id, status, value=message.encode())
 
 
+def _bad_request(opcode: int, request_id: int, status: Status, message: str) -> bytes:
+    """The reply to a request that is wrong in itself, with its one log line."""
+    log.info("bad request: %s", message)
+    return _error(opcode, request_id, status, message)
+
+
 class TextSession:
     """Commands of the memcached text protocol subset, answered in order."""
 
@@ -537,6 +545,7 @@ class TextSession:
             case text.Quit():
                 self.closing = True
             case text.BadCommand(reply):
+                log.info("bad text command: %s", bytes(reply).decode(errors="replace").strip())
                 out.append(reply)
 
     def _retrieve(self, keys: list[bytes], with_cas: bool, out: list[Value]) -> None:
