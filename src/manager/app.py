@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import timedelta
 
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST
 from yarl import URL
 
 from imagecache.app import TEMPLATES, every
@@ -21,7 +20,7 @@ from imagecache.catalog import ImageCatalog
 from imagecache.config import Config
 from imagecache.database import Database
 from imagecache.poolmembers import MembershipStore
-from manager import internal_api, views
+from manager import internal_api, prometheus, views
 from manager.appkeys import (
     AUTOSCALER,
     BACKEND,
@@ -268,35 +267,7 @@ async def _after(seconds: float, action: Callable[[], Awaitable[object]]) -> Non
     await every(seconds, action)
 
 
-class _PoolMetrics:
-    """Prometheus view of the pool, read at scrape time."""
-
-    def __init__(self, app: web.Application) -> None:
-        self._app = app
-
-    def collect(self) -> Iterator[Metric]:
-        nodes = GaugeMetricFamily("imagecache_pool_nodes", "Cache nodes in the pool")
-        nodes.add_metric([], self._app[CONTROLLER].size)
-        yield nodes
-        minute = self._app[COLLECTOR].last_minute()
-        for name, value in (
-            ("miss_rate", minute.miss_rate if minute else None),
-            ("hit_rate", minute.hit_rate if minute else None),
-        ):
-            family = GaugeMetricFamily(
-                f"imagecache_pool_{name}", f"The pool's {name} over the last minute"
-            )
-            if value is not None:
-                family.add_metric([], value)
-            yield family
-        if minute is not None:
-            for name, number in (("items", minute.items), ("bytes", minute.bytes)):
-                family = GaugeMetricFamily(f"imagecache_pool_{name}", f"Cached {name} in the pool")
-                family.add_metric([], number)
-                yield family
-
-
 async def prometheus_metrics(request: web.Request) -> web.Response:
-    registry = CollectorRegistry()
-    registry.register(_PoolMetrics(request.app))
-    return web.Response(body=generate_latest(registry), content_type="text/plain")
+    """The Prometheus metrics of the pool and its nodes (manager.prometheus)."""
+    body = await prometheus.exposition(request.app)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

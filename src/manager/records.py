@@ -18,7 +18,9 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    case,
     delete,
+    func,
     insert,
     select,
 )
@@ -27,6 +29,12 @@ from sqlalchemy.exc import IntegrityError
 from imagecache.database import MYSQL_TABLE, RowId, Store, Timestamp, naive_utc_now
 
 _SETTINGS_ATTEMPTS = 5
+
+# What a resize's cause says about its kind (count_resizes): the autoscaler's
+# causes begin with AUTOMATIC_CAUSE; a resize that failed is recorded with a
+# cause beginning with FAILED_CAUSE (and the size it kept); any other is manual.
+AUTOMATIC_CAUSE = "autoscaler:"
+FAILED_CAUSE = "failed:"
 
 _schema = MetaData()
 
@@ -113,6 +121,28 @@ class ManagerRecords(Store):
         with self._db.failures("record the resize"):
             async with self._db.write() as conn:
                 await conn.execute(insert(activity_table), row)
+
+    async def count_resizes(self) -> dict[str, int]:
+        """How many resizes the history holds of each kind: manual, automatic, failed."""
+        cause = activity_table.c.cause
+        failed = cause.startswith(FAILED_CAUSE, autoescape=True)
+        automatic = cause.startswith(AUTOMATIC_CAUSE, autoescape=True)
+        # One row of sums, no GROUP BY: the same on SQLite and MySQL.
+        query = select(
+            func.count(),
+            func.sum(case((failed, 1), else_=0)),
+            func.sum(case((automatic, 1), else_=0)),
+        ).select_from(activity_table)
+        with self._db.failures("count the resizes"):
+            async with self._db.read() as conn:
+                total, failures, automatic_ones = (await conn.execute(query)).one()
+        # SUM over no rows is NULL; MySQL's is a DECIMAL.
+        failures, automatic_ones = int(failures or 0), int(automatic_ones or 0)
+        return {
+            "manual": int(total) - failures - automatic_ones,
+            "automatic": automatic_ones,
+            "failed": failures,
+        }
 
     async def list_activity(self, limit: int = 100) -> list[Activity]:
         """The latest resizes, newest first."""

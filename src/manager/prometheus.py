@@ -1,0 +1,262 @@
+"""The manager's Prometheus metrics: every node's STATS, and the pool's own series.
+
+Per node (label ``node``, its id), under the names prometheus/memcached_exporter
+gives memcached's statistics, so its dashboards and alerts work unchanged:
+``memcached_up``, ``memcached_commands_total{command,status}``,
+``memcached_current_items``, ``memcached_current_bytes``,
+``memcached_limit_bytes`` and ``memcached_items_evicted_total``. The pool's
+series are ``imagecache_*``: its size, its resizes by cause, and the last
+minute's rates from the collector.
+
+Everything is read at scrape time: every member's STATS at once, each within
+``NODE_TIMEOUT``, so one node that does not answer costs the scrape that long
+and no more; it shows ``memcached_up 0`` and none of its other series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from cachenode.client import NodeAccess, NodeClient
+from cachenode.errors import NodeError
+from imagecache.config import ConfigError, parse_address
+from manager.appkeys import COLLECTOR, CONFIG, CONTROLLER, RECORDS
+from manager.backends.base import NodeHandle
+from manager.metrics import MinuteStats
+
+log = logging.getLogger(__name__)
+
+# Seconds a node has to connect, authenticate and answer STATS in a scrape
+# (Prometheus's own scrape timeout is 10 s by default).
+NODE_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    """The figures of one node's STATS that the memcached series show."""
+
+    get_hits: int
+    get_misses: int
+    sets: int
+    delete_hits: int
+    items: int
+    bytes: int
+    limit_bytes: int
+    evictions: int
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Any]) -> NodeStats:
+        """Raises KeyError, TypeError or ValueError for a reply without the figures."""
+        return cls(
+            get_hits=int(stats["hits"]),
+            get_misses=int(stats["misses"]),
+            sets=int(stats["sets"]),
+            delete_hits=int(stats["deletes"]),
+            items=int(stats["items"]),
+            bytes=int(stats["bytes"]),
+            limit_bytes=int(stats["capacity"]),
+            evictions=int(stats["evictions"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    """What one scrape shows, gathered before the (synchronous) collection."""
+
+    size: int
+    nodes: Mapping[str, NodeStats | None]  # by node id; None: did not answer
+    resizes: Mapping[str, int]  # by kind: manual, automatic, failed
+    last_minute: MinuteStats | None
+    # The predicted miss ratio of the pool at each size (nodes -> ratio), or
+    # None until a prediction exists: see predicted_miss_ratio_by_size.
+    predicted_miss_ratio: Mapping[int, float] | None = None
+
+
+class PoolCollector:
+    """A prometheus_client collector of one ``PoolSnapshot``."""
+
+    def __init__(self, snapshot: PoolSnapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._node_series()
+        yield from self._pool_series()
+
+    def _node_series(self) -> Iterator[Metric]:
+        nodes = self._snapshot.nodes
+        up = GaugeMetricFamily(
+            "memcached_up", "Could the memcached server be reached.", labels=["node"]
+        )
+        for node_id, stats in nodes.items():
+            up.add_metric([node_id], 0 if stats is None else 1)
+        yield up
+        answering = {node_id: stats for node_id, stats in nodes.items() if stats is not None}
+        commands = CounterMetricFamily(
+            "memcached_commands",
+            "Total number of all requests broken down by command (get, set, etc.) and status.",
+            labels=["node", "command", "status"],
+        )
+        for node_id, stats in answering.items():
+            # memcached_exporter's label values; the node counts no delete misses.
+            for command, status, count in (
+                ("get", "hit", stats.get_hits),
+                ("get", "miss", stats.get_misses),
+                ("set", "hit", stats.sets),
+                ("delete", "hit", stats.delete_hits),
+            ):
+                commands.add_metric([node_id, command, status], count)
+        yield commands
+        yield _per_node(
+            GaugeMetricFamily(
+                "memcached_current_items",
+                "Current number of items stored by this instance.",
+                labels=["node"],
+            ),
+            ((node_id, stats.items) for node_id, stats in answering.items()),
+        )
+        yield _per_node(
+            GaugeMetricFamily(
+                "memcached_current_bytes",
+                "Current number of bytes used to store items.",
+                labels=["node"],
+            ),
+            ((node_id, stats.bytes) for node_id, stats in answering.items()),
+        )
+        yield _per_node(
+            GaugeMetricFamily(
+                "memcached_limit_bytes",
+                "Number of bytes this server is allowed to use for storage.",
+                labels=["node"],
+            ),
+            ((node_id, stats.limit_bytes) for node_id, stats in answering.items()),
+        )
+        yield _per_node(
+            CounterMetricFamily(
+                "memcached_items_evicted",
+                "Total number of valid items removed from cache to free memory for new items.",
+                labels=["node"],
+            ),
+            ((node_id, stats.evictions) for node_id, stats in answering.items()),
+        )
+
+    def _pool_series(self) -> Iterator[Metric]:
+        snapshot = self._snapshot
+        nodes = GaugeMetricFamily("imagecache_nodes", "Cache nodes in the pool")
+        nodes.add_metric([], snapshot.size)
+        yield nodes
+        resizes = CounterMetricFamily(
+            "imagecache_resizes",
+            "Resizes of the pool in the activity history, by cause: manual, automatic, failed",
+            labels=["cause"],
+        )
+        for kind, count in snapshot.resizes.items():
+            resizes.add_metric([kind], count)
+        yield resizes
+        if snapshot.predicted_miss_ratio is not None:
+            predicted = GaugeMetricFamily(
+                "imagecache_predicted_miss_ratio",
+                "The miss ratio the pool is predicted to have with this many nodes",
+                labels=["nodes"],
+            )
+            for size, ratio in sorted(snapshot.predicted_miss_ratio.items()):
+                predicted.add_metric([str(size)], ratio)
+            yield predicted
+        minute = snapshot.last_minute
+        for name, value in (
+            ("miss_rate", minute.miss_rate if minute else None),
+            ("hit_rate", minute.hit_rate if minute else None),
+        ):
+            family = GaugeMetricFamily(
+                f"imagecache_pool_{name}", f"The pool's {name} over the last minute"
+            )
+            if value is not None:
+                family.add_metric([], value)
+            yield family
+        if minute is not None:
+            for name, number in (("items", minute.items), ("bytes", minute.bytes)):
+                family = GaugeMetricFamily(f"imagecache_pool_{name}", f"Cached {name} in the pool")
+                family.add_metric([], number)
+                yield family
+
+
+def _per_node(
+    family: GaugeMetricFamily | CounterMetricFamily, values: Iterable[tuple[str, float]]
+) -> Metric:
+    for node_id, value in values:
+        family.add_metric([node_id], value)
+    return family
+
+
+async def read_node(node: NodeHandle, access: NodeAccess) -> NodeStats | None:
+    """The node's STATS figures, or None when it does not answer them in ``NODE_TIMEOUT``."""
+    try:
+        host, port = parse_address(node.address)
+        async with asyncio.timeout(NODE_TIMEOUT):
+            async with NodeClient(
+                host,
+                port,
+                pool_size=1,
+                timeout=NODE_TIMEOUT,
+                connect_timeout=NODE_TIMEOUT,
+                access=access,
+            ) as client:
+                return NodeStats.from_stats(await client.stats())
+    except (NodeError, ConfigError, TimeoutError, OSError) as error:
+        # The collector warns about a node that stops answering; once is enough.
+        log.debug("node %s (%s) left out of the scrape: %s", node.node_id, node.address, error)
+    except (KeyError, TypeError, ValueError) as error:
+        log.warning(
+            "node %s (%s) answered STATS without its figures: %r", node.node_id, node.address, error
+        )
+    return None
+
+
+async def read_nodes(
+    members: Sequence[NodeHandle], access: NodeAccess
+) -> dict[str, NodeStats | None]:
+    """Every member's figures (None for one that does not answer), read at once."""
+    nodes: dict[str, NodeHandle] = {}
+    for node in members:
+        nodes.setdefault(node.node_id, node)  # one series per node id
+    readings = await asyncio.gather(*(read_node(node, access) for node in nodes.values()))
+    return dict(zip(nodes, readings, strict=True))
+
+
+def predicted_miss_ratio_by_size(app: web.Application) -> Mapping[int, float] | None:
+    """The place for the pool's predicted miss ratio at each size (1..8 nodes).
+
+    None until the prediction (from sampled simulations of the key stream) is
+    built: the series is left out rather than shown with made-up values.
+    """
+    return None
+
+
+async def snapshot(app: web.Application) -> PoolSnapshot:
+    """What a scrape of the manager ``app`` shows now."""
+    controller = app[CONTROLLER]
+    members = controller.members
+    nodes, resizes = await asyncio.gather(
+        read_nodes(members, app[CONFIG].node_access()), app[RECORDS].count_resizes()
+    )
+    return PoolSnapshot(
+        size=controller.size,
+        nodes=nodes,
+        resizes=resizes,
+        last_minute=app[COLLECTOR].last_minute(),
+        predicted_miss_ratio=predicted_miss_ratio_by_size(app),
+    )
+
+
+async def exposition(app: web.Application) -> bytes:
+    """The metrics of the manager ``app`` in Prometheus's text format."""
+    registry = CollectorRegistry()
+    registry.register(PoolCollector(await snapshot(app)))
+    return generate_latest(registry)
