@@ -23,11 +23,15 @@ from prometheus_client.samples import Sample
 from cachenode.client import NodeAccess, NodeClient
 from cachenode.store import ITEM_OVERHEAD, MIB
 from imagecache.config import Config, parse_address, with_data_dir
+from imagecache.database import Database
 from manager.app import create_app as create_manager
 from manager.appkeys import BACKEND, CONTROLLER, RECORDS
 from manager.backends.base import NodeHandle
 from manager.backends.local import LocalPool
 from manager.prometheus import NODE_TIMEOUT
+from manager.records import ManagerRecords
+from tests.mariadb import mariadb_database_url, mariadb_url  # noqa: F401
+from tests.metadata_db import database_fixture, metadata_url_fixture  # noqa: F401
 from tests.test_manager import free_port_range
 
 GATEWAY_TOKEN = "gateway-token-for-tests"
@@ -203,3 +207,19 @@ async def test_no_predicted_miss_ratio_without_a_prediction(manager: Manager) ->
     assert "imagecache_predicted_miss_ratio" not in families
     assert families["imagecache_nodes"][0].value == 1
     assert set(by_node(families["memcached_up"]).values()) == {1}
+
+
+async def test_resize_kinds_are_counted_on_sqlite_and_mariadb(database: Database) -> None:
+    records = await ManagerRecords.open(database)
+    assert await records.count_resizes() == {"manual": 0, "automatic": 0, "failed": 0}
+    for cause in (
+        "configure_cache (API)",
+        "manual expand by 2 (dashboard)",
+        "manual: not the autoscaler: but named after it",
+        "autoscaler: miss rate 90% > maxMiss",
+        "autoscaler: miss rate 1% < minMiss",
+        "autoscaler: miss rate 95% > maxMiss",
+        "failed: could not start a node",
+    ):
+        await records.add_activity(1, 2, cause, None)
+    assert await records.count_resizes() == {"manual": 3, "automatic": 3, "failed": 1}
