@@ -18,7 +18,7 @@ MINUTE = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def minute(lookups: int, misses: int) -> MinuteStats:
-    return MinuteStats(MINUTE, 1, lookups, lookups - misses, misses, lookups, 0, 0)
+    return MinuteStats(MINUTE, 8, lookups, lookups - misses, misses, lookups, 0, 0)
 
 
 @pytest.mark.parametrize(

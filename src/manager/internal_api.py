@@ -10,7 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
+from imagecache.errors import StorageError
 from manager.appkeys import COLLECTOR, CONTROLLER
+from manager.backends.base import PoolError
 from manager.forms import read_form
 from manager.pool import ResizeError
 from manager.settings import MAX_NODES, MIN_NODES, SettingsError, apply_params, policy_label
@@ -50,12 +52,13 @@ async def configure_cache(request: web.Request) -> web.Response:
             target = int(text)
     except SettingsError as problem:
         return error(400, str(problem))
-    await controller.apply_settings(settings)
-    if target is not None:
-        try:
-            await controller.resize(target, "configure_cache (API)")
-        except ResizeError as problem:
-            return error(400, str(problem))
+    try:
+        await controller.configure(settings, target, "configure_cache (API)")
+    except ResizeError as problem:
+        return error(400, str(problem))
+    except (PoolError, StorageError) as problem:
+        # Logged by the controller; the settings and the size are as they were.
+        return error(503, f"the pool could not be resized, nothing changed: {problem}")
     answer: dict[str, Any] = {
         "success": "true",
         "mode": settings.mode.value,

@@ -131,16 +131,47 @@ class PoolController:
                 f"the pool must keep {MIN_NODES} to {MAX_NODES} nodes; {target} is outside"
             )
         async with self._lock:
-            before = len(self._members)
-            if target > before:
-                await self._grow(target - before)
-            elif target < before:
-                await self._shrink(before - target)
-            if target != before:
-                self.last_resize = time.monotonic()
-                await self._records.add_activity(before, target, cause, miss_rate)
-                log.info("pool resized %d -> %d: %s", before, target, cause)
-            return Resize(before, target)
+            return await self._resize(target, cause, miss_rate)
+
+    async def configure(self, settings: CacheSettings, target: int | None, cause: str) -> None:
+        """Store ``settings`` and resize to ``target`` nodes (None: keep the size) as one unit.
+
+        Joining nodes get the new settings, then every member does. When the
+        resize fails (PoolError, StorageError) the settings in force before
+        are stored and pushed again, and the error is raised: nothing changed.
+        """
+        if target is not None and not MIN_NODES <= target <= MAX_NODES:
+            raise ResizeError(
+                f"the pool must keep {MIN_NODES} to {MAX_NODES} nodes; {target} is outside"
+            )
+        async with self._lock:
+            before = await self.settings()
+            # Stored first: the nodes a grow starts read their settings from the store.
+            await self._records.put_settings(settings.to_strings())
+            try:
+                if target is not None:
+                    await self._resize(target, cause)
+            except (PoolError, StorageError) as error:
+                log.warning("%s failed, settings restored: %s", cause, error)
+                await self._records.put_settings(before.to_strings())
+                await self._configure(self._members, before, strict=False)
+                raise
+            # A node that is down now gets the settings when it is restarted
+            # (node_restarted): its failure here is logged, not an error.
+            await self._configure(self._members, settings, strict=False)
+
+    async def _resize(self, target: int, cause: str, miss_rate: float | None = None) -> Resize:
+        """``resize`` with the lock held."""
+        before = len(self._members)
+        if target > before:
+            await self._grow(target - before)
+        elif target < before:
+            await self._shrink(before - target)
+        if target != before:
+            self.last_resize = time.monotonic()
+            await self._records.add_activity(before, target, cause, miss_rate)
+            log.info("pool resized %d -> %d: %s", before, target, cause)
+        return Resize(before, target)
 
     async def _grow(self, count: int) -> None:
         """Start nodes, let every gateway invalidate on them, warm them, then route to them."""

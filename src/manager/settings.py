@@ -6,6 +6,7 @@ sees the same values, and validated here as a whole before anything changes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
@@ -13,6 +14,7 @@ from typing import Any
 
 MIN_NODES = 1
 MAX_NODES = 8
+MAX_MIN_LOOKUPS = 10_000_000
 
 
 class Mode(StrEnum):
@@ -33,6 +35,9 @@ class CacheSettings:
     min_miss: float = 0.1  # shrink when it is below this
     exp_ratio: float = 2.0  # grow to ceil(n * exp_ratio)
     shrink_ratio: float = 0.5  # shrink to floor(n * shrink_ratio)
+    # A minute with fewer lookups is no evidence: a handful of reads (one
+    # missing key is a 100% miss rate) must not resize the pool.
+    min_lookups: int = 100
 
     def validate(self) -> CacheSettings:
         """Return self, or raise SettingsError naming the first bad value."""
@@ -52,6 +57,11 @@ class CacheSettings:
             raise SettingsError(f"expRatio must be above 1 (and at most 8), not {self.exp_ratio:g}")
         if not 0 < self.shrink_ratio < 1:
             raise SettingsError(f"shrinkRatio must be between 0 and 1, not {self.shrink_ratio:g}")
+        if not 0 <= self.min_lookups <= MAX_MIN_LOOKUPS:
+            raise SettingsError(
+                f"minLookups must be a whole number from 0 to {MAX_MIN_LOOKUPS}, "
+                f"not {self.min_lookups:g}"
+            )
         return self
 
     def to_strings(self) -> dict[str, str]:
@@ -81,6 +91,9 @@ API_NAMES = {
     "expRatio": "exp_ratio",
     "shrinkRatio": "shrink_ratio",
 }
+# Parameters the API takes that the Memory Configuration page does not show
+# yet (each of API_NAMES needs a label there, manager.views.FIELD_LABELS).
+NEWER_API_NAMES = {"minLookups": "min_lookups"}
 POLICY_NAMES = {"lru": "lru", "rr": "random", "random": "random"}
 
 
@@ -91,7 +104,7 @@ def apply_params(settings: CacheSettings, params: Mapping[str, str]) -> CacheSet
     number, or a combination out of range.
     """
     changes: dict[str, Any] = {}
-    for api_name, name in API_NAMES.items():
+    for api_name, name in (API_NAMES | NEWER_API_NAMES).items():
         if api_name in params and params[api_name] != "":
             changes[name] = _parse(name, params[api_name])
     return replace(settings, **changes).validate()
@@ -113,6 +126,10 @@ def _parse(name: str, text: str) -> object:
             return Mode(text.strip().lower())
         except ValueError:
             raise SettingsError(f"mode must be manual or auto, not {text!r}") from None
+    if name == "min_lookups":
+        if re.fullmatch(r"[0-9]{1,9}", text.strip()) is None:
+            raise SettingsError(f"minLookups must be a whole number, not {text!r}")
+        return int(text)
     try:
         value = float(text)
     except ValueError:

@@ -1,0 +1,256 @@
+"""The autoscaler acts only on honest evidence (issue 11).
+
+The rules as tables over ``decide`` and ``stabilized``, then the autoscaler
+and configure_cache against a real manager (SQLite store, local pool of
+node processes): migration reads are no lookups, a failed resize backs off,
+and a configure_cache whose resize fails changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from cachenode.client import NodeClient
+from imagecache.config import parse_address
+from manager.appkeys import BACKEND, CONTROLLER
+from manager.autoscaler import (
+    RETRY_FIRST_SECONDS,
+    RETRY_MAX_SECONDS,
+    STABILIZATION_JUDGEMENTS,
+    Autoscaler,
+    decide,
+    stabilized,
+)
+from manager.backends.local import LocalPool
+from manager.metrics import MinuteStats
+from manager.settings import CacheSettings, Mode, SettingsError, apply_params
+from tests.test_manager import System, running_system
+
+SETTINGS = CacheSettings(
+    capacity_mb=64.0,
+    mode=Mode.AUTO,
+    max_miss=0.5,
+    min_miss=0.2,
+    exp_ratio=2.0,
+    shrink_ratio=0.5,
+    min_lookups=100,
+)
+MINUTE = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+MB = 1 << 20
+
+
+def minute(lookups: int, misses: int, *, workers: int = 8, mb_in_use: float = 0) -> MinuteStats:
+    return MinuteStats(
+        MINUTE, workers, lookups, lookups - misses, misses, lookups, 0, round(mb_in_use * MB)
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "stats", "target"),
+    [
+        # Too few lookups is no evidence, whatever their miss rate (the cases seen).
+        (2, minute(46, 0), 2),
+        (8, minute(4, 0), 8),
+        (4, minute(14, 14), 4),
+        (1, minute(13, 13), 1),
+        (1, minute(1, 1), 1),
+        (1, minute(99, 99), 1),
+        # From minLookups on it is.
+        (1, minute(100, 90), 2),
+        (4, minute(100, 0), 2),
+        # A shrink only to a pool that holds the bytes in use (64 MB a node).
+        (4, minute(1000, 0, mb_in_use=128), 2),  # exactly fits in 2
+        (4, minute(1000, 0, mb_in_use=129), 3),  # 2 would not hold it: 3 do
+        (4, minute(1000, 0, mb_in_use=200), 4),  # only 4 hold it
+        (8, minute(1000, 0, mb_in_use=10), 4),
+        (2, minute(1000, 0, mb_in_use=64.5), 2),
+        # Unknown bytes (a node did not report): no shrink.
+        (4, minute(1000, 0, workers=3, mb_in_use=1), 4),
+        # Growth does not look at the bytes.
+        (2, minute(1000, 900, mb_in_use=1), 4),
+    ],
+)
+def test_decide_acts_only_on_evidence(size: int, stats: MinuteStats, target: int) -> None:
+    decision = decide(size, replace(stats, workers=min(stats.workers, size)), SETTINGS, None)
+    assert decision.target == target, decision.reason
+    assert decision.reason
+
+
+def test_too_few_lookups_says_so() -> None:
+    decision = decide(2, minute(46, 0), SETTINGS, None)
+    assert "46 lookups" in decision.reason
+    assert "no evidence" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("size", "recommended", "recent", "target"),
+    [
+        (8, 4, [], 4),  # nothing recommended before: as recommended
+        (8, 4, [8, 4, 4, 4], 8),  # a larger pool recommended within the window
+        (8, 4, [4, 4, 4, 4], 4),  # the whole window agreed
+        (8, 4, [4, 6, 4, 4], 6),  # held at the highest recommended
+        (4, 8, [2, 2, 2, 2], 8),  # growth is never held back
+        (4, 4, [8, 8, 8, 8], 4),  # staying put is never changed
+    ],
+)
+def test_a_shrink_is_stabilized(
+    size: int, recommended: int, recent: list[int], target: int
+) -> None:
+    decision = decide(size, minute(1000, 0 if recommended < size else 900), SETTINGS, None)
+    if recommended == size:
+        decision = replace(decision, target=size)
+    assert decision.target == recommended
+    assert stabilized(decision, recent).target == target
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"minLookups": "0"}, 0),
+        ({"minLookups": "250"}, 250),
+        ({}, 100),
+    ],
+)
+def test_min_lookups_is_a_setting(params: dict[str, str], expected: int) -> None:
+    settings = apply_params(CacheSettings(), params)
+    assert settings.min_lookups == expected
+    assert CacheSettings.from_strings(settings.to_strings()) == settings
+
+
+@pytest.mark.parametrize("text", ["-1", "1.5", "lots", "nan", "1e3", "99999999999", "²"])
+def test_bad_min_lookups_are_refused(text: str) -> None:
+    with pytest.raises(SettingsError):
+        apply_params(CacheSettings(), {"minLookups": text})
+
+
+# -- against a real manager ------------------------------------------------
+
+
+@pytest.fixture
+async def system(tmp_path: Path) -> AsyncIterator[System]:
+    async with running_system(tmp_path, collect_seconds=60.0) as running:
+        yield running
+
+
+async def node_counters(system: System) -> dict[str, tuple[int, int]]:
+    """(lookups, misses) of each member, by address."""
+    counters = {}
+    for node in system.manager.app[CONTROLLER].members:
+        host, port = parse_address(node.address)
+        async with NodeClient(host, port, timeout=2) as client:
+            stats = await client.stats()
+        counters[node.address] = (int(stats["lookups"]), int(stats["misses"]))
+    return counters
+
+
+async def test_migration_reads_are_no_lookups(system: System) -> None:
+    controller = system.manager.app[CONTROLLER]
+    (node,) = controller.members
+    host, port = parse_address(node.address)
+    async with NodeClient(host, port, timeout=2) as client:
+        ticket = await client.ticket()
+        for number in range(60):
+            await client.set(f"key-{number}".encode(), b"x" * 100, version=1, ticket=ticket)
+    before = await node_counters(system)
+    await controller.resize(4, "test")
+    assert controller.last_migration is not None
+    assert controller.last_migration.moved > 0
+    after = await node_counters(system)
+    assert after[node.address] == before[node.address]
+    assert all(counts == (0, 0) for address, counts in after.items() if address != node.address)
+
+
+class Clock:
+    """The monotonic clock the pool controller uses, moved on by hand from now."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_failed_resize_backs_off_doubling(
+    system: System, caplog: pytest.LogCaptureFixture
+) -> None:
+    controller = system.manager.app[CONTROLLER]
+    await system.api("configure_cache", mode="auto", maxMiss="0.5", minMiss="0.2")
+    backend = system.manager.app[BACKEND]
+    assert isinstance(backend, LocalPool)
+    backend.capacity_mb = -1  # every node it starts from now on refuses to run
+    clock = Clock()
+    autoscaler = Autoscaler(controller, lambda: minute(1000, 900, workers=1), 0.0, clock)
+    attempts_at: list[float] = []
+    caplog.set_level(logging.WARNING, logger="manager.autoscaler")
+    for _ in range(12):  # one judgement a minute for 12 minutes
+        caplog.clear()
+        decision = await autoscaler.tick()
+        assert decision is not None
+        failures = [r for r in caplog.records if "failed" in r.getMessage()]
+        if decision.resizes:
+            attempts_at.append(clock.now)
+            assert len(failures) == 1  # logged once per attempt
+        else:
+            assert "backing off" in decision.reason
+            assert failures == []
+        clock.now += 60
+    assert controller.size == 1
+    # Tries at 0, 2 and 6 minutes (the next would be at 14).
+    start = attempts_at[0]
+    assert attempts_at == [start, start + RETRY_FIRST_SECONDS, start + 3 * RETRY_FIRST_SECONDS]
+    assert RETRY_MAX_SECONDS >= 8 * RETRY_FIRST_SECONDS
+
+
+async def test_a_shrink_waits_for_the_stabilization_window(system: System) -> None:
+    controller = system.manager.app[CONTROLLER]
+    await system.api("configure_cache", mode="auto", numNodes="4")
+    figures = minute(1000, 900, workers=4)
+    clock = Clock()
+    autoscaler = Autoscaler(controller, lambda: figures, 0.0, clock)
+    decision = await autoscaler.tick()  # a miss-heavy minute grows the pool to 8 ...
+    assert decision is not None
+    assert decision.target == 8
+    assert controller.size == 8
+    figures = minute(1000, 0, workers=8)  # ... then all hits, and little in use
+    targets = []
+    for _ in range(STABILIZATION_JUDGEMENTS):
+        clock.now = time.monotonic() + 60
+        decision = await autoscaler.tick()
+        assert decision is not None
+        targets.append(decision.target)
+    # Held while the grow's recommendation is among the last judgements.
+    assert targets == [8] * (STABILIZATION_JUDGEMENTS - 1) + [4]
+    assert controller.size == 4
+
+
+async def test_configure_cache_whose_resize_fails_changes_nothing(system: System) -> None:
+    controller = system.manager.app[CONTROLLER]
+    backend = system.manager.app[BACKEND]
+    assert isinstance(backend, LocalPool)
+    before = await controller.settings()
+    (node,) = controller.members
+    backend.capacity_mb = -1  # every node it starts from now on refuses to run
+    answer = await system.api(
+        "configure_cache", 503, numNodes="3", cacheSize="8", policy="RR", mode="auto"
+    )
+    assert answer["success"] == "false"
+    assert await controller.settings() == before
+    assert controller.size == 1
+    assert len(await backend.nodes()) == 1
+    host, port = parse_address(node.address)
+    async with NodeClient(host, port, timeout=2) as client:
+        config = await client.config()
+    assert config["capacity_mb"] == before.capacity_mb
+    assert config["policy"] == before.policy
+    # Without a resize, or with one that works, the settings are applied.
+    backend.capacity_mb = before.capacity_mb
+    await system.api("configure_cache", numNodes="2", cacheSize="8", policy="RR")
+    assert (await controller.settings()).capacity_mb == 8
+    assert controller.size == 2
