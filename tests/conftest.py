@@ -15,11 +15,18 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from hypothesis import settings
 from PIL import Image as PILImage
 
 from cachenode.server import NodeConfig, NodeServer
 from imagecache.app import create_app
 from imagecache.config import Config, with_data_dir
+
+# The fuzz tests draw the same examples on every run (a failing CI run can be
+# replayed); HYPOTHESIS_PROFILE=explore draws new ones, to look for more.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture

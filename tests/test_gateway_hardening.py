@@ -100,6 +100,11 @@ MALFORMED_BODIES = {
         b"Content-Transfer-Encoding: base64\r\n\r\na\r\n--zz--\r\n",
     ),
     "unknown-charset": ("application/x-www-form-urlencoded; charset=no-such", b"a=b"),
+    "unparseable-content-disposition": (
+        "multipart/form-data; boundary=zz",
+        b'--zz\r\nContent-Disposition: form-data; name=")C*;}?k1"-pm<2(FQE; filename="f.txt"\r\n'
+        b"\r\nabc\r\n--zz--\r\n",
+    ),
 }
 
 

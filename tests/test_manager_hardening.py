@@ -109,6 +109,12 @@ MALFORMED_BODIES = {
         b'--zz\r\nContent-Disposition: form-data; name="csrf"\r\n'
         b"Content-Transfer-Encoding: rot13\r\n\r\nabc\r\n--zz--\r\n",
     ),
+    # Found by the fuzz in CI: aiohttp warns, and warnings are errors in the tests.
+    "unparseable Content-Disposition": (
+        "multipart/form-data; boundary=zz",
+        b'--zz\r\nContent-Disposition: form-data; name=")C*;}?k1"-pm<2(FQE; filename="f.txt"\r\n'
+        b"\r\nabc\r\n--zz--\r\n",
+    ),
 }
 
 

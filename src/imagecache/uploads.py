@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 
 from imagecache.errors import BadRequest, ImagecacheError, UploadTooLarge
 
@@ -25,7 +26,17 @@ _MAX_TEXT_FIELD_BYTES = 4096
 # boundaries and cut-short bodies, RuntimeError for unknown encodings,
 # LookupError for unknown charsets, zlib.error for a bad deflate/gzip part,
 # HttpProcessingError for a part's malformed headers.
-_MALFORMED = (ValueError, RuntimeError, LookupError, zlib.error, HttpProcessingError)
+# aiohttp only warns of a malformed Content-Disposition (the part then has no
+# name, which is refused anyway); where warnings are errors it raises them.
+_MALFORMED = (
+    ValueError,
+    RuntimeError,
+    LookupError,
+    zlib.error,
+    HttpProcessingError,
+    BadContentDispositionHeader,
+    BadContentDispositionParam,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,17 @@ log = logging.getLogger(__name__)
 # (an unknown charset), RuntimeError (an unknown content or transfer
 # encoding), zlib.error (a broken deflate part), HttpProcessingError (a
 # part's headers).
-_UNREADABLE = (ValueError, LookupError, RuntimeError, zlib.error, HttpProcessingError)
+# aiohttp only warns of a malformed Content-Disposition (and then reads the part
+# as nameless, which is refused anyway); where warnings are errors it raises them.
+_UNREADABLE = (
+    ValueError,
+    LookupError,
+    RuntimeError,
+    zlib.error,
+    HttpProcessingError,
+    BadContentDispositionHeader,
+    BadContentDispositionParam,
+)
 # How much of aiohttp's reason goes into the log line.
 REASON_MAX_CHARS = 200
 # Parts of a multipart form at most (the largest manager form has 9 fields).
