@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 
+from cachenode.client import NodeAccess, NodeClient
+from cachenode.errors import NodeError
+from imagecache.config import ConfigError, parse_address
 from imagecache.flash import set_flash, take_flash
 from manager.appkeys import (
     AUTOSCALER,
@@ -33,16 +38,46 @@ from manager.auth import (
     local_path,
     retry_after,
 )
-from manager.backends.base import PoolError
-from manager.charts import render_charts
+from manager.backends.base import NodeHandle, PoolError
+from manager.charts import MissThresholds, render_charts
 from manager.forms import read_form
 from manager.pool import ResizeError
-from manager.settings import MAX_NODES, MIN_NODES, SettingsError, apply_params, policy_label
+from manager.settings import (
+    API_NAMES,
+    MAX_NODES,
+    MIN_NODES,
+    CacheSettings,
+    SettingsError,
+    apply_params,
+    policy_label,
+)
 
 log = logging.getLogger(__name__)
 
 SPAN_MINUTES = 30
 _WHOLE_NUMBER = re.compile("0*[1-9][0-9]{0,3}")  # 1 or more
+# How long the Memory Configuration page waits for a node's STATS: a node
+# that is slower than this is shown as not answering, and the page is not held up.
+HEALTH_TIMEOUT_SECONDS = 0.5
+# Resizes shown as marks on the charts: more than a 30-minute span can hold.
+CHART_RESIZES = 100
+# A resize that failed is recorded with a cause that begins so (manager.records).
+FAILED_CAUSE = "failed:"
+# The settings form's labels (templates/manager/config.html), by API and by
+# internal name: a refusal names the field as the page does.
+FIELD_LABELS = {
+    "cacheSize": "Capacity per node (MB)",
+    "policy": "Replacement policy",
+    "mode": "Mode",
+    "maxMiss": "Grow when the miss rate is above",
+    "minMiss": "Shrink when the miss rate is below",
+    "expRatio": "Grow by the ratio",
+    "shrinkRatio": "Shrink by the ratio",
+}
+FIELD_LABELS |= {name: FIELD_LABELS[api_name] for api_name, name in API_NAMES.items()}
+_FIELD_NAME = re.compile(r"\b(" + "|".join(map(re.escape, FIELD_LABELS)) + r")\b")
+# How much of a refused value the page shows back in its field.
+ECHO_MAX_CHARS = 100
 
 
 def add_routes(app: web.Application) -> None:
@@ -51,6 +86,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_get("/config", config_page)
+    app.router.add_get("/config/pool", pool_fragment)
     app.router.add_post("/config/settings", save_settings)
     app.router.add_post("/config/resize", resize)
     app.router.add_post("/config/clear", clear_cache)
@@ -156,28 +192,156 @@ async def logout(request: web.Request) -> web.Response:
     return response
 
 
+@dataclass(frozen=True, slots=True)
+class NodeHealth:
+    """One node as its STATS showed it just now (``answers`` False: no figures)."""
+
+    answers: bool
+    items: int = 0
+    megabytes: float = 0.0
+    hit_rate: float | None = None  # over the node's lifetime; None before any lookup
+    uptime_seconds: float | None = None
+
+    @property
+    def uptime(self) -> str:
+        """The uptime as a person reads it: 45 s, 12 min, 3 h 05 min, 2 d 4 h."""
+        if self.uptime_seconds is None:
+            return "\N{EN DASH}"
+        seconds = int(self.uptime_seconds)
+        if seconds < 60:
+            return f"{seconds} s"
+        if seconds < 3600:
+            return f"{seconds // 60} min"
+        if seconds < 86400:
+            return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+        return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+async def node_health(nodes: Sequence[NodeHandle], access: NodeAccess) -> dict[str, NodeHealth]:
+    """Every node's STATS, read concurrently, each within HEALTH_TIMEOUT_SECONDS."""
+    answers = await asyncio.gather(*(_health_of(node, access) for node in nodes))
+    return {node.node_id: health for node, health in zip(nodes, answers, strict=True)}
+
+
+async def _health_of(node: NodeHandle, access: NodeAccess) -> NodeHealth:
+    try:
+        host, port = parse_address(node.address)
+        async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
+            async with NodeClient(
+                host,
+                port,
+                pool_size=1,
+                timeout=HEALTH_TIMEOUT_SECONDS,
+                connect_timeout=HEALTH_TIMEOUT_SECONDS,
+                access=access,
+            ) as client:
+                stats = await client.stats()
+        lookups, hits = int(stats["lookups"]), int(stats["hits"])
+        uptime = stats.get("uptime")
+        return NodeHealth(
+            answers=True,
+            items=int(stats["items"]),
+            megabytes=int(stats["bytes"]) / (1 << 20),
+            hit_rate=hits / lookups if lookups else None,
+            uptime_seconds=float(uptime) if isinstance(uptime, int | float) else None,
+        )
+    except (NodeError, ConfigError, OSError, TimeoutError, KeyError, TypeError, ValueError):
+        # Not logged: the page asks every few seconds, and the collector
+        # already logs a node that stops answering (once per failure streak).
+        return NodeHealth(answers=False)
+
+
 async def config_page(request: web.Request) -> web.Response:
+    return await _render_config(request)
+
+
+async def _render_config(
+    request: web.Request,
+    status: int = 200,
+    entered: Mapping[str, str] | None = None,
+    invalid: frozenset[str] = frozenset(),
+    flash: tuple[str, str] | None = None,
+) -> web.Response:
+    """The Memory Configuration page; ``entered``: the settings form as the user
+    filled it in (shown back after a refusal), ``invalid``: its refused fields."""
     controller = request.app[CONTROLLER]
+    settings = await controller.settings()
+    context: dict[str, Any] = {}
+    if flash is not None:
+        context["flash"] = flash
     return render(
         request,
         "config.html",
+        status=status,
         page="config",
-        settings=await controller.settings(),
-        policy_label=policy_label,
-        members=controller.members,
-        health=await controller.ping_all(),
-        min_nodes=MIN_NODES,
-        max_nodes=MAX_NODES,
+        settings=settings,
+        form=_settings_form(settings) | dict(entered or {}),
+        invalid=invalid,
+        labels=FIELD_LABELS,
+        **await _pool_context(request),
+        **context,
     )
 
 
+async def _pool_context(request: web.Request) -> dict[str, Any]:
+    controller = request.app[CONTROLLER]
+    members = controller.members
+    return {
+        "members": members,
+        "health": await node_health(members, request.app[CONFIG].node_access()),
+        "min_nodes": MIN_NODES,
+        "max_nodes": MAX_NODES,
+    }
+
+
+async def pool_fragment(request: web.Request) -> web.Response:
+    """The pool's part of Memory Configuration, for the page to refresh itself with."""
+    # flash=None: a message waiting for the next page is not taken by this fragment.
+    response = render(request, "pool.html", flash=None, **await _pool_context(request))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _settings_form(settings: CacheSettings) -> dict[str, str]:
+    """The settings form's fields as the page shows ``settings``."""
+    return {
+        "cacheSize": f"{settings.capacity_mb:g}",
+        "policy": policy_label(settings.policy),
+        "mode": settings.mode.value,
+        "maxMiss": f"{settings.max_miss:g}",
+        "minMiss": f"{settings.min_miss:g}",
+        "expRatio": f"{settings.exp_ratio:g}",
+        "shrinkRatio": f"{settings.shrink_ratio:g}",
+    }
+
+
+def _echo(text: str) -> str:
+    """A submitted value as the page may show it back: short, and encodable."""
+    return text[:ECHO_MAX_CHARS].encode("utf-8", "replace").decode("utf-8")
+
+
 async def save_settings(request: web.Request) -> web.Response:
+    """Save the settings, or show the form again as the user filled it in (400),
+    naming the refused fields by their labels."""
     form = await read_form(request)
     controller = request.app[CONTROLLER]
     try:
         settings = apply_params(await controller.settings(), form)
     except SettingsError as error:
-        return _flash_redirect(request, "/config", "error", f"Nothing changed: {error}.")
+        log.info("settings refused, nothing changed: %s", error)
+        named = {match.group(1) for match in _FIELD_NAME.finditer(str(error))}
+        invalid = frozenset(
+            api_name for api_name, name in API_NAMES.items() if {api_name, name} & named
+        )
+        message = _FIELD_NAME.sub(lambda match: f"“{FIELD_LABELS[match.group(1)]}”", str(error))
+        entered = {name: _echo(form[name]) for name in API_NAMES if name in form}
+        return await _render_config(
+            request,
+            status=400,
+            entered=entered,
+            invalid=invalid,
+            flash=("error", f"Nothing changed: {message}."),
+        )
     await controller.apply_settings(settings)
     return _flash_redirect(
         request, "/config", "success", "Settings saved and pushed to every node."
@@ -239,9 +403,19 @@ async def charts_fragment(request: web.Request) -> web.Response:
 
 
 async def _charts(request: web.Request) -> list[Any]:
-    end = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
-    minutes = await request.app[METRICS].minutes(end - timedelta(minutes=SPAN_MINUTES), end)
-    return render_charts(minutes, end, SPAN_MINUTES)
+    # "now" as the end: the current minute is drawn as the partial one it is.
+    now = datetime.now(UTC)
+    end = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    app = request.app
+    minutes = await app[METRICS].minutes(end - timedelta(minutes=SPAN_MINUTES), end)
+    settings = await app[CONTROLLER].settings()
+    return render_charts(
+        minutes,
+        now,
+        SPAN_MINUTES,
+        resizes=await app[RECORDS].list_activity(CHART_RESIZES),
+        thresholds=MissThresholds(settings.min_miss, settings.max_miss),
+    )
 
 
 async def activity_page(request: web.Request) -> web.Response:
@@ -250,6 +424,7 @@ async def activity_page(request: web.Request) -> web.Response:
         "activity.html",
         page="activity",
         resizes=await request.app[RECORDS].list_activity(200),
+        failed_cause=FAILED_CAUSE,
         decisions=list(request.app[AUTOSCALER].decisions)[:50],
         mode=(await request.app[CONTROLLER].settings()).mode.value,
         settle=request.app[CONFIG].manager.settle_seconds,
