@@ -10,6 +10,7 @@ Debian's ``chromium``; the test skips, saying why, only where
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -17,9 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from playwright.async_api import ConsoleMessage, Page, Request, Response, expect
+from playwright.async_api import ConsoleMessage, Dialog, Page, Request, Response, expect
 
 from imagecache.config import Config, with_data_dir
 from manager.app import create_app as create_manager
@@ -237,3 +239,151 @@ async def test_log_in_expand_and_see_it_in_statistics_and_activity(
     assert abs((datetime.now(UTC) - at).total_seconds()) < 120, when
 
     assert problems == [], "\n".join(problems)
+
+
+async def log_in(page: Page) -> None:
+    await page.goto("/login?next=/config")
+    await page.fill("#password", PASSWORD)
+    async with page.expect_navigation(url="**/config"):
+        await page.click("button[type=submit]")
+
+
+async def test_delete_all_asks_first_and_cancelling_deletes_nothing(
+    page: Page, base_url: str, tmp_path: Path
+) -> None:
+    problems = record_problems(page, base_url)
+    await log_in(page)
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    dialogs: list[str] = []
+
+    async def dismiss(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    page.once("dialog", dismiss)
+    await page.fill("#confirm", "delete")
+    await page.click("button#delete-all")
+    for _ in range(50):
+        if dialogs:
+            break
+        await asyncio.sleep(0.1)
+    assert len(dialogs) == 1, "no confirmation dialog before deleting everything"
+    assert "cannot be undone" in dialogs[0]
+    await page.wait_for_timeout(300)  # time for a submission that should not happen
+    assert posts == [], posts
+    await expect(page.locator("p.flash")).to_have_count(0)
+    await expect(page.locator("#confirm")).to_have_value("delete")
+    await page.screenshot(path=tmp_path / "delete-all-cancelled.png")
+
+    # Accepting it deletes (there is nothing stored: 0 images).
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    async with page.expect_navigation(url="**/config"):
+        await page.click("button#delete-all")
+    await expect(page.locator("p.flash.success")).to_contain_text("Deleted all application data")
+    assert problems == [], "\n".join(problems)
+
+
+async def test_hovering_a_chart_point_shows_its_value(
+    page: Page, base_url: str, tmp_path: Path
+) -> None:
+    problems = record_problems(page, base_url)
+    await log_in(page)
+    await wait_for_current_workers(page, 1)
+    tip = page.locator("#chart-tip")
+    await expect(tip).to_be_hidden()
+    point = page.locator('figure.chart[data-title="Workers"] svg g.dots circle').last
+    await point.hover()
+    await expect(tip).to_be_visible()
+    label = (await chart_points(page, "Workers"))[-1][0]
+    await expect(tip).to_have_text(re.compile(rf"^{label} UTC: 1( \(partial minute, so far\))?$"))
+    # Next to the point, not somewhere else on the page.
+    tip_box, point_box = await tip.bounding_box(), await point.bounding_box()
+    assert tip_box is not None
+    assert point_box is not None
+    assert abs(tip_box["x"] + tip_box["width"] / 2 - point_box["x"]) < 20, (tip_box, point_box)
+    assert 0 < point_box["y"] - tip_box["y"] < 60, (tip_box, point_box)
+    await page.screenshot(path=tmp_path / "chart-tip.png")
+    # Off the charts, the tip goes away.
+    await page.mouse.move(5, 5)
+    await expect(tip).to_be_hidden()
+    assert problems == [], "\n".join(problems)
+
+
+async def test_a_resize_by_the_api_shows_on_the_open_configuration_page(
+    page: Page, base_url: str, tmp_path: Path
+) -> None:
+    problems = record_problems(page, base_url)
+    await log_in(page)
+    await expect(page.locator("span#workers")).to_have_text("1")
+    await expect(page.locator("#expand-count")).to_have_attribute("max", "7")
+    await expect(page.locator("table#nodes tbody tr")).to_have_count(1)
+    # The user is filling in a form meanwhile: the refresh must leave it alone.
+    await page.fill("#cacheSize", "12")
+    navigations: list[str] = []
+    page.on("framenavigated", lambda frame: navigations.append(frame.url))
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{base_url}/internal/configure_cache",
+            data={"numNodes": "3"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as reply:
+            assert reply.status == 200, await reply.text()
+
+    await expect(page.locator("span#workers")).to_have_text("3")
+    rows = page.locator("table#nodes tbody tr")
+    await expect(rows).to_have_count(3)
+    # Each node's health from its STATS: answers, items, MB, hit rate, uptime.
+    for i in range(3):
+        cells = rows.nth(i).locator("td")
+        await expect(cells.nth(2)).to_have_text("yes")
+        await expect(cells.nth(3)).to_have_text("0")
+        await expect(cells.nth(4)).to_have_text("0.0")
+        await expect(cells.nth(5)).to_have_text("–")
+        await expect(cells.nth(6)).to_have_text(re.compile(r"^\d+ s$"))
+    await expect(page.locator("#expand-count")).to_have_attribute("max", "5")
+    await expect(page.locator("#shrink-count")).to_have_attribute("max", "2")
+    await expect(page.locator("#cacheSize")).to_have_value("12")
+    assert navigations == [], navigations
+    await page.screenshot(path=tmp_path / "config-after-api-resize.png", full_page=True)
+
+    # Past the limit, the manager's own message, not the browser's bubble.
+    await page.fill("#expand-count", "9")
+    async with page.expect_navigation(url="**/config"):
+        await page.click("button#expand")
+    await expect(page.locator("p.flash.error")).to_contain_text("would leave 12 nodes")
+    await expect(page.locator("span#workers")).to_have_text("3")
+    assert problems == [], "\n".join(problems)
+
+
+async def test_a_refused_settings_change_keeps_the_values_and_names_the_labels(
+    page: Page, base_url: str, tmp_path: Path
+) -> None:
+    await log_in(page)
+    await page.select_option("#mode", "auto")
+    await page.fill("#cacheSize", "32")
+    await page.fill("#maxMiss", "0.3")
+    await page.fill("#minMiss", "0.6")  # above maxMiss: refused
+    async with page.expect_navigation() as navigation:
+        await page.click("button#save-settings")
+    response = await navigation.value
+    assert response is not None
+    assert response.status == 400
+    flash = page.locator("p.flash.error")
+    await expect(flash).to_contain_text("Nothing changed")
+    await expect(flash).to_contain_text("“Shrink when the miss rate is below”")
+    await expect(flash).to_contain_text("“Grow when the miss rate is above”")
+    assert "minMiss" not in await flash.inner_text()
+    # What the user typed is still there, the refused fields marked.
+    await expect(page.locator("#cacheSize")).to_have_value("32")
+    await expect(page.locator("#maxMiss")).to_have_value("0.3")
+    await expect(page.locator("#minMiss")).to_have_value("0.6")
+    await expect(page.locator("#mode")).to_have_value("auto")
+    await expect(page.locator("#minMiss")).to_have_attribute("aria-invalid", "true")
+    await expect(page.locator("#cacheSize")).not_to_have_attribute("aria-invalid", "true")
+    await page.screenshot(path=tmp_path / "settings-refused.png", full_page=True)
+    # Nothing was saved.
+    await page.goto("/config")
+    await expect(page.locator("#cacheSize")).to_have_value("64")
+    await expect(page.locator("#mode")).to_have_value("manual")
