@@ -323,13 +323,15 @@ async def test_a_resize_by_the_api_shows_on_the_open_configuration_page(
     navigations: list[str] = []
     page.on("framenavigated", lambda frame: navigations.append(frame.url))
 
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
             f"{base_url}/internal/configure_cache",
             data={"numNodes": "3"},
             headers={"Authorization": f"Bearer {TOKEN}"},
-        ) as reply:
-            assert reply.status == 200, await reply.text()
+        ) as reply,
+    ):
+        assert reply.status == 200, await reply.text()
 
     await expect(page.locator("span#workers")).to_have_text("3")
     rows = page.locator("table#nodes tbody tr")
@@ -340,7 +342,7 @@ async def test_a_resize_by_the_api_shows_on_the_open_configuration_page(
         await expect(cells.nth(2)).to_have_text("yes")
         await expect(cells.nth(3)).to_have_text("0")
         await expect(cells.nth(4)).to_have_text("0.0")
-        await expect(cells.nth(5)).to_have_text("–")
+        await expect(cells.nth(5)).to_have_text("\N{EN DASH}")
         await expect(cells.nth(6)).to_have_text(re.compile(r"^\d+ s$"))
     await expect(page.locator("#expand-count")).to_have_attribute("max", "5")
     await expect(page.locator("#shrink-count")).to_have_attribute("max", "2")
