@@ -19,7 +19,7 @@ import pytest
 
 from cachenode.client import NodeClient
 from imagecache.config import parse_address
-from manager.appkeys import BACKEND, CONTROLLER
+from manager.appkeys import BACKEND, CONTROLLER, RECORDS
 from manager.autoscaler import (
     RETRY_FIRST_SECONDS,
     RETRY_MAX_SECONDS,
@@ -243,6 +243,10 @@ async def test_configure_cache_whose_resize_fails_changes_nothing(system: System
     assert answer["success"] == "false"
     assert await controller.settings() == before
     assert controller.size == 1
+    # The failure is in the activity history (and so in /metrics), with the size kept.
+    (failed, *_) = await system.manager.app[RECORDS].list_activity()
+    assert failed.cause.startswith("failed: ")
+    assert (failed.size_before, failed.size_after) == (1, 1)
     assert len(await backend.nodes()) == 1
     host, port = parse_address(node.address)
     async with NodeClient(host, port, timeout=2) as client:

@@ -35,7 +35,7 @@ from imagecache.ring import Ring
 from imagecache.service import ImageService
 from manager.backends.base import NodeHandle, PoolBackend, PoolError
 from manager.migration import MigrationReport, drop_keys_owned_elsewhere, move_keys
-from manager.records import ManagerRecords
+from manager.records import FAILED_CAUSE, ManagerRecords
 from manager.settings import MAX_NODES, MIN_NODES, CacheSettings
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,18 @@ class PoolController:
     async def _resize(self, target: int, cause: str, miss_rate: float | None = None) -> Resize:
         """``resize`` with the lock held."""
         before = len(self._members)
-        if target > before:
-            await self._grow(target - before)
-        elif target < before:
-            await self._shrink(before - target)
+        try:
+            if target > before:
+                await self._grow(target - before)
+            elif target < before:
+                await self._shrink(before - target)
+        except PoolError as error:
+            # Kept in the activity history (and counted by /metrics) with the size kept.
+            with contextlib.suppress(StorageError):
+                await self._records.add_activity(
+                    before, len(self._members), f"{FAILED_CAUSE} {cause}: {error}", miss_rate
+                )
+            raise
         if target != before:
             self.last_resize = time.monotonic()
             await self._records.add_activity(before, target, cause, miss_rate)
