@@ -28,6 +28,7 @@ class Leases:
         self._sweep_at = _FIRST_SWEEP
         self.granted = 0
         self.waits = 0  # times a client was told that another one is loading
+        self.found = 0  # LEASEs answered with the item (a fill landed first, or a mover's read)
 
     def acquire(self, key: bytes, seconds: float) -> float:
         """Grant ``key``'s lease for ``seconds`` and return 0.0, or, when someone

@@ -60,6 +60,7 @@ class Node:
         stats["capacity_mb"] = self.store.capacity / MIB
         stats["leases_granted"] = self.leases.granted
         stats["lease_waits"] = self.leases.waits
+        stats["lease_hits"] = self.leases.found
         stats["read_leases_granted"] = self.read_leases.granted
         stats["current_connections"] = self.current_connections
         stats["total_connections"] = self.total_connections

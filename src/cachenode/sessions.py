@@ -311,6 +311,7 @@ class BinarySession:
             raise InvalidKey("key is empty")
         item = self._node.store.peek(frame.key)
         if item is not None:
+            self._node.leases.found += 1
             return self._item_reply(frame.opcode, item, frame.request_id)
         seconds = min(frame.flags / 1000 or DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS)
         left = self._node.leases.acquire(frame.key, seconds)
