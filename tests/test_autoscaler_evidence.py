@@ -31,7 +31,7 @@ from manager.autoscaler import (
 from manager.backends.local import LocalPool
 from manager.metrics import MinuteStats
 from manager.settings import CacheSettings, Mode, SettingsError, apply_params
-from tests.test_manager import System, running_system
+from tests.test_manager import PASSWORD, System, running_system
 
 SETTINGS = CacheSettings(
     capacity_mb=64.0,
@@ -258,3 +258,26 @@ async def test_configure_cache_whose_resize_fails_changes_nothing(system: System
     await system.api("configure_cache", numNodes="2", cacheSize="8", policy="RR")
     assert (await controller.settings()).capacity_mb == 8
     assert controller.size == 2
+
+
+async def test_min_lookups_is_on_the_configuration_page(system: System) -> None:
+    manager = system.manager
+    async with system.http.post(
+        manager.make_url("/login"), data={"password": PASSWORD, "next": "/config"}
+    ) as reply:
+        page = await reply.text()
+    assert 'id="minLookups"' in page
+    assert 'name="minLookups" type="number" step="1" min="0"' in page
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    async with system.http.post(
+        manager.make_url("/config/settings"), data={"minLookups": "250", "csrf": csrf}
+    ) as reply:
+        assert reply.status == 200
+    assert (await system.manager.app[CONTROLLER].settings()).min_lookups == 250
+    async with system.http.post(
+        manager.make_url("/config/settings"), data={"minLookups": "-3", "csrf": csrf}
+    ) as reply:
+        refused = await reply.text()
+        assert reply.status == 400
+    assert "Judge only minutes with at least this many lookups" in refused
+    assert (await system.manager.app[CONTROLLER].settings()).min_lookups == 250

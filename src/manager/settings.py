@@ -90,10 +90,8 @@ API_NAMES = {
     "minMiss": "min_miss",
     "expRatio": "exp_ratio",
     "shrinkRatio": "shrink_ratio",
+    "minLookups": "min_lookups",
 }
-# Parameters the API takes that the Memory Configuration page does not show
-# yet (each of API_NAMES needs a label there, manager.views.FIELD_LABELS).
-NEWER_API_NAMES = {"minLookups": "min_lookups"}
 POLICY_NAMES = {"lru": "lru", "rr": "random", "random": "random"}
 
 
@@ -104,7 +102,7 @@ def apply_params(settings: CacheSettings, params: Mapping[str, str]) -> CacheSet
     number, or a combination out of range.
     """
     changes: dict[str, Any] = {}
-    for api_name, name in (API_NAMES | NEWER_API_NAMES).items():
+    for api_name, name in API_NAMES.items():
         if api_name in params and params[api_name] != "":
             changes[name] = _parse(name, params[api_name])
     return replace(settings, **changes).validate()
