@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import random
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import ClientSession, CookieJar
 from aiohttp.test_utils import TestServer
+from PIL import Image as PILImage
 
 from cachenode.client import NodeClient
 from imagecache.app import create_app as create_gateway
@@ -237,26 +240,42 @@ async def test_the_autoscaler_grows_on_misses_and_shrinks_on_hits(tmp_path: Path
             minMiss="0.1",
             expRatio="2",
             shrinkRatio="0.5",
+            cacheSize="0.1",
+            minLookups="1",
         )
         controller = system.manager.app[CONTROLLER]
 
-        async def read_until(path: str, done: Any, seconds: float = 20) -> None:
+        async def upload(key: str, data: bytes) -> None:
+            form = aiohttp.FormData()
+            form.add_field("key", key)
+            form.add_field("file", data, filename=f"{key}.png")
+            async with system.http.post(system.gateway.make_url("/api/upload"), data=form) as reply:
+                assert reply.status == 200
+
+        async def read_until(paths: list[str], done: Any, seconds: float = 20) -> None:
             deadline = asyncio.get_running_loop().time() + seconds
             while not done() and asyncio.get_running_loop().time() < deadline:
-                async with system.http.post(system.gateway.make_url(path)) as reply:
-                    await reply.read()
+                for path in paths:
+                    async with system.http.post(system.gateway.make_url(path)) as reply:
+                        assert reply.status == 200
+                        await reply.read()
 
-        # Every read misses: keys nobody uploaded.
-        await read_until("/api/key/ghost", lambda: controller.size >= 2)
+        # Every read misses: 12 images of about 30 KB read in turn, on nodes of
+        # 0.1 MB that hold 3 of them (keys with no image would be no evidence).
+        keys = [f"cold{n}" for n in range(12)]
+        for key in keys:
+            noise = bytes(random.Random(key).randbytes(100 * 100 * 3))
+            buffer = io.BytesIO()
+            PILImage.frombytes("RGB", (100, 100), noise).save(buffer, format="PNG")
+            await upload(key, buffer.getvalue())
+        await read_until([f"/api/key/{key}" for key in keys], lambda: controller.size >= 2)
         assert controller.size >= 2, "the pool did not grow on a miss-heavy load"
         grown = controller.size
-        # Every read hits: one image, read again and again.
-        form = aiohttp.FormData()
-        form.add_field("key", "hot")
-        form.add_field("file", image_bytes("PNG"), filename="hot.png")
-        async with system.http.post(system.gateway.make_url("/api/upload"), data=form) as reply:
-            assert reply.status == 200
-        await read_until("/api/key/hot", lambda: controller.size < grown)
+        # Every read hits: one image, read again and again, in an emptied pool
+        # (a shrink must leave room for the bytes in use).
+        await system.api("delete_all")
+        await upload("hot", image_bytes("PNG"))
+        await read_until(["/api/key/hot"], lambda: controller.size < grown)
         assert controller.size < grown, "the pool did not shrink on an all-hit load"
         for _ in range(50):  # the shrink is recorded once the leaving node has stopped
             history = await system.manager.app[RECORDS].list_activity()

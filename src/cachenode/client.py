@@ -28,6 +28,7 @@ from cachenode.protocol import (
     TICKET,
     Frame,
     FrameDecoder,
+    MissKind,
     Opcode,
     OversizedFrame,
     decode_keys_entries,
@@ -295,6 +296,11 @@ class NodeClient:
     async def release(self, key: bytes) -> None:
         """Give back a lease without filling the key (the load failed)."""
         await self._call(Opcode.RELEASE, key)
+
+    async def uncacheable(self, key: bytes, kind: MissKind) -> None:
+        """Tell the node that a miss of ``key`` it counted is one no pool size
+        can fix (``kind``), and give back any lease on ``key``."""
+        await self._call(Opcode.UNCACHEABLE, key, flags=int(kind))
 
     async def check(self, key: bytes) -> int | None:
         """The version of the cached item of ``key`` (a hit counts one lookup), or None."""

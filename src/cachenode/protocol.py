@@ -52,6 +52,14 @@ class Opcode(IntEnum):
     RELEASE = 0x0C  # give a lease back without filling
     TICKET = 0x0D  # a write ticket: versioned writes must carry a recent one
     AUTH = 0x0E  # the node's token: first on every connection when the node has one
+    UNCACHEABLE = 0x0F  # a miss no pool size can fix (flags: a MissKind); also releases
+
+
+class MissKind(IntEnum):
+    """Why a miss was no miss a bigger pool could fix (the flags of UNCACHEABLE)."""
+
+    NO_IMAGE = 1  # the key has no image: the load answered "not found"
+    TOO_LARGE = 2  # the image is over the node's maximum item size: never cached
 
 
 @dataclass(slots=True)

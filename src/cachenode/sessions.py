@@ -31,6 +31,7 @@ from cachenode.protocol import (
     TICKET,
     Frame,
     FrameDecoder,
+    MissKind,
     Opcode,
     OversizedFrame,
     encode_keys_entries,
@@ -119,6 +120,7 @@ class BinarySession:
             Opcode.CHECK: self._check,
             Opcode.RELEASE: self._release,
             Opcode.TICKET: self._ticket,
+            Opcode.UNCACHEABLE: self._uncacheable,
         }
 
     def receive(self, data: bytes) -> list[Value]:
@@ -356,6 +358,18 @@ class BinarySession:
     def _release(self, frame: Frame) -> list[Value]:
         self._node.leases.release(frame.key)
         return [encode_response(Opcode.RELEASE, frame.request_id)]
+
+    def _uncacheable(self, frame: Frame) -> list[Value]:
+        # The load behind a counted miss found no image, or one too large to
+        # cache: no pool size makes that a hit, so it leaves ``misses`` (what
+        # the autoscaler grows on). It ends the key's lease like RELEASE, so a
+        # gateway that held it needs no second request.
+        if frame.flags not in tuple(MissKind):
+            message = f"UNCACHEABLE flags must be 1 (no image) or 2 (too large), not {frame.flags}"
+            return [_bad_request(frame.opcode, frame.request_id, Status.INVALID_ARGUMENT, message)]
+        self._node.leases.release(frame.key)
+        self._node.store.count_unfixable_miss(too_large=frame.flags == MissKind.TOO_LARGE)
+        return [encode_response(Opcode.UNCACHEABLE, frame.request_id)]
 
     def _stats(self, frame: Frame) -> list[Value]:
         body = json.dumps(self._node.stats()).encode()

@@ -59,7 +59,7 @@ class Item:
 
 @dataclass(frozen=True, slots=True)
 class StoreStats:
-    lookups: int
+    lookups: int  # hits + misses: misses no pool size can fix are counted apart
     hits: int
     misses: int
     sets: int
@@ -73,6 +73,9 @@ class StoreStats:
     max_item_size: int
     policy: str
     uptime: float
+    # Misses moved out of lookups and misses by UNCACHEABLE (no pool size fixes them):
+    missing_lookups: int = 0  # the key turned out to have no image
+    uncacheable_lookups: int = 0  # the item is over the maximum item size
 
 
 def counted_size(key: bytes, value: Value) -> int:
@@ -120,6 +123,7 @@ class Store:
         self._tickets_after = 0  # a clear ends every ticket taken before it
         self.boot_id = random.SystemRandom().getrandbits(63) + 1
         self.lookups = self.hits = self.misses = 0
+        self.missing_lookups = self.uncacheable_lookups = 0
         self.sets = self.deletes = self.evictions = self.expirations = 0
 
     # -- reading ------------------------------------------------------------
@@ -143,6 +147,22 @@ class Store:
         """Count ``count`` lookups that hit, answered without ``get`` (CHECK)."""
         self.lookups += count
         self.hits += count
+
+    def count_unfixable_miss(self, *, too_large: bool) -> bool:
+        """Move one counted miss out of ``lookups`` and ``misses``, into
+        ``uncacheable_lookups`` (``too_large``) or ``missing_lookups``: a miss
+        that no capacity could have turned into a hit. False, counting
+        nothing, when there is no miss left to move (the counters never go
+        below zero, whatever a client reports)."""
+        if self.misses <= 0:
+            return False
+        self.lookups -= 1
+        self.misses -= 1
+        if too_large:
+            self.uncacheable_lookups += 1
+        else:
+            self.missing_lookups += 1
+        return True
 
     def peek(self, key: bytes) -> Item | None:
         """Like ``get``, but not counted as a lookup (a client asking again)."""
@@ -345,6 +365,8 @@ class Store:
             max_item_size=self._max_item_size,
             policy=self._policy.value,
             uptime=self._clock() - self._started,
+            missing_lookups=self.missing_lookups,
+            uncacheable_lookups=self.uncacheable_lookups,
         )
 
     # -- internals ----------------------------------------------------------

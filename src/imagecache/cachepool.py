@@ -33,6 +33,8 @@ from cachenode.client import (
     NodeClient,
 )
 from cachenode.errors import NodeError, NodeReplyError
+from cachenode.protocol import MissKind
+from cachenode.status import Status
 from imagecache.config import parse_address
 from imagecache.ring import Ring
 
@@ -220,6 +222,15 @@ class CachePool:
         if member is not None:
             await self._attempt(member, member.client.release(key.encode()))
 
+    async def unfixable_miss(self, key: str, kind: MissKind) -> None:
+        """Tell ``key``'s owner that the miss its read counted is one no pool
+        size can fix, and give back any lease on ``key`` (best effort, like
+        ``release``: the node then counts it in ``missing_lookups`` or
+        ``uncacheable_lookups`` instead of ``misses``)."""
+        member = self._usable_owner(key)
+        if member is not None:
+            await self._attempt(member, member.client.uncacheable(key.encode(), kind))
+
     async def ticket(self, key: str) -> WriteTicket | None:
         """A write ticket from ``key``'s owner, taken before reading what will be
         written there; None when the owner cannot answer (then nothing is written)."""
@@ -233,15 +244,22 @@ class CachePool:
         self, key: str, value: bytes, flags: int, version: int, ticket: WriteTicket
     ) -> None:
         """Cache a value read from the blob store after ``ticket`` was taken,
-        unless the node knows a newer version (or the owner changed meanwhile)."""
+        unless the node knows a newer version (or the owner changed meanwhile).
+        A value over the node's maximum item size can never be cached: the
+        node is told so, and counts that read's miss apart."""
         member = self._usable_owner(key)
-        if member is not None and member.node_id == ticket.node_id:
-            await self._attempt(
-                member,
-                member.client.add(
-                    key.encode(), value, flags=flags, version=version, ticket=ticket.value
-                ),
-            )
+        if member is None or member.node_id != ticket.node_id:
+            return
+        encoded = key.encode()
+        add = member.client.add(encoded, value, flags=flags, version=version, ticket=ticket.value)
+        try:
+            await add
+        except NodeReplyError as error:
+            log.debug("cache node %s refused: %s", member.node_id, error)
+            if error.status is Status.TOO_LARGE:
+                await self._attempt(member, member.client.uncacheable(encoded, MissKind.TOO_LARGE))
+        except NodeError as error:
+            self._set_aside(member, error)
 
     async def store(
         self, key: str, value: bytes, flags: int, version: int, ticket: WriteTicket

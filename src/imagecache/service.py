@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from cachenode.client import CachedItem
+from cachenode.protocol import MissKind
 from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool, WriteTicket
 from imagecache.catalog import ImageCatalog, ImageRecord
@@ -180,6 +181,12 @@ class ImageService:
             # The fill's ticket is taken before the row is read.
             ticket = turn if turn is not None else await self._pool.ticket(key)
             return await self._load_from_store(key, flight, ticket)
+        except ImageNotFound:
+            # No pool size turns this read into a hit: the key's node counts
+            # its miss apart (not as evidence for a bigger pool), and the same
+            # request ends the lease, as the release below does.
+            await self._pool.unfixable_miss(key, MissKind.NO_IMAGE)
+            raise
         except Exception:
             # Let the waiting gateways go on now, not at the end of the lease:
             # a missing key must answer 404 there promptly too. A load that

@@ -47,6 +47,8 @@ class _Reading:
     items: int
     bytes: int
     uptime: float | None
+    missing: int = 0  # 0 from a node that does not count them apart
+    uncacheable: int = 0
 
     @classmethod
     def from_stats(cls, stats: dict[str, Any]) -> _Reading:
@@ -61,17 +63,28 @@ class _Reading:
             items=int(stats["items"]),
             bytes=int(stats["bytes"]),
             uptime=float(uptime) if isinstance(uptime, int | float) else None,
+            missing=int(stats.get("missing_lookups", 0)),
+            uncacheable=int(stats.get("uncacheable_lookups", 0)),
         )
+
+    @property
+    def unfixable(self) -> int:
+        """Misses moved out of lookups and misses: no pool size could fix them."""
+        return self.missing + self.uncacheable
 
     def restarted_since(self, before: _Reading) -> bool:
         """Whether the node was restarted between ``before`` and this reading."""
         if self.uptime is not None and before.uptime is not None and self.uptime < before.uptime:
             return True
-        # Lifetime counters only grow while the node lives.
+        # Lifetime counters only grow while the node lives. Lookups and misses
+        # shrink when a miss is moved out of them (UNCACHEABLE), so they count
+        # with the misses moved.
         return (
-            self.lookups < before.lookups
+            self.lookups + self.unfixable < before.lookups + before.unfixable
             or self.hits < before.hits
-            or self.misses < before.misses
+            or self.misses + self.unfixable < before.misses + before.unfixable
+            or self.missing < before.missing
+            or self.uncacheable < before.uncacheable
             or self.sets < before.sets
             or self.deletes < before.deletes
         )
@@ -86,6 +99,8 @@ class _Delta:
     hits: int = 0
     misses: int = 0
     requests: int = 0
+    missing: int = 0
+    uncacheable: int = 0
 
 
 def _delta(before: _Reading | None, now: _Reading) -> _Delta:
@@ -99,7 +114,13 @@ def _delta(before: _Reading | None, now: _Reading) -> _Delta:
         lookups=lookups,
         hits=now.hits - base.hits,
         misses=now.misses - base.misses,
-        requests=lookups + (now.sets - base.sets) + (now.deletes - base.deletes),
+        # A lookup moved out of lookups is still a request the node answered.
+        requests=lookups
+        + (now.unfixable - base.unfixable)
+        + (now.sets - base.sets)
+        + (now.deletes - base.deletes),
+        missing=now.missing - base.missing,
+        uncacheable=now.uncacheable - base.uncacheable,
     )
 
 
@@ -148,6 +169,7 @@ class Collector:
             readings = await asyncio.gather(*(self._read(node) for node in nodes.values()))
             at = self._clock()
             workers = lookups = hits = misses = requests = items = size = 0
+            missing = uncacheable = 0
             for node_id, reading in zip(nodes, readings, strict=True):
                 if reading is None:
                     continue
@@ -158,9 +180,13 @@ class Collector:
                 hits += delta.hits
                 misses += delta.misses
                 requests += delta.requests
+                missing += delta.missing
+                uncacheable += delta.uncacheable
                 items += reading.items
                 size += reading.bytes
-            sample = PoolSample(at, workers, lookups, hits, misses, requests, items, size)
+            sample = PoolSample(
+                at, workers, lookups, hits, misses, requests, items, size, missing, uncacheable
+            )
             self._samples = [s for s in self._samples if s.at > at - max(KEEP, self._window)]
             self._samples.append(sample)
         await self._store.put(sample)

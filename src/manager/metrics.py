@@ -27,6 +27,10 @@ class PoolSample:
     requests: int  # lookups + sets + deletes
     items: int  # gauges at ``at``, summed over the nodes
     bytes: int
+    # Reads no pool size can fix, counted apart from lookups and misses: keys
+    # with no image, and images over the nodes' maximum item size.
+    missing: int = 0
+    uncacheable: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,8 @@ class MinuteStats:
     requests: int
     items: int  # last sample of the minute
     bytes: int
+    missing: int = 0  # not in lookups or misses: reads of keys with no image
+    uncacheable: int = 0  # not in lookups or misses: reads of images too large to cache
 
     @property
     def miss_rate(self) -> float | None:
@@ -69,6 +75,8 @@ def minute_of(samples: Sequence[PoolSample], minute: datetime) -> MinuteStats | 
         requests=sum(s.requests for s in samples),
         items=last.items,
         bytes=last.bytes,
+        missing=sum(s.missing for s in samples),
+        uncacheable=sum(s.uncacheable for s in samples),
     )
 
 
