@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from imagecache.appkeys import CONFIG, KEPT_COPIES, MANAGER, SERVICE
+from imagecache.appkeys import CONFIG, KEPT_COPIES, KEY_SAMPLER, MANAGER, SERVICE
 from imagecache.errors import ImagecacheError, Unauthorized
 from imagecache.uploads import read_fields, read_upload
 from imagecache.webguards import require_api_token
@@ -25,7 +25,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/list_keys", list_keys)
     app.router.add_post("/api/upload", upload)
     app.router.add_post("/api/key/{key}", read_key)
-    for name in ("configure_cache", "getNumNodes", "getRate"):
+    for name in ("configure_cache", "getNumNodes", "getRate", "miss_curve"):
         app.router.add_post(f"/api/{name}", forward_to_manager)
 
 
@@ -101,11 +101,12 @@ async def upload(request: web.Request) -> web.Response:
 async def read_key(request: web.Request) -> web.Response:
     key = request.match_info["key"]
     image = await request.app[SERVICE].read(key)
+    request.app[KEY_SAMPLER].looked_up(key, len(image.data))
     return success(key=key, content=base64.b64encode(image.data).decode("ascii"))
 
 
 async def forward_to_manager(request: web.Request) -> web.Response:
-    """configure_cache, getNumNodes and getRate are the manager's: pass them on."""
+    """configure_cache, getNumNodes, getRate and miss_curve are the manager's: pass them on."""
     name = request.path.rsplit("/", 1)[1]
     if name == "configure_cache":
         require_api_token(request, request.app[CONFIG].gateway.api_token)

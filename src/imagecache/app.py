@@ -20,6 +20,7 @@ from imagecache.appkeys import (
     FAST_PATH_COUNTERS,
     FLASH_SECRET,
     KEPT_COPIES,
+    KEY_SAMPLER,
     MANAGER,
     MEMBERSHIP,
     MEMBERSHIP_STORE,
@@ -36,6 +37,7 @@ from imagecache.fastpath import FastPath, FastPathCounters, FastPathSite
 from imagecache.images import ImageInspector
 from imagecache.invalidation import Invalidator
 from imagecache.keptcopies import KeptCopies
+from imagecache.keysamples import REPORT_SECONDS, SAMPLING_RATE, KeySampler, SampleReporter
 from imagecache.manager_link import ManagerLink
 from imagecache.membership import RENEW_SECONDS, MembershipFollower
 from imagecache.memfiles import MemoryFiles
@@ -70,13 +72,18 @@ def gateway_site(
             timeout=app[CONFIG].gateway.node_timeout,
             read_lease_seconds=app[CONFIG].gateway.read_lease_ms / 1000,
             idle_timeout=idle_timeout,
+            sampler=app[KEY_SAMPLER],
         )
 
     return FastPathSite(runner, host, port, fast_path)
 
 
-def create_app(config: Config) -> web.Application:
-    """The gateway for ``config``; resources open when the application starts."""
+def create_app(config: Config, *, key_sample_rate: float = SAMPLING_RATE) -> web.Application:
+    """The gateway for ``config``; resources open when the application starts.
+
+    ``key_sample_rate``: the share of keys whose lookups are sampled for the
+    manager's miss curve (keysamples; tests sample every key).
+    """
     app = web.Application(
         # api_errors outside: it gives the guards' refusals their shape and log line.
         middlewares=[api.api_errors, webguards.same_site_writes],
@@ -84,8 +91,11 @@ def create_app(config: Config) -> web.Application:
     )
     app.on_response_prepare.append(webguards.add_security_headers)
     app[CONFIG] = config
+    app[KEY_SAMPLER] = sampler = KeySampler(key_sample_rate)
     app[KEPT_COPIES] = KeptCopies(
-        int(config.gateway.kept_copies_mb * MIB), MemoryFiles.for_this_process()
+        int(config.gateway.kept_copies_mb * MIB),
+        MemoryFiles.for_this_process(),
+        is_sampled=sampler.is_sampled,
     )
     app[FAST_PATH_COUNTERS] = FastPathCounters()
     app[FLASH_SECRET] = config.gateway.secret_key.encode() or secrets.token_bytes(32)
@@ -153,13 +163,15 @@ async def manager_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     """The gateway's loops: follow the membership, deliver invalidations and heal
-    nodes, clean up blobs."""
+    nodes, clean up blobs, post the key samples to the manager."""
     service = app[SERVICE]
+    reporter = SampleReporter(app[KEY_SAMPLER], app[MANAGER])
     tasks = [
         asyncio.create_task(every(RENEW_SECONDS, app[MEMBERSHIP].refresh)),
         asyncio.create_task(every(HEAL_SECONDS, service.heal_cache)),
         asyncio.create_task(every(CLEAN_UP_SECONDS, service.clean_up)),
         asyncio.create_task(every(CLEAN_UP_SECONDS, app[MEMBERSHIP_STORE].expire_gateways)),
+        asyncio.create_task(every(REPORT_SECONDS, reporter.report)),
     ]
     yield
     for task in tasks:

@@ -10,6 +10,7 @@ from imagecache.catalog import ImageCatalog
 from imagecache.config import Config
 from imagecache.fastpath import FastPathCounters
 from imagecache.keptcopies import KeptCopies
+from imagecache.keysamples import KeySampler
 from imagecache.manager_link import ManagerLink
 from imagecache.membership import MembershipFollower
 from imagecache.poolmembers import MembershipStore
@@ -21,6 +22,7 @@ MEMBERSHIP_STORE = web.AppKey("membership_store", MembershipStore)
 BLOBS = web.AppKey("blobs", BlobStore)
 POOL = web.AppKey("pool", CachePool)
 KEPT_COPIES = web.AppKey("kept_copies", KeptCopies)
+KEY_SAMPLER = web.AppKey("key_sampler", KeySampler)
 FAST_PATH_COUNTERS = web.AppKey("fast_path_counters", FastPathCounters)
 SERVICE = web.AppKey("service", ImageService)
 MANAGER = web.AppKey("manager", ManagerLink)

@@ -43,6 +43,7 @@ from cachenode.protocol import Frame
 from cachenode.status import Status
 from imagecache.cachepool import LEASE_CLOCK_SHARE, CachePool, PoolMember
 from imagecache.keptcopies import KeptCopies, KeptImage, etag_matches
+from imagecache.keysamples import KeySampler
 from imagecache.memfiles import MemoryFile
 from imagecache.service import Image
 
@@ -316,6 +317,7 @@ class FastPath:
         timeout: float = 0.5,
         read_lease_seconds: float = 0.0,
         idle_timeout: float = 75.0,
+        sampler: KeySampler | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()  # kept: getting it costs a system call
         self.counters = counters
@@ -329,6 +331,7 @@ class FastPath:
         # As aiohttp's keep-alive timeout: a connection that sends nothing
         # (or never finishes a request) for this long is closed.
         self.idle_timeout = idle_timeout
+        self.sampler = sampler  # counts the reads answered here, for the miss curve
         self.connections: set[FastConnection] = set()
         self.stopping = False
         self._drained: asyncio.Event | None = None  # set when the last connection is gone
@@ -561,6 +564,11 @@ class FastConnection(asyncio.Protocol):
         if hit:
             fast.pool.counters.hits += 1
             fast.counters.served += 1
+        sampler = fast.sampler
+        if sampler is not None:  # a lookup of the image, hit or loaded (keysamples)
+            sampler.batch.lookups += 1
+            if kept.sampled:
+                sampler.keep(request.key, len(kept.body))
         date = fast.date_line()
         closing = request.close or fast.stopping
         connection = b"Connection: close\r\n" if closing else b""

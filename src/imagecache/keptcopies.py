@@ -9,6 +9,7 @@ read older than what the node would have returned.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imagecache.memfiles import MemoryFile, MemoryFiles
@@ -28,6 +29,9 @@ class KeptImage:
     not_modified_headers: bytes  # the same for a 304
     body: bytes | memoryview  # a view of ``file`` when there is one
     file: MemoryFile | None = None  # the body in an in-memory file, for sendfile
+    # Lookups of its key belong to the miss-curve sample (keysamples): decided
+    # once here, so a fast-path hit only tests it.
+    sampled: bool = False
 
     @property
     def size(self) -> int:
@@ -51,10 +55,16 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
 
 
 def prepared(
-    version: int, content_type: str, body: bytes, files: MemoryFiles | None = None
+    version: int,
+    content_type: str,
+    body: bytes,
+    files: MemoryFiles | None = None,
+    *,
+    sampled: bool = False,
 ) -> KeptImage:
     """An image as a ready response: its header lines made once for every read,
-    and its bytes in an in-memory file when ``files`` can make one."""
+    and its bytes in an in-memory file when ``files`` can make one; ``sampled``:
+    its key's lookups are sampled for the miss curve."""
     etag = etag_of(version).encode()
     common = b"ETag: %s\r\nCache-Control: no-cache\r\n%s" % (etag, _SECURITY_HEADER_LINES)
     headers = b"Content-Type: %s\r\nContent-Length: %d\r\n%s" % (
@@ -64,19 +74,26 @@ def prepared(
     )
     file = files.make(body) if files is not None else None
     if file is None:
-        return KeptImage(version, etag, headers, common, body)
-    return KeptImage(version, etag, headers, common, file.view, file)
+        return KeptImage(version, etag, headers, common, body, sampled=sampled)
+    return KeptImage(version, etag, headers, common, file.view, file, sampled=sampled)
 
 
 class KeptCopies:
     """Least recently used images up to ``capacity`` bytes; 0 keeps nothing.
 
-    With ``files``, big images are kept in in-memory files (``memfiles``).
+    With ``files``, big images are kept in in-memory files (``memfiles``);
+    ``is_sampled`` marks the copies of keys in the miss-curve sample.
     """
 
-    def __init__(self, capacity: int, files: MemoryFiles | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        files: MemoryFiles | None = None,
+        is_sampled: Callable[[str], bool] | None = None,
+    ) -> None:
         self.capacity = capacity
         self._files = files
+        self._is_sampled = is_sampled
         self._images: OrderedDict[str, KeptImage] = OrderedDict()
         self._used = 0
 
@@ -89,13 +106,14 @@ class KeptCopies:
     def keep(self, key: str, version: int, content_type: str, body: bytes) -> KeptImage:
         """Keep this image of ``key`` if it is worth keeping; returns it prepared either way."""
         current = self._images.get(key)
+        sampled = self._is_sampled is not None and self._is_sampled(key)
         if (
             version <= 0  # unversioned (a text protocol write): CHECK could not tell it apart
             or (current is not None and current.version >= version)
             or len(body) >= self.capacity // 4  # one image must not flush the rest
         ):
-            return prepared(version, content_type, body)
-        image = prepared(version, content_type, body, self._files)
+            return prepared(version, content_type, body, sampled=sampled)
+        image = prepared(version, content_type, body, self._files, sampled=sampled)
         self.drop(key)
         self._images[key] = image
         self._used += image.size

@@ -8,7 +8,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from imagecache.api import log_refusal
-from imagecache.appkeys import CONFIG, FLASH_SECRET, KEPT_COPIES, SERVICE
+from imagecache.appkeys import CONFIG, FLASH_SECRET, KEPT_COPIES, KEY_SAMPLER, SERVICE
 from imagecache.errors import BadRequest, ImagecacheError, ImageNotFound
 from imagecache.flash import set_flash, take_flash
 from imagecache.images import KEY_RULE, check_key
@@ -86,6 +86,7 @@ async def image(request: web.Request) -> web.StreamResponse:
         found = await request.app[SERVICE].read(request.match_info["key"])
     except ImagecacheError as error:
         raise _http_error(error) from error
+    request.app[KEY_SAMPLER].looked_up(found.key, len(found.data))
     # The fast path serves later hits of this key from this copy (fastpath.py).
     request.app[KEPT_COPIES].keep(found.key, found.version, found.content_type, found.data)
     etag = etag_of(found.version)

@@ -30,6 +30,7 @@ from manager.appkeys import (
     CONFIG,
     CONTROLLER,
     CSRF,
+    CURVES,
     LOGIN_THROTTLE,
     MEMBERSHIP_STORE,
     METRICS,
@@ -50,6 +51,7 @@ from manager.autoscaler import Autoscaler
 from manager.backends.base import NodeHandle, PoolError
 from manager.backends.local import LocalPool
 from manager.collector import Collector
+from manager.curves import MissCurves
 from manager.forms import MalformedForm, read_form
 from manager.pool import PoolController
 from manager.records import ManagerRecords
@@ -76,6 +78,7 @@ def create_app(config: Config) -> web.Application:
     app[PASSWORD] = Password(config.manager.password)
     app[SESSIONS] = Sessions(config.gateway.secret_key.encode() or secrets.token_bytes(32))
     app[LOGIN_THROTTLE] = LoginThrottle()
+    app[CURVES] = MissCurves()
     app.on_response_prepare.append(add_security_headers)
     app.on_cleanup.append(stop_hashing)
     aiohttp_jinja2.setup(
@@ -236,7 +239,7 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The collector (every 5 s) and the autoscaler (every 60 s)."""
+    """The collector (every 5 s), the autoscaler (every 60 s), the miss curve's windows."""
     config = app[CONFIG].manager
     controller = app[CONTROLLER]
     collector = Collector(
@@ -250,9 +253,16 @@ async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
     async def collect() -> None:
         await collector.collect(controller.members)
 
+    curves = app[CURVES]
+
+    async def close_curve_window() -> None:
+        curves.follow(await controller.settings())
+        curves.close_window()
+
     tasks = [
         asyncio.create_task(every(config.collect_seconds, collect)),
         asyncio.create_task(_after(config.autoscale_seconds, app[AUTOSCALER].tick)),
+        asyncio.create_task(_after(curves.window_seconds, close_curve_window)),
     ]
     yield
     for task in tasks:

@@ -12,6 +12,7 @@ from manager.auth import LoginThrottle, Password, Sessions
 from manager.autoscaler import Autoscaler
 from manager.backends.base import PoolBackend
 from manager.collector import Collector
+from manager.curves import MissCurves
 from manager.metrics import MetricsStore
 from manager.pool import PoolController
 from manager.records import ManagerRecords
@@ -26,6 +27,7 @@ CONTROLLER = web.AppKey("controller", PoolController)
 METRICS = web.AppKey("metrics", MetricsStore)
 COLLECTOR = web.AppKey("collector", Collector)
 AUTOSCALER = web.AppKey("autoscaler", Autoscaler)
+CURVES = web.AppKey("curves", MissCurves)
 PASSWORD = web.AppKey("password", Password)
 SESSIONS = web.AppKey("sessions", Sessions)
 LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)

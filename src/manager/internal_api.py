@@ -1,4 +1,5 @@
-"""The manager's API for gateways: configure_cache, getNumNodes, getRate.
+"""The manager's API for gateways: configure_cache, getNumNodes, getRate, miss_curve,
+and key_samples (the gateways' samples of their lookups, for the miss curve).
 
 Gateways forward the public ``/api/...`` admin calls here (shared/DESIGN.md
 gives their answers); the shared token guards it.
@@ -6,12 +7,14 @@ gives their answers); the shared token guards it.
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 from aiohttp import web
 
 from imagecache.errors import StorageError
-from manager.appkeys import COLLECTOR, CONTROLLER
+from manager.appkeys import COLLECTOR, CONTROLLER, CURVES
 from manager.backends.base import PoolError
 from manager.forms import read_form
 from manager.pool import ResizeError
@@ -22,6 +25,13 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/internal/configure_cache", configure_cache)
     app.router.add_post("/internal/getNumNodes", get_num_nodes)
     app.router.add_post("/internal/getRate", get_rate)
+    app.router.add_post("/internal/miss_curve", miss_curve)
+    app.router.add_post("/internal/key_samples", key_samples)
+
+
+log = logging.getLogger(__name__)
+# Samples one post may carry (a gateway sends at most keysamples.MAX_SAMPLES_PER_POST).
+MAX_SAMPLES = 10_000
 
 
 def error(status: int, message: str) -> web.Response:
@@ -84,3 +94,67 @@ async def get_rate(request: web.Request) -> web.Response:
     minute = collector.last_minute()
     value = None if minute is None else (minute.miss_rate if rate == "miss" else minute.hit_rate)
     return web.json_response({"success": "true", "rate": rate, "value": value or 0.0})
+
+
+async def miss_curve(request: web.Request) -> web.Response:
+    """The predicted miss rate of every pool size 1..8 (manager.curves), over the
+    last complete minute, or the minute so far while none is complete."""
+    curves = request.app[CURVES]
+    curves.follow(await request.app[CONTROLLER].settings())
+    window = curves.latest()
+    return web.json_response(
+        {
+            "success": "true",
+            "nodes": list(curves.sizes),
+            "predicted_miss": window.predicted_miss,
+            "capacity_mb": _number(window.capacity_mb),
+            "window_seconds": round(window.seconds, 3),
+            "sampled_lookups": window.sampled_lookups,
+            "window_complete": "true" if window.complete else "false",
+        }
+    )
+
+
+async def key_samples(request: web.Request) -> web.Response:
+    """A gateway's lookups since its last post: ``{"lookups": N, "samples":
+    [[key, size], ...], "rate": R}``. A body out of shape is refused whole."""
+    try:
+        lookups, samples, rate = _parse_samples(await request.json())
+    except ValueError as problem:
+        message = f"the key samples are not {problem}"
+        log.info("refused POST %s (400): %s", request.path, message)
+        return error(400, message)
+    curves = request.app[CURVES]
+    curves.follow(await request.app[CONTROLLER].settings(), rate)
+    curves.feed(lookups, samples)
+    return web.json_response({"success": "true"})
+
+
+def _parse_samples(body: object) -> tuple[int, list[tuple[str, int]], float | None]:
+    """The posted lookups, samples and rate; ValueError names what is wrong.
+    (request.json's JSONDecodeError is a ValueError too.)"""
+    if not isinstance(body, dict):
+        raise ValueError("a JSON object")
+    lookups, samples, rate = body.get("lookups"), body.get("samples"), body.get("rate")
+    if type(lookups) is not int or lookups < 0:
+        raise ValueError("well formed: lookups must be a whole number >= 0")
+    if not isinstance(samples, list) or len(samples) > MAX_SAMPLES:
+        raise ValueError(f"well formed: samples must be a list of at most {MAX_SAMPLES}")
+    parsed: list[tuple[str, int]] = []
+    for sample in samples:
+        if (
+            not isinstance(sample, list)
+            or len(sample) != 2
+            or not isinstance(sample[0], str)
+            or type(sample[1]) is not int
+            or sample[1] < 0
+        ):
+            raise ValueError("well formed: each sample must be [key, size in bytes]")
+        parsed.append((sample[0], sample[1]))
+    if len(parsed) > lookups:
+        raise ValueError("consistent: more samples than lookups")
+    if rate is not None and (
+        not isinstance(rate, int | float) or not math.isfinite(rate) or not 0 < rate <= 1
+    ):
+        raise ValueError("well formed: rate must be above 0 and at most 1")
+    return lookups, parsed, None if rate is None else float(rate)

@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from cachenode.client import NodeAccess, NodeClient
 from cachenode.errors import NodeError
 from imagecache.config import ConfigError, parse_address
-from manager.appkeys import COLLECTOR, CONFIG, CONTROLLER, RECORDS
+from manager.appkeys import COLLECTOR, CONFIG, CONTROLLER, CURVES, RECORDS
 from manager.backends.base import NodeHandle
 from manager.metrics import MinuteStats
 
@@ -231,12 +231,20 @@ async def read_nodes(
 
 
 def predicted_miss_ratio_by_size(app: web.Application) -> Mapping[int, float] | None:
-    """The place for the pool's predicted miss ratio at each size (1..8 nodes).
+    """The pool's predicted miss ratio at each size (1..8 nodes), from the
+    latest window of the miss curve (manager.curves).
 
-    None until the prediction (from sampled simulations of the key stream) is
-    built: the series is left out rather than shown with made-up values.
+    None while no lookup was sampled: the series is left out rather than shown
+    with made-up values.
     """
-    return None
+    curves = app[CURVES]
+    window = curves.latest()
+    predicted = {
+        nodes: ratio
+        for nodes, ratio in zip(curves.sizes, window.predicted_miss, strict=True)
+        if ratio is not None
+    }
+    return predicted or None
 
 
 async def snapshot(app: web.Application) -> PoolSnapshot:
