@@ -8,6 +8,7 @@ import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,17 @@ from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient
 from PIL import Image as PILImage
 
-from cachenode.client import NodeClient
+from cachenode.client import LeaseGranted, LeaseHeld, NodeClient
 from cachenode.errors import NodeReplyError
 from cachenode.protocol import MissKind
 from cachenode.status import Status
 from imagecache.app import create_app
 from imagecache.config import Config, with_data_dir
 from manager.appkeys import AUTOSCALER, CONTROLLER
+from manager.backends.base import NodeHandle
+from manager.collector import Collector
 from tests.conftest import DEAD_URL, NodeProcess, image_bytes, start_node_process
+from tests.test_collector import Clock, MemoryMetrics
 from tests.test_manager import running_system
 
 Gateway = TestClient[web.Request, web.Application]
@@ -188,3 +192,47 @@ async def test_a_minute_of_only_404s_is_no_evidence_to_grow(tmp_path: Path) -> N
         assert judged, "the autoscaler judged nothing in 3 s"
         assert all(not decision.resizes for _, decision in judged)
         assert all("no evidence" in decision.reason for _, decision in judged)
+
+
+async def test_the_collector_counts_them_apart_and_sees_no_restart(
+    small_item_node: NodeProcess, node: NodeClient
+) -> None:
+    """A miss moved out after a sample shrinks lookups and misses: that is no
+    restart (which would count the node's lifetime totals again)."""
+    await node.set(b"hot", b"x")
+    for _ in range(3):
+        assert await node.get(b"hot") == b"x"
+    clock = Clock()
+    metrics = MemoryMetrics()
+    collector = Collector(metrics, clock=clock, window=timedelta(seconds=60))
+    members = [NodeHandle("n1", f"{small_item_node.host}:{small_item_node.port}")]
+    try:
+        await collector.collect(members)  # the baseline
+        assert await node.get(b"ghost") is None
+        clock.advance(5)
+        missed = await collector.collect(members)
+        await node.uncacheable(b"ghost", MissKind.NO_IMAGE)
+        assert await node.get(b"huge") is None
+        await node.uncacheable(b"huge", MissKind.TOO_LARGE)
+        clock.advance(5)
+        moved = await collector.collect(members)
+    finally:
+        await collector.close()
+    assert (missed.lookups, missed.misses, missed.missing, missed.uncacheable) == (1, 1, 0, 0)
+    assert (moved.lookups, moved.hits, moved.misses) == (-1, 0, -1)
+    assert (moved.missing, moved.uncacheable) == (1, 1)
+    assert moved.requests == 1  # the GET of "huge" (that of "ghost" counted before)
+    minute = collector.last_minute()
+    assert minute is not None
+    assert (minute.lookups, minute.misses, minute.missing, minute.uncacheable) == (0, 0, 1, 1)
+    assert minute.requests == 2  # the GETs were answered all the same
+    assert minute.miss_rate is None  # no evidence either way
+
+
+async def test_a_report_ends_the_keys_lease_as_release_does(node: NodeClient) -> None:
+    """The load that held the lease sends UNCACHEABLE instead of RELEASE: the
+    other gateways must be able to load the key at once."""
+    assert isinstance(await node.lease(b"ghost", 2.0), LeaseGranted)
+    assert isinstance(await node.lease(b"ghost", 2.0), LeaseHeld)
+    await node.uncacheable(b"ghost", MissKind.NO_IMAGE)
+    assert isinstance(await node.lease(b"ghost", 2.0), LeaseGranted)
