@@ -236,3 +236,20 @@ async def test_a_report_ends_the_keys_lease_as_release_does(node: NodeClient) ->
     assert isinstance(await node.lease(b"ghost", 2.0), LeaseHeld)
     await node.uncacheable(b"ghost", MissKind.NO_IMAGE)
     assert isinstance(await node.lease(b"ghost", 2.0), LeaseGranted)
+
+
+async def test_concurrent_reads_that_share_one_load_each_move_their_miss(
+    gateway: Gateway, node: NodeClient
+) -> None:
+    """Readers that join one load each counted a miss on the node: each is
+    moved, not only the one whose load found no image (or too large a one)."""
+    await upload(gateway, "huge", noise_png(1000, 700))
+    before = await counters(node)
+    statuses = await asyncio.gather(
+        *(read(gateway, key) for key in ["ghost"] * READS + ["huge"] * READS)
+    )
+    assert statuses == [404] * READS + [200] * READS
+    after = await counters(node)
+    assert after["missing_lookups"] - before["missing_lookups"] == READS
+    assert after["uncacheable_lookups"] - before["uncacheable_lookups"] == READS
+    assert (after["lookups"], after["misses"]) == (before["lookups"], before["misses"])

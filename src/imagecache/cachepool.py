@@ -242,24 +242,27 @@ class CachePool:
 
     async def fill(
         self, key: str, value: bytes, flags: int, version: int, ticket: WriteTicket
-    ) -> None:
+    ) -> bool:
         """Cache a value read from the blob store after ``ticket`` was taken,
         unless the node knows a newer version (or the owner changed meanwhile).
-        A value over the node's maximum item size can never be cached: the
-        node is told so, and counts that read's miss apart."""
+        False when the node refused it as over its maximum item size: it can
+        never be cached there (the reads that missed it say so with
+        ``unfixable_miss``)."""
         member = self._usable_owner(key)
         if member is None or member.node_id != ticket.node_id:
-            return
-        encoded = key.encode()
-        add = member.client.add(encoded, value, flags=flags, version=version, ticket=ticket.value)
+            return True
+        add = member.client.add(
+            key.encode(), value, flags=flags, version=version, ticket=ticket.value
+        )
         try:
             await add
         except NodeReplyError as error:
+            # The node is fine, it refused this one request.
             log.debug("cache node %s refused: %s", member.node_id, error)
-            if error.status is Status.TOO_LARGE:
-                await self._attempt(member, member.client.uncacheable(encoded, MissKind.TOO_LARGE))
+            return error.status is not Status.TOO_LARGE
         except NodeError as error:
             self._set_aside(member, error)
+        return True
 
     async def store(
         self, key: str, value: bytes, flags: int, version: int, ticket: WriteTicket

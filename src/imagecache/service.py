@@ -60,6 +60,9 @@ class Image:
     data: bytes
     content_type: str
     version: int
+    # Read from the store and refused by the cache as over its item size:
+    # every read it answers reports its miss as one no pool size fixes.
+    too_large_to_cache: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +142,18 @@ class ImageService:
         image = None if item is None else _cached_image(key, item)
         if image is not None:
             return image
-        return await self._loads.run(key, lambda flight: self._load(key, flight))
+        # Each read that gets here counted a miss on the key's node, also the
+        # reads that share another's load: each tells the node when no pool
+        # size could have made it a hit (a key with no image, an image too
+        # large to cache), so the node counts it apart from the misses.
+        try:
+            image = await self._loads.run(key, lambda flight: self._load(key, flight))
+        except ImageNotFound:
+            await self._pool.unfixable_miss(key, MissKind.NO_IMAGE)
+            raise
+        if image.too_large_to_cache:
+            await self._pool.unfixable_miss(key, MissKind.TOO_LARGE)
+        return image
 
     async def list_images(self) -> list[ImageRecord]:
         return await self._catalog.list_images()
@@ -182,10 +196,8 @@ class ImageService:
             ticket = turn if turn is not None else await self._pool.ticket(key)
             return await self._load_from_store(key, flight, ticket)
         except ImageNotFound:
-            # No pool size turns this read into a hit: the key's node counts
-            # its miss apart (not as evidence for a bigger pool), and the same
-            # request ends the lease, as the release below does.
-            await self._pool.unfixable_miss(key, MissKind.NO_IMAGE)
+            # Every read this load answers reports its miss to the key's node
+            # (``read``), which ends the lease as the release below does.
             raise
         except Exception:
             # Let the waiting gateways go on now, not at the end of the lease:
@@ -237,10 +249,11 @@ class ImageService:
             except BlobNotFound:
                 continue  # replaced meanwhile, and the old blob deleted: read the row again
             self.blob_reads += 1
+            too_large = False
             if ticket is not None:
                 flags = flags_for(record.content_type)
-                await self._pool.fill(key, data, flags, record.version, ticket)
-            return Image(key, data, record.content_type, record.version)
+                too_large = not await self._pool.fill(key, data, flags, record.version, ticket)
+            return Image(key, data, record.content_type, record.version, too_large)
         raise StorageError(f"the image of {key!r} keeps changing; try again")
 
     async def _delete_blob(self, name: str) -> None:
