@@ -22,6 +22,7 @@ from PIL import Image as PILImage
 
 from imagecache.app import create_app as create_gateway
 from imagecache.app import gateway_site
+from imagecache.appkeys import FAST_PATH_COUNTERS
 from imagecache.config import Config, with_data_dir
 from imagecache.keptcopies import KeptCopies
 from imagecache.keysamples import REPORT_SECONDS, KeySampler, SampleReporter
@@ -41,8 +42,12 @@ NODE_CAPACITY_MB = 0.25
 @dataclass
 class Running:
     manager: TestServer
+    gateway: web.Application
     gateway_url: str
     http: aiohttp.ClientSession
+    # A connection for each plain image GET: one aiohttp has served once (an
+    # API call, a 404, a copy its node evicted) stays aiohttp's.
+    fast_http: aiohttp.ClientSession
 
     async def api(self, call: str, expect: int = 200, **params: str) -> dict[str, Any]:
         async with self.http.post(f"{self.gateway_url}/api/{call}", params=params) as reply:
@@ -73,13 +78,20 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     async with manager:
         manager_url = str(manager.make_url("")).rstrip("/")
         config = replace(config, gateway=replace(config.gateway, manager_url=manager_url))
-        runner = web.AppRunner(create_gateway(config, key_sample_rate=1.0), access_log=None)
+        gateway = create_gateway(config, key_sample_rate=1.0)
+        runner = web.AppRunner(gateway, access_log=None)
         await runner.setup()
         site = gateway_site(runner, "127.0.0.1", 0)
         await site.start()
         try:
-            async with aiohttp.ClientSession() as http:
-                yield Running(manager, f"http://127.0.0.1:{site.port}", http)
+            async with (
+                aiohttp.ClientSession() as http,
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(force_close=True)
+                ) as fast_http,
+            ):
+                url = f"http://127.0.0.1:{site.port}"
+                yield Running(manager, gateway, url, http, fast_http)
         finally:
             await runner.cleanup()
 
@@ -123,20 +135,26 @@ async def test_the_manager_predicts_every_pool_size_from_the_gateways_reads(
         for n, key in enumerate(keys):
             await upload(system, key, noise_png(n))
         # A missing image is no lookup of an image: neither path counts it.
-        async with system.http.get(f"{system.gateway_url}/image/absent") as reply:
-            assert reply.status == 404
+        for query in ("", "?via=handler"):
+            async with system.http.get(f"{system.gateway_url}/image/absent{query}") as reply:
+                assert reply.status == 404
         await system.api("key/absent", expect=404)
 
-        # Skewed (Zipf-like), through the fast path and the API in turn.
+        # Skewed (Zipf-like), through the fast path, aiohttp's image handler (a
+        # query string is not the fast path's) and the API in turn.
         draw = random.Random(11)
         reads = draw.choices(keys, weights=[1 / (n + 1) for n in range(IMAGES)], k=READS)
         for n, key in enumerate(reads):
-            if n % 2:
+            if n % 3 == 2:
                 await system.api(f"key/{key}")
-            else:
-                async with system.http.get(f"{system.gateway_url}/image/{key}") as reply:
-                    assert reply.status == 200
-                    await reply.read()
+                continue
+            http, query = (system.http, "?via=handler") if n % 3 else (system.fast_http, "")
+            async with http.get(f"{system.gateway_url}/image/{key}{query}") as reply:
+                assert reply.status == 200
+                await reply.read()
+        counters = system.gateway[FAST_PATH_COUNTERS]
+        # Most of a third of the reads; a copy whose node evicted it goes to aiohttp.
+        assert counters.served + counters.loaded > READS // 6
 
         curve = await curve_once_posted(system, READS)
         assert curve["nodes"] == list(range(1, 9))
@@ -167,6 +185,7 @@ async def test_the_manager_predicts_every_pool_size_from_the_gateways_reads(
     [
         [1, 2],
         {"lookups": -1, "samples": []},
+        {"lookups": "3", "samples": []},
         {"lookups": 2, "samples": [["k", "big"]]},
         {"lookups": 2, "samples": [["k", 10, 3]]},
         {"lookups": 1, "samples": [["a", 10], ["b", 10]]},
@@ -272,4 +291,9 @@ def test_windows_close_every_minute_and_follow_the_settings() -> None:
     curves.feed(1, [("a", 1000)])
     window = curves.close_window()
     assert window.capacity_mb == 2.0
+    # Misses count against every lookup the gateways made, not only the
+    # sampled ones (SHARDS' adjustment): 2 misses of 16 lookups at 1 in 2.
+    curves.follow(CacheSettings(capacity_mb=2.0, policy="random"), rate=0.5)
+    curves.feed(16, [("a", 1000), ("b", 1000), ("a", 1000), ("a", 1000)])
+    assert curves.close_window().predicted_miss == [0.25] * 8
     assert window.predicted_miss == [0.0] * 8
