@@ -26,6 +26,7 @@ from manager.autoscaler import (
     STABILIZATION_JUDGEMENTS,
     Autoscaler,
     decide,
+    decide_predictive,
     stabilized,
 )
 from manager.backends.local import LocalPool
@@ -281,3 +282,64 @@ async def test_min_lookups_is_on_the_configuration_page(system: System) -> None:
         assert reply.status == 400
     assert "Judge only minutes with at least this many lookups" in refused
     assert (await system.manager.app[CONTROLLER].settings()).min_lookups == 250
+
+
+# -- predictive scaling ------------------------------------------------------------------
+
+CURVE = (0.9, 0.7, 0.5, 0.35, 0.25, 0.2, 0.18, 0.17)
+PREDICTIVE = replace(
+    CacheSettings(mode=Mode.AUTO, max_miss=0.3, min_miss=0.1), scaling="predictive"
+)
+
+
+@pytest.mark.parametrize(
+    ("size", "stats", "curve", "target", "said"),
+    [
+        # One step to the smallest size predicted within maxMiss, up or down.
+        (1, minute(1000, 900, workers=1), CURVE, 5, "predicted miss rate at 5 nodes 25.0%"),
+        (8, minute(1000, 170), CURVE, 5, "predicted miss rate at 5 nodes"),
+        (5, minute(1000, 250, workers=5), CURVE, 5, "predicted miss rate at 5 nodes"),
+        # No size is predicted good enough: all of them.
+        (2, minute(1000, 900, workers=2), (0.9,) * 8, 8, "at 8 nodes 90.0%"),
+        # Down, but never below what holds the bytes in use (300 MB: 5 nodes of 64).
+        (8, minute(1000, 10, mb_in_use=300), (0.1,) * 8, 5, "predicted miss rate at 5"),
+        # Down needs every node's bytes.
+        (8, minute(1000, 10, workers=7), (0.1,) * 8, 8, "not all known"),
+        # The evidence rules of the ratio rule apply unchanged.
+        (1, minute(40, 40, workers=1), CURVE, 1, "no evidence"),
+        (1, minute(1000, 900, workers=1), None, 1, "no miss curve yet"),
+        (1, minute(1000, 900, workers=1), (None,) * 8, 1, "no miss curve yet"),
+    ],
+)
+def test_predictive_scaling_goes_in_one_step(
+    size: int,
+    stats: MinuteStats,
+    curve: tuple[float | None, ...] | None,
+    target: int,
+    said: str,
+) -> None:
+    decision = decide_predictive(size, stats, curve, PREDICTIVE, None)
+    assert decision.target == target, decision
+    assert said in decision.reason
+
+
+def test_predictive_scaling_waits_while_a_resize_settles() -> None:
+    decision = decide_predictive(1, minute(1000, 900, workers=1), CURVE, PREDICTIVE, 30.0, 120.0)
+    assert (decision.target, decision.reason.startswith("settling")) == (1, True)
+
+
+async def test_the_autoscaler_scales_predictively_when_set_to(system: System) -> None:
+    controller = system.manager.app[CONTROLLER]
+    await system.api(
+        "configure_cache", mode="auto", scaling="predictive", maxMiss="0.3", minMiss="0.1"
+    )
+    assert (await controller.settings()).scaling == "predictive"
+    clock = Clock()
+    autoscaler = Autoscaler(
+        controller, lambda: minute(1000, 900, workers=1), 0.0, clock, last_curve=lambda: CURVE
+    )
+    decision = await autoscaler.tick()
+    assert decision is not None
+    assert (decision.size, decision.target, controller.size) == (1, 5, 5)
+    await system.api("configure_cache", scaling="sideways", expect=400)
+    assert (await controller.settings()).scaling == "predictive"

@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from manager.autoscaler import decide_predictive
 from manager.metrics import MinuteStats
 from manager.settings import CacheSettings, Mode
-from manager.whatif import RecordedMinute, predictive_target, replay
+from manager.whatif import RecordedMinute, replay
 
 START = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 # The miss rate pools of 1..8 nodes would have on this workload.
@@ -73,7 +74,7 @@ def test_minutes_without_evidence_resize_nothing() -> None:
 def test_the_predictive_jump_down_keeps_the_bytes_in_use() -> None:
     (minute,) = steady_run(1, size=8, mb=300)  # 300 MB need 5 nodes of 64 MB
     generous = replace(SETTINGS, max_miss=0.95)  # the curve alone would allow 1 node
-    decision = predictive_target(8, minute, generous)
+    decision = decide_predictive(8, minute.stats, minute.curve, generous, None)
     assert decision.target == 5
 
 

@@ -248,12 +248,16 @@ async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
         node_access=app[CONFIG].node_access(),
     )
     app[COLLECTOR] = collector
-    app[AUTOSCALER] = Autoscaler(controller, collector.last_minute, config.settle_seconds)
+    curves = app[CURVES]
+    app[AUTOSCALER] = Autoscaler(
+        controller,
+        collector.last_minute,
+        config.settle_seconds,
+        last_curve=lambda: curves.latest().predicted_miss,
+    )
 
     async def collect() -> None:
         await collector.collect(controller.members)
-
-    curves = app[CURVES]
 
     async def close_curve_window() -> None:
         curves.follow(await controller.settings())

@@ -142,6 +142,45 @@ def _shrink(size: int, minute: MinuteStats, settings: CacheSettings, rate: float
     return Decision(size, max(target, needed), reason, rate)
 
 
+def decide_predictive(
+    size: int,
+    minute: MinuteStats | None,
+    curve: Sequence[float | None] | None,
+    settings: CacheSettings,
+    seconds_since_resize: float | None,
+    settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+) -> Decision:
+    """Predictive scaling: at once to the smallest pool whose predicted miss rate
+    (``curve``, for pools of 1..8 nodes) is at most maxMiss, all 8 when none is;
+    never below the nodes that hold the bytes in use. The evidence rules of
+    ``decide`` apply unchanged: it answers whenever it would not resize."""
+    judged = decide(size, minute, settings, seconds_since_resize, settle_seconds)
+    if minute is None or judged.miss_rate is None or "no evidence" in judged.reason:
+        return judged
+    if judged.reason.startswith("settling"):
+        return judged
+    known = [(n, p) for n, p in enumerate(curve or (), start=MIN_NODES) if p is not None]
+    if not known:
+        return Decision(size, size, "no miss curve yet: no prediction", judged.miss_rate)
+    fitting = [n for n, predicted in known if predicted <= settings.max_miss]
+    target = min(fitting) if fitting else MAX_NODES
+    capacity = settings.capacity_mb * MIB
+    if target < size:
+        if minute.workers < size:
+            return Decision(
+                size, size, "the nodes' bytes in use are not all known: no shrink", judged.miss_rate
+            )
+        target = max(target, MIN_NODES, math.ceil(minute.bytes / capacity))
+        target = min(target, size)
+    predicted = dict(known).get(target)
+    said = "unknown" if predicted is None else f"{predicted:.1%}"
+    reason = (
+        f"predicted miss rate at {target} nodes {said} (maxMiss {settings.max_miss:.1%}); "
+        f"measured {judged.miss_rate:.1%} at {size}"
+    )
+    return Decision(size, target, reason, judged.miss_rate)
+
+
 def stabilized(decision: Decision, recent_targets: Sequence[int]) -> Decision:
     """``decision`` with a shrink held back to the highest size recommended by
     ``recent_targets`` (the judgements before it in the stabilization window);
@@ -169,9 +208,13 @@ class Autoscaler:
         last_minute: Callable[[], MinuteStats | None],
         settle_seconds: float = DEFAULT_SETTLE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        last_curve: Callable[[], Sequence[float | None] | None] = lambda: None,
     ) -> None:
+        """``last_curve``: the predicted miss rate of pools of 1..8 nodes over the
+        last minute, for predictive scaling (None: not known)."""
         self._controller = controller
         self._last_minute = last_minute
+        self._last_curve = last_curve
         self._settle_seconds = settle_seconds
         self._clock = clock
         self.decisions: deque[tuple[datetime, Decision]] = deque(maxlen=200)
@@ -187,13 +230,20 @@ class Autoscaler:
             self._recommended.clear()
             return None
         last = self._controller.last_resize
-        recommended = decide(
-            self._controller.size,
-            self._last_minute(),
-            settings,
-            None if last is None else self._clock() - last,
-            self._settle_seconds,
-        )
+        since = None if last is None else self._clock() - last
+        if settings.scaling == "predictive":
+            recommended = decide_predictive(
+                self._controller.size,
+                self._last_minute(),
+                self._last_curve(),
+                settings,
+                since,
+                self._settle_seconds,
+            )
+        else:
+            recommended = decide(
+                self._controller.size, self._last_minute(), settings, since, self._settle_seconds
+            )
         decision = stabilized(recommended, self._recommended)
         self._recommended.append(recommended.target)
         now = self._clock()

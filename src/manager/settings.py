@@ -38,6 +38,10 @@ class CacheSettings:
     # A minute with fewer lookups is no evidence: a handful of reads (one
     # missing key is a 100% miss rate) must not resize the pool.
     min_lookups: int = 100
+    # "ratio": grow by expRatio, shrink by shrinkRatio (the original rule);
+    # "predictive": go at once to the smallest size the miss curve predicts
+    # within maxMiss (docs/design.md, "The miss curve").
+    scaling: str = "ratio"
 
     def validate(self) -> CacheSettings:
         """Return self, or raise SettingsError naming the first bad value."""
@@ -57,6 +61,8 @@ class CacheSettings:
             raise SettingsError(f"expRatio must be above 1 (and at most 8), not {self.exp_ratio:g}")
         if not 0 < self.shrink_ratio < 1:
             raise SettingsError(f"shrinkRatio must be between 0 and 1, not {self.shrink_ratio:g}")
+        if self.scaling not in SCALINGS:
+            raise SettingsError(f"scaling must be ratio or predictive, not {self.scaling!r}")
         if not 0 <= self.min_lookups <= MAX_MIN_LOOKUPS:
             raise SettingsError(
                 f"minLookups must be a whole number from 0 to {MAX_MIN_LOOKUPS}, "
@@ -91,7 +97,9 @@ API_NAMES = {
     "expRatio": "exp_ratio",
     "shrinkRatio": "shrink_ratio",
     "minLookups": "min_lookups",
+    "scaling": "scaling",
 }
+SCALINGS = ("ratio", "predictive")
 POLICY_NAMES = {"lru": "lru", "rr": "random", "random": "random"}
 
 
@@ -124,6 +132,11 @@ def _parse(name: str, text: str) -> object:
             return Mode(text.strip().lower())
         except ValueError:
             raise SettingsError(f"mode must be manual or auto, not {text!r}") from None
+    if name == "scaling":
+        scaling = text.strip().lower()
+        if scaling not in SCALINGS:
+            raise SettingsError(f"scaling must be ratio or predictive, not {text!r}")
+        return scaling
     if name == "min_lookups":
         if re.fullmatch(r"[0-9]{1,9}", text.strip()) is None:
             raise SettingsError(f"minLookups must be a whole number, not {text!r}")

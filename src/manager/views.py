@@ -74,6 +74,7 @@ FIELD_LABELS = {
     "expRatio": "Grow by the ratio",
     "shrinkRatio": "Shrink by the ratio",
     "minLookups": "Judge only minutes with at least this many lookups",
+    "scaling": "Resize by",
 }
 FIELD_LABELS |= {name: FIELD_LABELS[api_name] for api_name, name in API_NAMES.items()}
 _FIELD_NAME = re.compile(r"\b(" + "|".join(map(re.escape, FIELD_LABELS)) + r")\b")
@@ -314,6 +315,7 @@ def _settings_form(settings: CacheSettings) -> dict[str, str]:
         "expRatio": f"{settings.exp_ratio:g}",
         "shrinkRatio": f"{settings.shrink_ratio:g}",
         "minLookups": str(settings.min_lookups),
+        "scaling": settings.scaling,
     }
 
 

@@ -10,9 +10,10 @@ replay had then: from the curve, or, at the recorded size, the recorded rate
 itself. It reports the sizes over time, the resizes and the node-minutes
 beside what happened.
 
-Two policies: ``ratio``, the autoscaler's rule (grow by expRatio above maxMiss,
-shrink by shrinkRatio below minMiss), and ``predictive``, which goes in one
-step to the smallest size whose predicted miss rate is at most maxMiss.
+Two policies, the autoscaler's own: ``ratio`` (grow by expRatio above
+maxMiss, shrink by shrinkRatio below minMiss) and ``predictive``
+(``autoscaler.decide_predictive``: in one step to the smallest size whose
+predicted miss rate is at most maxMiss).
 
 Pure: no I/O, no clock.
 """
@@ -25,9 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from manager.autoscaler import STABILIZATION_JUDGEMENTS, Decision, decide, stabilized
+from manager.autoscaler import STABILIZATION_JUDGEMENTS, decide, decide_predictive, stabilized
 from manager.metrics import MinuteStats
-from manager.settings import MAX_NODES, MIN_NODES, CacheSettings
+from manager.settings import CacheSettings
 
 POLICIES = ("ratio", "predictive")
 MINUTE_SECONDS = 60.0
@@ -75,26 +76,6 @@ class Replay:
         return sum(known) / len(known) if known else None
 
 
-def predictive_target(size: int, minute: RecordedMinute, settings: CacheSettings) -> Decision:
-    """The smallest pool whose predicted miss rate is at most maxMiss (all 8
-    when none is), under the same evidence rules as ``decide``."""
-    judged = decide(size, minute.stats, settings, None)
-    if judged.miss_rate is None or "no evidence" in judged.reason or minute.curve is None:
-        return replace(judged, target=size)
-    for nodes in range(MIN_NODES, MAX_NODES + 1):
-        predicted = minute.miss_rate_at(nodes)
-        if predicted is not None and predicted <= settings.max_miss:
-            target = nodes
-            break
-    else:
-        target = MAX_NODES
-    needed = _nodes_for_bytes(minute.stats, settings)
-    if target < size and needed is not None:
-        target = max(target, needed)
-    reason = f"predicted miss rate at {target} nodes within maxMiss {settings.max_miss:.1%}"
-    return Decision(size, target, reason, judged.miss_rate)
-
-
 def replay(
     recorded: Sequence[RecordedMinute],
     settings: CacheSettings,
@@ -117,11 +98,12 @@ def replay(
             since_resize += MINUTE_SECONDS
         rate = minute.miss_rate_at(size)
         seen = _as_seen_at(minute, size, rate)
-        settling = since_resize is not None and since_resize < settle_seconds
-        if policy == "ratio" or settling:
+        if policy == "ratio":
             recommended = decide(size, seen, settings, since_resize, settle_seconds)
         else:
-            recommended = predictive_target(size, replace(minute, stats=seen), settings)
+            recommended = decide_predictive(
+                size, seen, minute.curve, settings, since_resize, settle_seconds
+            )
         decision = stabilized(recommended, recent)
         recent.append(recommended.target)
         replayed.append(ReplayedMinute(minute.stats.minute, size, rate, decision.reason))
@@ -138,10 +120,3 @@ def _as_seen_at(minute: RecordedMinute, size: int, rate: float | None) -> Minute
     lookups = stats.lookups if rate is not None else 0
     misses = round(lookups * rate) if rate is not None else 0
     return replace(stats, workers=size, misses=misses, hits=lookups - misses, lookups=lookups)
-
-
-def _nodes_for_bytes(stats: MinuteStats, settings: CacheSettings) -> int | None:
-    capacity = settings.capacity_mb * (1 << 20)
-    if capacity <= 0:
-        return None
-    return max(MIN_NODES, -(-stats.bytes // int(capacity)))
