@@ -53,14 +53,15 @@ class NodeProcess:
                 self.process.stdout.close()
 
 
-def start_node_process(*extra_args: str) -> NodeProcess:
-    """Run ``imagecache node`` on a free port and wait for its listening line."""
+def start_node_process(*extra_args: str, settings: dict[str, str] | None = None) -> NodeProcess:
+    """Run ``imagecache node`` on a free port (with ``settings``: IMAGECACHE_*
+    variables, as the local pool passes them) and wait for its listening line."""
     process = subprocess.Popen(
         [sys.executable, "-m", "imagecache", "node", "--port", "0", *extra_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(settings or {})},
     )
     assert process.stdout is not None
     line = process.stdout.readline()

@@ -9,7 +9,6 @@ that knows it.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
 import sys
@@ -33,15 +32,9 @@ TOKEN = "a-token-for-the-tests-0123456789"
 
 
 def start_node_with_token(*extra_args: str) -> NodeProcess:
-    previous = os.environ.get("IMAGECACHE_NODE_TOKEN")
-    os.environ["IMAGECACHE_NODE_TOKEN"] = TOKEN  # as the local pool passes it
-    try:
-        return start_node_process("--capacity-mb", "16", *extra_args)
-    finally:
-        if previous is None:
-            del os.environ["IMAGECACHE_NODE_TOKEN"]
-        else:
-            os.environ["IMAGECACHE_NODE_TOKEN"] = previous
+    return start_node_process(
+        "--capacity-mb", "16", *extra_args, settings={"IMAGECACHE_NODE_TOKEN": TOKEN}
+    )
 
 
 @pytest.fixture

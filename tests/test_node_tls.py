@@ -79,16 +79,7 @@ def node(certificate: Certificate) -> Iterator[NodeProcess]:
         "IMAGECACHE_NODE_TLS_KEY": str(certificate.key),
         "IMAGECACHE_NODE_TOKEN": TOKEN,
     }
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)  # as the local pool passes them
-    try:
-        started = start_node_process("--capacity-mb", "64")
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+    started = start_node_process("--capacity-mb", "64", settings=settings)
     yield started
     started.stop()
 

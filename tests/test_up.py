@@ -97,18 +97,22 @@ async def _wait_for_banner(up: Up) -> None:
 
 def node_pids(parent: int) -> dict[int, str]:
     """The ``imagecache node`` processes whose parent is ``parent``: pid → command line."""
+    return children_of(parent, " node ")
+
+
+def children_of(parent: int, marker: str) -> dict[int, str]:
+    """The processes whose parent is ``parent`` and whose command line holds ``marker``."""
     found: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            command = command_of(int(entry.name))
         except OSError:  # gone meanwhile
             continue
         # The parent pid is the second field after the command name (which may hold spaces).
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        if ppid == parent and " node " in command:
+        if int(stat.rpartition(")")[2].split()[1]) == parent and marker in command:
             found[int(entry.name)] = command
     return found
 
@@ -121,7 +125,7 @@ def still_running(pid: int, command: str) -> bool:
     """Whether ``pid`` still runs ``command`` (a zombie or a reused pid does not count)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        now = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        now = command_of(pid)
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z" and now == command
@@ -298,22 +302,6 @@ async def test_the_graders_sequence_against_imagecache_up(up: Up, interrupt: str
 
 
 # -- nothing left behind ---------------------------------------------------------------------
-
-
-def children_of(parent: int, marker: str) -> dict[int, str]:
-    """The processes whose parent is ``parent`` and whose command line holds ``marker``."""
-    found: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if int(stat.rpartition(")")[2].split()[1]) == parent and marker in command:
-            found[int(entry.name)] = command
-    return found
 
 
 async def wait_until_gone(processes: dict[int, str], seconds: float) -> list[str]:

@@ -183,7 +183,7 @@ class CachePool:
 
     async def get(self, key: str) -> CachedItem | None:
         """The cached item of ``key``; None on a miss or when its node cannot serve."""
-        member = self._usable_owner(key)
+        member = self.usable_owner(key)
         if member is None:
             self.counters.misses += 1
             return None
@@ -207,7 +207,7 @@ class CachePool:
         is still that same read; counting it as a hit too would count one
         read twice.
         """
-        member = self._usable_owner(key)
+        member = self.usable_owner(key)
         if member is None:
             return None
         answer = await self._attempt(member, member.client.lease(key.encode(), seconds))
@@ -218,7 +218,7 @@ class CachePool:
     async def release(self, key: str) -> None:
         """Give back a lease on ``key`` without filling it (best effort: an
         unreleased lease still ends after its time)."""
-        member = self._usable_owner(key)
+        member = self.usable_owner(key)
         if member is not None:
             await self._attempt(member, member.client.release(key.encode()))
 
@@ -227,14 +227,14 @@ class CachePool:
         size can fix, and give back any lease on ``key`` (best effort, like
         ``release``: the node then counts it in ``missing_lookups`` or
         ``uncacheable_lookups`` instead of ``misses``)."""
-        member = self._usable_owner(key)
+        member = self.usable_owner(key)
         if member is not None:
             await self._attempt(member, member.client.uncacheable(key.encode(), kind))
 
     async def ticket(self, key: str) -> WriteTicket | None:
         """A write ticket from ``key``'s owner, taken before reading what will be
         written there; None when the owner cannot answer (then nothing is written)."""
-        member = self._usable_owner(key)
+        member = self.usable_owner(key)
         if member is None:
             return None
         ticket = await self._attempt(member, member.client.ticket())
@@ -248,7 +248,7 @@ class CachePool:
         False when the node refused it as over its maximum item size: it can
         never be cached there (the reads that missed it say so with
         ``unfixable_miss``)."""
-        member = self._usable_owner(key)
+        member = self.usable_owner(key)
         if member is None or member.node_id != ticket.node_id:
             return True
         add = member.client.add(
@@ -269,7 +269,7 @@ class CachePool:
     ) -> None:
         """Write a just-uploaded value through to its owner (best effort); the
         ticket was taken before the upload committed."""
-        member = self._usable_owner(key)
+        member = self.usable_owner(key)
         if member is not None and member.node_id == ticket.node_id:
             await self._attempt(
                 member,
@@ -335,7 +335,8 @@ class CachePool:
 
     def usable_owner(self, key: str) -> PoolMember | None:
         """``key``'s owner, when that node may serve reads now."""
-        return self._usable_owner(key)
+        member = self.owner_of(key)
+        return member if member is not None and self.may_read(member, self._clock()) else None
 
     def may_read(self, member: PoolMember, now: float) -> bool:
         """Whether ``member`` may serve reads at ``now`` (on the pool's clock), as
@@ -343,15 +344,6 @@ class CachePool:
         return not member.dirty and member.unusable_until <= now < self._view_valid_until
 
     # -- internals ----------------------------------------------------------
-
-    def _usable_owner(self, key: str) -> PoolMember | None:
-        member = self.owner_of(key)
-        if member is None or member.dirty:
-            return None
-        now = self._clock()
-        if member.unusable_until > now or now >= self._view_valid_until:
-            return None
-        return member
 
     async def _attempt(self, member: PoolMember, call: Awaitable[T]) -> T | None:
         try:

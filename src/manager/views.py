@@ -42,6 +42,7 @@ from manager.backends.base import NodeHandle, PoolError
 from manager.charts import MissThresholds, render_charts
 from manager.forms import read_form
 from manager.pool import ResizeError
+from manager.records import FAILED_CAUSE
 from manager.settings import (
     API_NAMES,
     MAX_NODES,
@@ -61,8 +62,6 @@ _WHOLE_NUMBER = re.compile("0*[1-9][0-9]{0,3}")  # 1 or more
 HEALTH_TIMEOUT_SECONDS = 0.5
 # Resizes shown as marks on the charts: more than a 30-minute span can hold.
 CHART_RESIZES = 100
-# A resize that failed is recorded with a cause that begins so (manager.records).
-FAILED_CAUSE = "failed:"
 # The settings form's labels (templates/manager/config.html), by API and by
 # internal name: a refusal names the field as the page does.
 FIELD_LABELS = {
