@@ -17,6 +17,10 @@ its own tables, and they share the ``counters`` table.
 - MySQL: READ COMMITTED, so the locking reads take no gap locks; transactions
   that must not interleave lock one counter row first (``lock_counter``),
   which serializes them without deadlocks.
+
+Tables are created if absent, and a table an older version created gains the
+columns added to the schema since (``add_absent_columns``): data folders and
+databases of older versions keep working.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from sqlalchemy import (
     Table,
     event,
     insert,
+    inspect,
     select,
     update,
 )
@@ -52,7 +57,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.schema import CreateTable
+from sqlalchemy.schema import CreateColumn, CreateTable
 
 from imagecache.errors import StorageError
 
@@ -60,6 +65,8 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 MYSQL_CONNECT_TIMEOUT_S = 10
 # Execution option that marks a connection's transactions as writes.
 WRITE = "imagecache_write"
+# MySQL's error for ADD COLUMN of a column that exists (ER_DUP_FIELDNAME).
+_MYSQL_DUPLICATE_COLUMN = 1060
 
 # Naive UTC on both databases; MySQL's DATETIME keeps only whole seconds unless told.
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
@@ -164,9 +171,11 @@ class Database:
         tables = [*schema.sorted_tables, *([counters_table] if counters else [])]
         with self.failures("create the schema"):
             async with self.write() as conn:
-                # create_all, but IF NOT EXISTS.
+                # create_all, but IF NOT EXISTS; a table an older version created
+                # gains the columns added since.
                 for table in tables:
                     await conn.execute(CreateTable(table, if_not_exists=True))
+                    await add_absent_columns(conn, table)
             if not counters:
                 return
             try:
@@ -202,6 +211,51 @@ class Store:
         """The store in ``database``, its tables and counters created if absent."""
         await database.create(cls.schema, cls.counters)
         return cls(database)
+
+
+async def add_absent_columns(conn: AsyncConnection, table: Table) -> list[str]:
+    """Add to the database's ``table`` the columns of ``table`` it lacks; their names.
+
+    CREATE TABLE IF NOT EXISTS keeps a table an older version created as it
+    was: this brings it up to the schema. Existing rows get the column's server
+    default, or NULL. A process that adds the same column at the same moment is
+    no error. Raises ValueError, adding nothing, when an absent column could not
+    be added to a table with rows: one in the primary key, or NOT NULL without
+    a server default (the schema must declare new columns nullable or give them
+    a ``server_default``).
+    """
+    present = await conn.run_sync(
+        lambda sync_conn: {column["name"] for column in inspect(sync_conn).get_columns(table.name)}
+    )
+    absent = [column for column in table.columns if column.name not in present]
+    for column in absent:
+        if column.primary_key or (not column.nullable and column.server_default is None):
+            raise ValueError(
+                f"cannot add column {column.name} to the existing table {table.name}:"
+                " a column added to a table must be nullable or have a server default"
+                " and not be part of the primary key"
+            )
+    preparer = conn.dialect.identifier_preparer
+    for column in absent:
+        definition = CreateColumn(column).compile(dialect=conn.dialect)
+        try:
+            # As the driver takes it: a default's text may hold ":" or "%".
+            await conn.exec_driver_sql(
+                f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {definition}"
+            )
+        except DBAPIError as error:
+            if not _is_duplicate_column(error):
+                raise
+            # another process added it since we looked
+    return [column.name for column in absent]
+
+
+def _is_duplicate_column(error: DBAPIError) -> bool:
+    """Whether ``error`` says the column to add exists (SQLite's or MySQL's words)."""
+    reason = error.orig
+    if reason is not None and reason.args and reason.args[0] == _MYSQL_DUPLICATE_COLUMN:
+        return True
+    return "duplicate column name" in str(reason).lower()
 
 
 async def counter(conn: AsyncConnection, name: str) -> int:
