@@ -1,4 +1,5 @@
-"""The statistics page's charts: six self-contained SVG line charts of 30 minutes."""
+"""The statistics page's charts: seven self-contained SVG line charts of 30 minutes,
+and the miss curve (predicted miss rate per pool size)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,24 @@ import itertools
 import re
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from aiohttp import ClientSession, CookieJar
+from aiohttp.test_utils import TestServer
 
-from manager.charts import Chart, MissThresholds, render_charts
+from imagecache.config import Config, with_data_dir
+from manager.app import create_app as create_manager
+from manager.charts import Chart, MissThresholds, render_charts, render_curve
+from manager.curves import CurveWindow, MissCurves
 from manager.metrics import MinuteStats
+from manager.misscurve import POOL_SIZES
 from manager.records import Activity
+from manager.settings import CacheSettings
+from tests.test_manager import PASSWORD, TOKEN, free_port_range
 
 SVG = "{http://www.w3.org/2000/svg}"
 END = datetime(2024, 5, 1, 12, 0, 30, tzinfo=UTC)  # within the minute 12:00
@@ -27,10 +38,19 @@ TITLES = [
     "Items",
     "Items size (MB)",
     "Requests (per minute)",
+    "Reads no pool size can fix (per minute)",
 ]
 
 
-def minute(at: datetime, *, lookups: int = 100, misses: int = 25, items: int = 40) -> MinuteStats:
+def minute(
+    at: datetime,
+    *,
+    lookups: int = 100,
+    misses: int = 25,
+    items: int = 40,
+    missing: int = 0,
+    uncacheable: int = 0,
+) -> MinuteStats:
     return MinuteStats(
         minute=at,
         workers=3,
@@ -40,6 +60,8 @@ def minute(at: datetime, *, lookups: int = 100, misses: int = 25, items: int = 4
         requests=lookups + 10,
         items=items,
         bytes=items * (1 << 20) // 4,
+        missing=missing,
+        uncacheable=uncacheable,
     )
 
 
@@ -74,7 +96,7 @@ def values(root: ET.Element) -> list[str]:
     return [d.text or "" for d in root.iter(f"{SVG}desc") if d.get("class") == "value"]
 
 
-def test_six_charts_with_their_titles() -> None:
+def test_seven_charts_with_their_titles() -> None:
     charts = render_charts(full_span(), END)
 
     assert [c.title for c in charts] == TITLES
@@ -115,13 +137,16 @@ def test_thirty_minutes_at_one_minute_steps_labelled_every_five() -> None:
 
 
 def test_values_of_each_chart() -> None:
-    workers, miss, hit, items, size, requests = (parse(c) for c in render_charts(full_span(), END))
+    workers, miss, hit, items, size, requests, unfixable = (
+        parse(c) for c in render_charts(full_span(), END)
+    )
     assert set(values(workers)) == {"3"}
     assert set(values(miss)) == {"25%"}
     assert set(values(hit)) == {"75%"}
     assert set(values(items)) == {"40"}
     assert set(values(size)) == {"10.0"}  # 40 * 1/4 MB
     assert set(values(requests)) == {"110"}
+    assert set(values(unfixable)) == {"0"}
 
 
 def test_missing_minutes_are_gaps() -> None:
@@ -131,7 +156,7 @@ def test_missing_minutes_are_gaps() -> None:
         for i in range(30)
         if i not in (9, 10)
     ]
-    workers, miss, hit, items, _, _ = (parse(c) for c in render_charts(minutes, END))
+    workers, miss, hit, items, *_ = (parse(c) for c in render_charts(minutes, END))
 
     assert len(dots(workers)) == 28
     assert len(line_segments(workers)) == 2
@@ -161,7 +186,7 @@ def test_an_end_on_a_minute_boundary_ends_with_the_minute_before() -> None:
 
 def test_no_data_at_all_still_renders() -> None:
     charts = render_charts([], END)
-    assert len(charts) == 6
+    assert len(charts) == 7
     for chart in charts:
         assert dots(parse(chart)) == []
 
@@ -296,3 +321,207 @@ def test_resizes_are_marked_where_they_happened() -> None:
         x = float(mark[1].split()[0].lstrip("M"))
         assert x == pytest.approx((xs[19] + xs[20]) / 2), chart.title  # halfway: 30 s
         assert " V" in mark[1]  # vertical
+
+
+def test_reads_no_pool_size_can_fix_have_their_own_chart() -> None:
+    minutes = [minute(FIRST + i * MINUTE, missing=i, uncacheable=i % 3) for i in range(30)]
+    charts = render_charts(minutes, END)
+    miss, unfixable = parse(charts[1]), parse(charts[6])
+
+    assert charts[6].title == "Reads no pool size can fix (per minute)"
+    # The sum of both kinds per minute, each kind told apart in the point's title.
+    assert values(unfixable) == [f"{i + i % 3}" for i in range(30)]
+    assert titles(unfixable)[4] == "11:35 UTC: 5 (4 with no image, 1 too large to cache)"
+    assert titles(unfixable)[-1] == (
+        "12:00 UTC: 31 (29 with no image, 2 too large to cache; partial minute, so far)"
+    )
+    # They are not lookups: the miss rate is the misses of the lookups alone.
+    assert set(values(miss)) == {"25%"}
+    # The axis follows the data (31 at most), like the other counts.
+    axis = next(g for g in unfixable.iter(f"{SVG}g") if g.get("class", "").startswith("axis y"))
+    top = max(float((t.text or "0").replace(",", "")) for t in axis.iter(f"{SVG}text"))
+    assert 31 <= top <= 40
+
+
+def curve_window(
+    predicted: list[float | None],
+    *,
+    sampled: int = 1234,
+    lookups: int = 123_400,
+    complete: bool = True,
+    seconds: float = 60.0,
+    capacity_mb: float = 64,
+) -> CurveWindow:
+    """A window as manager.curves makes them, with the figures given."""
+    curves = MissCurves()
+    curves.follow(CacheSettings(capacity_mb=capacity_mb))
+    return replace(
+        curves.latest(),
+        predicted_miss=predicted,
+        sampled_lookups=sampled,
+        lookups=lookups,
+        complete=complete,
+        seconds=seconds,
+    )
+
+
+CURVE: list[float | None] = [0.9, 0.7, 0.5, 0.35, 0.2, 0.1, 0.05, 0.05]
+
+
+def test_the_curve_chart_has_a_point_per_pool_size_with_its_value() -> None:
+    chart = render_curve(curve_window(CURVE), POOL_SIZES, 3)
+    root = parse(chart)
+
+    assert chart.title == "Predicted miss rate by pool size (%)"
+    assert x_labels(root) == [str(size) for size in POOL_SIZES]
+    xs = dot_xs(root)
+    assert len(xs) == 8
+    assert xs == sorted(xs)
+    assert titles(root) == [
+        "1 node: 90%",
+        "2 nodes: 70%",
+        "3 nodes (the pool's size now): 50%",
+        "4 nodes: 35%",
+        "5 nodes: 20%",
+        "6 nodes: 10%",
+        "7 nodes: 5%",
+        "8 nodes: 5%",
+    ]
+    # Heights in proportion to the rates, on a 0..100 % axis.
+    ys = [float(c.get("cy", "nan")) for c in dots(root)]
+    assert (ys[3] - ys[0]) / (ys[4] - ys[0]) == pytest.approx((90 - 35) / (90 - 20), rel=0.01)
+    texts = [t.text for t in root.iter(f"{SVG}text") if t.get("class") == "title"]
+    assert texts == ["Nodes in the pool"]
+    assert list(root.iter(f"{SVG}script")) == []
+
+
+def test_the_curve_chart_marks_the_pool_size_now_and_the_thresholds() -> None:
+    root = parse(
+        render_curve(curve_window(CURVE), POOL_SIZES, 3, thresholds=MissThresholds(0.1, 0.5))
+    )
+
+    (current,) = marks(root, "current-size")
+    assert current[0] == "The pool has 3 nodes now"
+    xs = dot_xs(root)
+    assert float(current[1].split()[0].lstrip("M")) == pytest.approx(xs[2])
+    assert " V" in current[1]  # vertical
+    ringed = [g for g in root.iter(f"{SVG}g") if g.get("class") == "dots current"]
+    assert len(ringed) == 1
+    assert ringed[0].findtext(f"{SVG}title") == "3 nodes (the pool's size now): 50%"
+    (high,) = marks(root, "max-miss")
+    (low,) = marks(root, "min-miss")
+    assert high[0].startswith("maxMiss 50%")
+    assert low[0].startswith("minMiss 10%")
+    # maxMiss runs through the 50% point of 3 nodes, minMiss through the 10% of 6.
+    ys = [float(c.get("cy", "nan")) for c in dots(root)]
+    assert float(high[1].split()[1]) == pytest.approx(ys[2], abs=0.01)
+    assert float(low[1].split()[1]) == pytest.approx(ys[5], abs=0.01)
+    # One node: the mark at the first point.
+    (one,) = marks(parse(render_curve(curve_window(CURVE), POOL_SIZES, 1)), "current-size")
+    assert one[0] == "The pool has 1 node now"
+    assert float(one[1].split()[0].lstrip("M")) == pytest.approx(xs[0])
+
+
+def test_the_curve_caption_says_which_window() -> None:
+    complete = render_curve(curve_window(CURVE), POOL_SIZES, 2)
+    assert complete.caption == (
+        "Predicted from the last complete window: 60 s, 1,234 sampled of 123,400 lookups, "
+        "64 MB per node."
+    )
+    partial = render_curve(
+        curve_window(CURVE, complete=False, seconds=23.4, sampled=7, lookups=700, capacity_mb=2.5),
+        POOL_SIZES,
+        2,
+    )
+    assert partial.caption == (
+        "Predicted from the current window, still partial: 23 s so far, 7 sampled of "
+        "700 lookups, 2.5 MB per node."
+    )
+
+
+@pytest.mark.parametrize(
+    ("predicted", "lookups"),
+    [
+        ([None] * 8, 0),  # nothing posted at all
+        # Lookups counted but none sampled: the adjusted ratios are all 0, from no sample.
+        ([0.0] * 8, 40),
+    ],
+)
+def test_no_prediction_without_a_sampled_lookup(
+    predicted: list[float | None], lookups: int
+) -> None:
+    chart = render_curve(
+        curve_window(predicted, sampled=0, lookups=lookups, complete=False, seconds=12),
+        POOL_SIZES,
+        3,
+        thresholds=MissThresholds(0.1, 0.5),
+    )
+    root = parse(chart)
+
+    assert dots(root) == []
+    assert "No prediction yet" in [t.text for t in root.iter(f"{SVG}text")]
+    assert chart.caption == (
+        "No prediction yet: no lookup was sampled in the current window, still partial "
+        "(12 s so far, 64 MB per node)."
+    )
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[tuple[TestServer, ClientSession]]:
+    """A real manager (one local node process), and a session logged in to it."""
+    base = with_data_dir(Config(), tmp_path / "data")
+    config = replace(
+        base,
+        gateway=replace(base.gateway, manager_token=TOKEN),
+        manager=replace(base.manager, password=PASSWORD, first_port=free_port_range()),
+    )
+    server = TestServer(create_manager(config), host="127.0.0.1")
+    # unsafe: keep the cookies of an IP address host.
+    async with server, ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
+        login = {"password": PASSWORD, "next": "/stats"}
+        async with http.post(server.make_url("/login"), data=login) as reply:
+            assert reply.status == 200
+        yield server, http
+
+
+def figures_of(html: str) -> dict[str, ET.Element]:
+    """The page's (or fragment's) chart figures by their data-title."""
+    fragment = html[html.index('<figure class="chart"') : html.rindex("</figure>") + 9]
+    root = ET.fromstring(f"<div>{fragment}</div>")
+    return {figure.get("data-title", ""): figure for figure in root.iter("figure")}
+
+
+async def test_the_page_and_its_refresh_show_the_curve_of_the_posted_samples(
+    manager: tuple[TestServer, ClientSession],
+) -> None:
+    server, http = manager
+    # A gateway's post, every key sampled: a and b read twice each, so every
+    # pool size misses the first read of each (2 of 4).
+    samples = {"lookups": 4, "samples": [["a", 100], ["b", 100], ["a", 100], ["b", 100]], "rate": 1}
+    async with http.post(
+        server.make_url("/internal/key_samples"),
+        json=samples,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as reply:
+        assert reply.status == 200, await reply.text()
+
+    for path in ("/stats", "/stats/charts"):
+        async with http.get(server.make_url(path)) as reply:
+            assert reply.status == 200
+            figures = figures_of(await reply.text())
+        assert list(figures) == [*TITLES, "Predicted miss rate by pool size (%)"], path
+        curve = figures["Predicted miss rate by pool size (%)"]
+        svg = curve.find(f"{SVG}svg")
+        assert svg is not None
+        assert titles(svg) == [
+            "1 node (the pool's size now): 50%",
+            *(f"{size} nodes: 50%" for size in POOL_SIZES[1:]),
+        ]
+        (mark,) = marks(svg, "current-size")
+        assert mark[0] == "The pool has 1 node now"
+        assert len(marks(svg, "threshold")) == 2
+        note = curve.find("p")
+        assert note is not None
+        assert note.get("class") == "chart-note"
+        # Complete or not depends on whether a minute ended since the post.
+        assert "4 sampled of 4 lookups" in (note.text or ""), note.text

@@ -38,6 +38,8 @@ TITLES = [
     "Items",
     "Items size (MB)",
     "Requests (per minute)",
+    "Reads no pool size can fix (per minute)",
+    "Predicted miss rate by pool size (%)",
 ]
 
 pytestmark = needs_chromium
@@ -188,19 +190,19 @@ async def test_log_in_expand_and_see_it_in_statistics_and_activity(
     await page.reload()
     await expect(page.locator("p.flash")).to_have_count(0)
 
-    # Memory Statistics: six charts; the Workers chart shows 3 for the current minute.
+    # Memory Statistics: eight charts; the Workers chart shows 3 for the current minute.
     points = await wait_for_current_workers(page, 3)
     await expect(page.locator("h1")).to_have_text("Memory Statistics")
     figures = page.locator("figure.chart")
-    await expect(figures).to_have_count(6)
-    titles = [await figures.nth(i).get_attribute("data-title") for i in range(6)]
+    await expect(figures).to_have_count(len(TITLES))
+    titles = [await figures.nth(i).get_attribute("data-title") for i in range(len(TITLES))]
     assert titles == TITLES
-    await expect(page.locator("figure.chart svg")).to_have_count(6)
+    await expect(page.locator("figure.chart svg")).to_have_count(len(TITLES))
     # Scripts only from the manager itself (pygal's default tooltip script is a CDN's).
     sources = await page.locator("script[src]").evaluate_all("all => all.map(s => s.src)")
     assert sources == [f"{base_url}/static/dashboard.js"], sources
     # Drawn at a readable size, not collapsed.
-    for i in range(6):
+    for i in range(len(TITLES)):
         box = await figures.nth(i).locator("svg").bounding_box()
         assert box is not None
         assert box["width"] >= 300, (TITLES[i], box)
@@ -221,7 +223,7 @@ async def test_log_in_expand_and_see_it_in_statistics_and_activity(
         await page.clock.run_for(15_000)
     assert (await refreshed.value).status == 200
     await expect(page.locator("figure.chart[data-stale]")).to_have_count(0)
-    await expect(page.locator("figure.chart")).to_have_count(6)
+    await expect(page.locator("figure.chart")).to_have_count(len(TITLES))
     assert await chart_points(page, "Workers"), "the refreshed Workers chart has no point"
 
     # Activity: the resize, its status, its sizes, the nodes it started and its cause.

@@ -1,4 +1,5 @@
-"""The Memory Statistics page's charts: the last 30 minutes of the pool, one per figure.
+"""The Memory Statistics page's charts: the last 30 minutes of the pool, one per
+figure, and the miss curve (the predicted miss rate of every pool size).
 
 Rendered on the server as inline SVG by pygal, without any script: the
 dashboard must work without network access, so pygal's tooltip script (a CDN
@@ -12,20 +13,27 @@ Beyond pygal's line: the Workers chart is drawn as steps (a pool size holds
 until it changes), the current minute, still partial, is marked as such
 (hollow point, dashed line, "so far"), the miss rate chart has the
 autoscaler's minMiss and maxMiss as dashed lines, and every chart has a mark
-where the pool was resized.
+where the pool was resized. Reads no pool size can fix (keys with no image,
+images too large to cache) have a chart of their own: they are not lookups, so
+they are in neither rate, and each point's title tells the two kinds apart.
+
+The curve chart has one point per pool size 1..8 (the latest window of
+manager.curves), the pool's size now marked, minMiss and maxMiss as on the
+miss rate chart, and a caption saying which window it comes from.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pygal
 from pygal.style import Style
 
+from manager.curves import CurveWindow
 from manager.metrics import MinuteStats
 from manager.records import Activity
 from manager.settings import MAX_NODES
@@ -44,9 +52,13 @@ HEIGHT = 260
 ACCENT = "#2457c5"
 LABEL_EVERY_MINUTES = 5
 X_TITLE = "Time (UTC)"
+CURVE_TITLE = "Predicted miss rate by pool size (%)"
+CURVE_X_TITLE = "Nodes in the pool"
+NO_PREDICTION = "No prediction yet"
 PARTIAL_NOTE = "partial minute, so far"
 THRESHOLD_COLOUR = "#b3261e"
 RESIZE_COLOUR = "#6b7280"
+CURRENT_COLOUR = "#111827"
 _MINUTE = timedelta(minutes=1)
 
 # Light, quiet chrome so the one accent-coloured line carries the page.
@@ -80,12 +92,14 @@ STYLE = Style(
 class Chart:
     title: str
     svg: str  # an <svg> element, without XML declaration, to inline in HTML
+    caption: str = ""  # what the page says under the chart, if anything
 
 
 @dataclass(frozen=True, slots=True)
 class _Figure:
+    """How a chart draws its values."""
+
     title: str
-    value: Callable[[MinuteStats], float | None]
     formatter: Callable[[float], str]
     fixed_range: tuple[float, float] | None = None  # None: from 0 to the data's maximum
     floor: float = 1.0  # smallest top of the y axis when the range follows the data
@@ -94,31 +108,55 @@ class _Figure:
     thresholds: bool = False  # draw minMiss and maxMiss (in percent, like the values)
 
 
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """A chart of the last minutes: how it is drawn, and each minute's value."""
+
+    figure: _Figure
+    value: Callable[[MinuteStats], float | None]
+    # More about a minute than its value, added to its point's title.
+    detail: Callable[[MinuteStats], str] | None = None
+
+
 def _percent(rate: float | None) -> float | None:
     return None if rate is None else rate * 100
 
 
-_FIGURES = (
-    _Figure(
-        "Workers",
+def _whole(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _unfixable_detail(stats: MinuteStats) -> str:
+    return f"{stats.missing:,} with no image, {stats.uncacheable:,} too large to cache"
+
+
+_PERCENT = _Figure("", lambda v: f"{v:.0f}%", fixed_range=(0, 100))
+_SERIES = (
+    _Series(
+        _Figure(
+            "Workers",
+            lambda v: f"{v:.0f}",
+            fixed_range=(0, MAX_NODES),
+            y_labels=range(MAX_NODES + 1),
+            steps=True,
+        ),
         lambda m: m.workers,
-        lambda v: f"{v:.0f}",
-        fixed_range=(0, MAX_NODES),
-        y_labels=range(MAX_NODES + 1),
-        steps=True,
     ),
-    _Figure(
-        "Miss rate (%)",
-        lambda m: _percent(m.miss_rate),
-        lambda v: f"{v:.0f}%",
-        (0, 100),
-        thresholds=True,
+    _Series(
+        replace(_PERCENT, title="Miss rate (%)", thresholds=True), lambda m: _percent(m.miss_rate)
     ),
-    _Figure("Hit rate (%)", lambda m: _percent(m.hit_rate), lambda v: f"{v:.0f}%", (0, 100)),
-    _Figure("Items", lambda m: m.items, lambda v: f"{v:,.0f}", floor=10),
-    _Figure("Items size (MB)", lambda m: m.items_mb, lambda v: f"{v:,.1f}", floor=1),
-    _Figure("Requests (per minute)", lambda m: m.requests, lambda v: f"{v:,.0f}", floor=10),
+    _Series(replace(_PERCENT, title="Hit rate (%)"), lambda m: _percent(m.hit_rate)),
+    _Series(_Figure("Items", _whole, floor=10), lambda m: m.items),
+    _Series(_Figure("Items size (MB)", lambda v: f"{v:,.1f}", floor=1), lambda m: m.items_mb),
+    _Series(_Figure("Requests (per minute)", _whole, floor=10), lambda m: m.requests),
+    # Apart from the rates: these reads are in neither (see manager.metrics).
+    _Series(
+        _Figure("Reads no pool size can fix (per minute)", _whole, floor=10),
+        lambda m: m.missing + m.uncacheable,
+        _unfixable_detail,
+    ),
 )
+_CURVE = replace(_PERCENT, title=CURVE_TITLE, thresholds=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +171,13 @@ class MissThresholds:
 class _Marks:
     """What a chart draws beyond its points, in chart positions (x from 0 to 1)."""
 
-    partial_label: str | None  # the x label of the partial last minute, if any
-    resizes: list[tuple[float, str]]  # (x position, description)
-    thresholds: list[tuple[float, str, str]]  # (value as plotted, class, description)
+    # A point's <title> from its x label and its value as shown.
+    point_title: Callable[[str, str], str]
+    partial_label: str | None = None  # the x label of the partial last minute, if any
+    resizes: Sequence[tuple[float, str]] = ()  # (x position, description)
+    thresholds: Sequence[tuple[float, str, str]] = ()  # (value as plotted, class, description)
+    current: tuple[float, str] | None = None  # (x position, description) of the pool's size now
+    current_label: str | None = None  # the x label of the point at the pool's size now
 
 
 def render_charts(
@@ -146,7 +188,8 @@ def render_charts(
     resizes: Sequence[Activity] = (),
     thresholds: MissThresholds | None = None,
 ) -> list[Chart]:
-    """The six charts (workers, miss rate, hit rate, items, items size, requests).
+    """The seven charts of the last minutes (workers, miss rate, hit rate,
+    items, items size, requests, reads no pool size can fix).
 
     The x axis has one position per minute that starts in
     [end - span_minutes, end), labelled HH:MM (UTC) at every fifth minute; a
@@ -176,20 +219,98 @@ def render_charts(
         for slot, label in zip(slots, labels, strict=True)
         if slot.minute % LABEL_EVERY_MINUTES == 0
     ]
+    partial_label = labels[-1] if partial else None
     resize_marks = _resize_marks(resizes, slots[0], min(end, last + _MINUTE), span_minutes)
     charts = []
-    for figure in _FIGURES:
-        values = [
-            None if (stats := by_minute.get(slot)) is None else figure.value(stats)
-            for slot in slots
-        ]
+    for series in _SERIES:
+        figure = series.figure
+        shown = [by_minute.get(slot) for slot in slots]
+        values = [None if stats is None else series.value(stats) for stats in shown]
+        details = {
+            label: series.detail(stats)
+            for label, stats in zip(labels, shown, strict=True)
+            if stats is not None and series.detail is not None
+        }
         marks = _Marks(
-            partial_label=labels[-1] if partial else None,
+            point_title=_minute_title(partial_label, details),
+            partial_label=partial_label,
             resizes=resize_marks,
             thresholds=_threshold_marks(thresholds) if figure.thresholds else [],
         )
         charts.append(Chart(figure.title, _render(figure, labels, major, values, marks)))
     return charts
+
+
+def _minute_title(partial_label: str | None, details: dict[str, str]) -> Callable[[str, str], str]:
+    """Titles of a minute's point: "12:03 UTC: 25%", and what else is known of it."""
+
+    def title(label: str, value: str) -> str:
+        notes = [details[label]] if label in details else []
+        if label == partial_label:
+            notes.append(PARTIAL_NOTE)
+        return f"{label} UTC: {value}" + (f" ({'; '.join(notes)})" if notes else "")
+
+    return title
+
+
+def render_curve(
+    window: CurveWindow,
+    sizes: Sequence[int],
+    current_size: int,
+    *,
+    thresholds: MissThresholds | None = None,
+) -> Chart:
+    """The miss curve: ``window``'s predicted miss rate (%) for each pool size of ``sizes``.
+
+    The point of ``current_size`` is drawn apart and a vertical line marks
+    it; ``thresholds`` are dashed lines as on the miss rate chart. Without a
+    sampled lookup in the window there is no point at all ("No prediction
+    yet", the caption says why): a prediction from no sample would be made up.
+    """
+    labels = [str(size) for size in sizes]
+    predicted = window.predicted_miss if window.sampled_lookups else [None] * len(sizes)
+    values = [_percent(ratio) for ratio in predicted]
+    current_label = str(current_size) if current_size in sizes else None
+    current = None
+    if current_label is not None:
+        index = labels.index(current_label)
+        position = 0.5 if len(labels) == 1 else index / (len(labels) - 1)
+        current = (position, f"The pool has {_nodes(current_size)} now")
+
+    def title(label: str, value: str) -> str:
+        now = " (the pool's size now)" if label == current_label else ""
+        return f"{_nodes(int(label))}{now}: {value}"
+
+    marks = _Marks(
+        point_title=title,
+        thresholds=_threshold_marks(thresholds),
+        current=current,
+        current_label=current_label,
+    )
+    svg = _render(
+        _CURVE, labels, labels, values, marks, x_title=CURVE_X_TITLE, no_data_text=NO_PREDICTION
+    )
+    return Chart(CURVE_TITLE, svg, caption=curve_caption(window))
+
+
+def curve_caption(window: CurveWindow) -> str:
+    """Which window the curve comes from: complete or not, its length, its
+    sampled lookups and the node capacity simulated."""
+    capacity = f"{window.capacity_mb:g} MB per node"
+    if window.complete:
+        which, length = "the last complete window", f"{window.seconds:.0f} s"
+    else:
+        which, length = "the current window, still partial", f"{window.seconds:.0f} s so far"
+    if not window.sampled_lookups:
+        return f"{NO_PREDICTION}: no lookup was sampled in {which} ({length}, {capacity})."
+    return (
+        f"Predicted from {which}: {length}, {window.sampled_lookups:,} sampled of "
+        f"{window.lookups:,} lookups, {capacity}."
+    )
+
+
+def _nodes(count: int) -> str:
+    return f"{count} node" if count == 1 else f"{count} nodes"
 
 
 def _resize_marks(
@@ -241,6 +362,9 @@ def _render(
     major: list[str],
     values: list[float | None],
     marks: _Marks,
+    *,
+    x_title: str = X_TITLE,
+    no_data_text: str = "No data",
 ) -> str:
     if figure.fixed_range is not None:
         y_range = figure.fixed_range
@@ -264,13 +388,13 @@ def _render(
         x_labels_major=major,
         show_minor_x_labels=False,
         truncate_label=-1,  # pygal sizes truncation for all 30 labels, shown or not
-        x_title=X_TITLE,
+        x_title=x_title,
         range=y_range,
         include_x_axis=True,
         value_formatter=figure.formatter,
         dots_size=2,
         margin=12,
-        no_data_text="No data",
+        no_data_text=no_data_text,
         **options,
     )
     chart.add(figure.title, values)
@@ -330,6 +454,7 @@ class _Decorate:
             self._redraw_line(path, plot, partial_x)
         self._draw_thresholds(plot)
         self._draw_resizes(plot)
+        self._draw_current(plot)
         return root
 
     def _title_points(self, root: Any) -> float | None:
@@ -343,9 +468,15 @@ class _Decorate:
                 for cls in _classes(child)[:1]
             }
             label, value = texts.get("x_label", ""), texts.get("value", "")
-            title = f"{label} UTC: {value}"
+            title = self._marks.point_title(label, value)
+            if label == self._marks.current_label:
+                dots.set("class", "dots current")
+                for circle in dots:
+                    if _local(str(circle.tag)) == "circle":
+                        # Ringed: the one size that is not a what-if.
+                        circle.set("r", "5")
+                        circle.set("style", f"stroke: {CURRENT_COLOUR}; stroke-width: 2")
             if label == self._marks.partial_label:
-                title += f" ({PARTIAL_NOTE})"
                 dots.set("class", "dots partial")
                 for circle in dots:
                     if _local(str(circle.tag)) == "circle":
@@ -412,6 +543,21 @@ class _Decorate:
                 f"M{x:.6f} {y0:.6f} V{y1:.6f}",
                 f"stroke: {RESIZE_COLOUR}; stroke-width: 1; stroke-dasharray: 2,3; fill: none",
             )
+
+    def _draw_current(self, plot: Any) -> None:
+        if self._marks.current is None:
+            return
+        position, description = self._marks.current
+        low, high = self._y_range
+        x, y0 = self._chart.view((position, low))
+        _, y1 = self._chart.view((position, high))
+        self._mark(
+            plot,
+            "current-size",
+            description,
+            f"M{x:.6f} {y0:.6f} V{y1:.6f}",
+            f"stroke: {CURRENT_COLOUR}; stroke-width: 1.5; fill: none",
+        )
 
     @staticmethod
     def _mark(plot: Any, css_class: str, description: str, d: str, style: str) -> None:

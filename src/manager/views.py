@@ -23,6 +23,7 @@ from manager.appkeys import (
     CONFIG,
     CONTROLLER,
     CSRF,
+    CURVES,
     LOGIN_THROTTLE,
     METRICS,
     PASSWORD,
@@ -39,7 +40,7 @@ from manager.auth import (
     retry_after,
 )
 from manager.backends.base import NodeHandle, PoolError
-from manager.charts import MissThresholds, render_charts
+from manager.charts import Chart, MissThresholds, render_charts, render_curve
 from manager.forms import read_form
 from manager.pool import ResizeError
 from manager.records import FAILED_CAUSE
@@ -405,20 +406,29 @@ async def charts_fragment(request: web.Request) -> web.Response:
     return render(request, "charts.html", charts=await _charts(request))
 
 
-async def _charts(request: web.Request) -> list[Any]:
+async def _charts(request: web.Request) -> list[Chart]:
+    """The last minutes' charts, then the miss curve of the latest window."""
     # "now" as the end: the current minute is drawn as the partial one it is.
     now = datetime.now(UTC)
     end = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
     app = request.app
+    controller = app[CONTROLLER]
     minutes = await app[METRICS].minutes(end - timedelta(minutes=SPAN_MINUTES), end)
-    settings = await app[CONTROLLER].settings()
-    return render_charts(
-        minutes,
-        now,
-        SPAN_MINUTES,
-        resizes=await app[RECORDS].list_activity(CHART_RESIZES),
-        thresholds=MissThresholds(settings.min_miss, settings.max_miss),
-    )
+    settings = await controller.settings()
+    thresholds = MissThresholds(settings.min_miss, settings.max_miss)
+    curves = app[CURVES]
+    # As POST /api/miss_curve does: the curve simulates the pool as it is set up now.
+    curves.follow(settings)
+    return [
+        *render_charts(
+            minutes,
+            now,
+            SPAN_MINUTES,
+            resizes=await app[RECORDS].list_activity(CHART_RESIZES),
+            thresholds=thresholds,
+        ),
+        render_curve(curves.latest(), curves.sizes, controller.size, thresholds=thresholds),
+    ]
 
 
 async def activity_page(request: web.Request) -> web.Response:

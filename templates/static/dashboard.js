@@ -45,6 +45,24 @@ function refreshPool() {
   }, every);
 }
 
+// Redraw the statistics page's charts in place; the page itself stays put.
+function refreshCharts() {
+  const charts = document.getElementById("charts");
+  if (!charts) return;
+  const every = Number(charts.dataset.refreshMs) || 15000;
+  setInterval(async () => {
+    try {
+      const response = await fetch("/stats/charts", { credentials: "same-origin" });
+      const type = response.headers.get("Content-Type") || "";
+      // A lapsed session answers with the login page: keep the charts shown.
+      if (!response.ok || response.redirected || !type.startsWith("text/html")) return;
+      charts.innerHTML = await response.text();
+    } catch (error) {
+      // The manager is unreachable for a moment: try again at the next period.
+    }
+  }, every);
+}
+
 // Show a chart point's value as soon as the pointer comes near it: the point
 // nearest the pointer along the time axis, its time (UTC) and value.
 function chartTips() {
@@ -95,4 +113,5 @@ function chartTips() {
 
 confirmBeforeSubmit();
 refreshPool();
+refreshCharts();
 chartTips();
