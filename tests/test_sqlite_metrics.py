@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    Table,
+    func,
+    insert,
+    make_url,
+    select,
+)
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from imagecache.database import RowId, Timestamp
 from imagecache.errors import StorageError
 from manager.metrics import MinuteStats, PoolSample
 from manager.sqlite_metrics import RETENTION, SqlMetrics, samples_table
@@ -189,3 +201,69 @@ async def test_an_unusable_database_raises_storage_error(tmp_path: Path) -> None
     with pytest.raises(StorageError, match="metrics store"):
         async with SqlMetrics.open(f"sqlite+aiosqlite:///{tmp_path / 'file' / 'metrics.db'}"):
             pass
+
+
+async def test_reads_no_pool_size_can_fix_are_stored_and_summed(metrics: SqlMetrics) -> None:
+    for seconds, missing, uncacheable in ((5, 3, 0), (10, 4, 2), (65, 0, 1)):
+        await metrics.put(
+            replace(
+                sample(T0 + timedelta(seconds=seconds)), missing=missing, uncacheable=uncacheable
+            )
+        )
+
+    minutes = await metrics.minutes(T0, T0 + 2 * MINUTE)
+
+    assert [(m.missing, m.uncacheable) for m in minutes] == [(7, 2), (0, 1)]
+    # Apart from the lookups and misses, which they are not part of.
+    assert [(m.lookups, m.misses) for m in minutes] == [(20, 6), (10, 3)]
+
+
+# The table as versions before the reads no pool size can fix created it.
+_older_schema = MetaData()
+_older_samples_table = Table(
+    "metric_samples",
+    _older_schema,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("at", Timestamp, nullable=False),
+    *(
+        Column(name, Integer if name == "workers" else BigInteger, nullable=False)
+        for name in ("workers", "lookups", "hits", "misses", "requests", "items", "bytes")
+    ),
+    mysql_charset="utf8mb4",
+)
+
+
+async def test_a_table_of_an_older_version_gains_the_new_columns(metrics_url: str) -> None:
+    database = make_url(metrics_url).database
+    if metrics_url.startswith("sqlite") and database is not None:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(metrics_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_older_schema.create_all)
+            await conn.execute(
+                insert(_older_samples_table).values(
+                    at=T0.replace(tzinfo=None),
+                    workers=2,
+                    lookups=10,
+                    hits=7,
+                    misses=3,
+                    requests=12,
+                    items=100,
+                    bytes=4096,
+                )
+            )
+    finally:
+        await engine.dispose()
+
+    async with SqlMetrics.open(metrics_url) as store:
+        await store.put(replace(sample(T0 + MINUTE), missing=5, uncacheable=2))
+        minutes = await store.minutes(T0, T0 + 2 * MINUTE)
+    # Opened again (the columns are there now): nothing to add, nothing lost.
+    async with SqlMetrics.open(metrics_url) as store:
+        assert await store.minutes(T0, T0 + 2 * MINUTE) == minutes
+
+    assert minutes == [
+        MinuteStats(T0, 2, 10, 7, 3, 12, 100, 4096, missing=0, uncacheable=0),
+        MinuteStats(T0 + MINUTE, 2, 10, 7, 3, 12, 100, 4096, missing=5, uncacheable=2),
+    ]

@@ -7,7 +7,9 @@ with ``BEGIN IMMEDIATE`` (they take the write lock first, waiting up to the
 busy timeout, instead of failing when they upgrade a read lock); writers of
 this process queue on an asyncio lock. Samples older than ``RETENTION`` are
 deleted as new ones come in; minutes are grouped in Python with
-``minute_of``, so both databases give the same figures.
+``minute_of``, so both databases give the same figures. A table an older
+version created gains the columns added since (``add_absent_columns``), its
+old rows counting no reads of missing or uncacheable images.
 """
 
 from __future__ import annotations
@@ -31,12 +33,19 @@ from sqlalchemy import (
     delete,
     insert,
     select,
+    text,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateTable
 
-from imagecache.database import WRITE, RowId, open_database, storage_failures
+from imagecache.database import (
+    WRITE,
+    RowId,
+    add_absent_columns,
+    open_database,
+    storage_failures,
+)
 from manager.metrics import MetricsStore, MinuteStats, PoolSample, minute_of
 
 RETENTION = timedelta(hours=2)
@@ -67,6 +76,9 @@ samples_table = Table(
     Column("requests", BigInteger, nullable=False),
     Column("items", BigInteger, nullable=False),
     Column("bytes", BigInteger, nullable=False),
+    # Added after the others: a server default, so an older table can gain them.
+    Column("missing", BigInteger, nullable=False, server_default=text("0")),
+    Column("uncacheable", BigInteger, nullable=False, server_default=text("0")),
     mysql_charset="utf8mb4",
 )
 
@@ -101,10 +113,11 @@ class SqlMetrics(MetricsStore):
         engine, write_gate, where = await open_database(url, "metrics")
         store = cls(engine, write_gate, where)
         try:
-            with storage_failures("metrics store", where, "create the table"):
+            with storage_failures("metrics store", where, "create or update the table"):
                 async with store._write() as conn:
                     # IF NOT EXISTS: the manager may start while another process creates it.
                     await conn.execute(CreateTable(samples_table, if_not_exists=True))
+                    await add_absent_columns(conn, samples_table)
             yield store
         finally:
             await store.close()
@@ -125,6 +138,8 @@ class SqlMetrics(MetricsStore):
                         requests=sample.requests,
                         items=sample.items,
                         bytes=sample.bytes,
+                        missing=sample.missing,
+                        uncacheable=sample.uncacheable,
                     )
                 )
                 if prune:
@@ -145,7 +160,18 @@ class SqlMetrics(MetricsStore):
         t = samples_table.c
         # PoolSample's fields in order; t["items"], as t.items is the collection's own method.
         query = (
-            select(t.at, t.workers, t.lookups, t.hits, t.misses, t.requests, t["items"], t.bytes)
+            select(
+                t.at,
+                t.workers,
+                t.lookups,
+                t.hits,
+                t.misses,
+                t.requests,
+                t["items"],
+                t.bytes,
+                t.missing,
+                t.uncacheable,
+            )
             .where(t.at >= _naive(first), t.at < _naive(stop))
             .order_by(t.at, t.id)
         )
