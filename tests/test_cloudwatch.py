@@ -25,10 +25,12 @@ class CountingMetrics(CloudWatchMetrics):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.batches: list[int] = []
+        self.names: list[list[str]] = []  # the metric names of each batch
         self.sent = asyncio.Event()
 
     async def send_batch(self, batch: list[dict[str, Any]]) -> None:
         self.batches.append(len(batch))
+        self.names.append([datum["MetricName"] for datum in batch])
         await super().send_batch(batch)
         self.sent.set()
 
@@ -65,6 +67,8 @@ def sample(at: datetime, **figures: int) -> PoolSample:
         "requests": 0,
         "items": 0,
         "bytes": 0,
+        "missing": 0,
+        "uncacheable": 0,
     }
     values.update(figures)
     return PoolSample(at=at, **values)
@@ -119,6 +123,38 @@ async def test_minutes_sum_counters_and_take_the_maximum_of_gauges(
     assert fourth.miss_rate == pytest.approx(3 / 8)
 
 
+async def test_reads_no_pool_size_can_fix_go_out_with_the_sample_and_come_back(
+    cloudwatch: Any,
+) -> None:
+    base = recent_minute(15)
+    metrics = CountingMetrics(cloudwatch, pool=pool_name())
+    try:
+        await metrics.put(sample(base, lookups=4, misses=2, missing=3, uncacheable=1))
+        await metrics.put(sample(base + timedelta(seconds=5), lookups=2, missing=2))
+        await metrics.put(sample(base + timedelta(minutes=1), lookups=1, uncacheable=4))
+        await metrics.flush()
+        minutes = await metrics.minutes(base, base + timedelta(minutes=2))
+    finally:
+        await metrics.close()
+
+    # Two more metrics of each sample, in the same PutMetricData call as the rest.
+    assert metrics.batches == [20, 7]
+    assert metrics.names[0][:9] == [
+        "Workers",
+        "Lookups",
+        "Hits",
+        "Misses",
+        "Requests",
+        "MissingLookups",
+        "UncacheableLookups",
+        "Items",
+        "ItemsBytes",
+    ]
+    # Summed per minute, apart from the lookups and misses.
+    assert [(m.missing, m.uncacheable) for m in minutes] == [(5, 1), (0, 4)]
+    assert [(m.lookups, m.misses) for m in minutes] == [(6, 2), (1, 0)]
+
+
 async def test_minutes_window_is_half_open_and_per_pool(cloudwatch: Any) -> None:
     base = recent_minute(20)
     ours = CloudWatchMetrics(cloudwatch, pool=pool_name())
@@ -146,15 +182,15 @@ async def test_full_batches_go_out_at_once_and_the_rest_on_flush(cloudwatch: Any
     base = recent_minute(30)
     metrics = CountingMetrics(cloudwatch, pool=pool_name(), batch_size=20)
     try:
-        # 25 samples of 7 datums: 175 datums, 8 full batches and 15 left over.
+        # 25 samples of 9 datums: 225 datums, 11 full batches and 5 left over.
         for i in range(25):
             await metrics.put(sample(base + timedelta(seconds=5 * i), lookups=2, misses=1))
-        assert metrics.batches == [20] * 8
-        assert metrics.buffered == 15
+        assert metrics.batches == [20] * 11
+        assert metrics.buffered == 5
 
         await metrics.flush()
 
-        assert metrics.batches == [20] * 8 + [15]
+        assert metrics.batches == [20] * 11 + [5]
         assert metrics.buffered == 0
         minutes = await metrics.minutes(base, base + timedelta(minutes=3))
     finally:
@@ -174,7 +210,7 @@ async def test_buffered_samples_are_sent_by_the_periodic_flush(cloudwatch: Any) 
         async with asyncio.timeout(5):
             await metrics.sent.wait()
 
-        assert metrics.batches == [7]
+        assert metrics.batches == [9]
         assert metrics.buffered == 0
     finally:
         await metrics.close()
@@ -188,7 +224,7 @@ async def test_close_sends_the_rest_and_refuses_more(cloudwatch: Any) -> None:
     await metrics.close()
     await metrics.close()
 
-    assert metrics.batches == [7]
+    assert metrics.batches == [9]
     with pytest.raises(MetricsError, match="closed"):
         await metrics.put(sample(base, lookups=1))
     [minute] = await metrics.minutes(base, base + timedelta(minutes=1))
@@ -211,14 +247,14 @@ async def test_unreachable_cloudwatch_raises_metrics_error_and_drops_the_batch(
     ) as client:
         metrics = CountingMetrics(client, pool=pool_name())
         await metrics.put(sample(base, lookups=1))
-        with pytest.raises(MetricsError, match="cannot send 7 datums"):
+        with pytest.raises(MetricsError, match="cannot send 9 datums"):
             await metrics.flush()
         assert metrics.buffered == 0
         with pytest.raises(MetricsError, match="cannot read metric"):
             await metrics.minutes(base, base + timedelta(minutes=1))
         await metrics.close()  # nothing left to send
 
-    assert metrics.batches == [7]
+    assert metrics.batches == [9]
 
 
 async def test_naive_datetimes_are_refused(cloudwatch: Any) -> None:

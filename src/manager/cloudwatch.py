@@ -1,17 +1,23 @@
 """Pool statistics as CloudWatch custom metrics (the AWS MetricsStore).
 
-Each PoolSample becomes seven datums in ``namespace`` with the dimension
+Each PoolSample becomes nine datums in ``namespace`` with the dimension
 ``Pool=<pool>``, timestamped ``sample.at``, at standard (60 s) resolution:
 
-| metric     | from            | unit  | read back per minute as |
-| ---------- | --------------- | ----- | ----------------------- |
-| Lookups    | sample.lookups  | Count | Sum                     |
-| Hits       | sample.hits     | Count | Sum                     |
-| Misses     | sample.misses   | Count | Sum                     |
-| Requests   | sample.requests | Count | Sum                     |
-| Workers    | sample.workers  | Count | Maximum                 |
-| Items      | sample.items    | Count | Maximum                 |
-| ItemsBytes | sample.bytes    | Bytes | Maximum                 |
+| metric             | from               | unit  | read back per minute as |
+| ------------------ | ------------------ | ----- | ----------------------- |
+| Lookups            | sample.lookups     | Count | Sum                     |
+| Hits               | sample.hits        | Count | Sum                     |
+| Misses             | sample.misses      | Count | Sum                     |
+| Requests           | sample.requests    | Count | Sum                     |
+| MissingLookups     | sample.missing     | Count | Sum                     |
+| UncacheableLookups | sample.uncacheable | Count | Sum                     |
+| Workers            | sample.workers     | Count | Maximum                 |
+| Items              | sample.items       | Count | Maximum                 |
+| ItemsBytes         | sample.bytes       | Bytes | Maximum                 |
+
+MissingLookups and UncacheableLookups are the reads no pool size can fix
+(keys with no image, images too large to cache), which Lookups and Misses do
+not count. Data sent by a version without them reads back as 0.
 
 The counters are per-interval deltas, so their per-minute Sum is exact. The
 gauges differ from ``minute_of``, which takes the last sample of the minute:
@@ -59,6 +65,8 @@ _METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("Hits", "hits", "Count", "Sum"),
     ("Misses", "misses", "Count", "Sum"),
     ("Requests", "requests", "Count", "Sum"),
+    ("MissingLookups", "missing", "Count", "Sum"),
+    ("UncacheableLookups", "uncacheable", "Count", "Sum"),
     ("Items", "items", "Count", "Maximum"),
     ("ItemsBytes", "bytes", "Bytes", "Maximum"),
 )
@@ -180,6 +188,8 @@ class CloudWatchMetrics:
                 requests=value("Requests", minute),
                 items=value("Items", minute),
                 bytes=value("ItemsBytes", minute),
+                missing=value("MissingLookups", minute),
+                uncacheable=value("UncacheableLookups", minute),
             )
             for minute in minutes
             if first <= minute < stop
