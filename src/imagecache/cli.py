@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     # Started by `gateway --workers N` and `up`, which send its configuration (workers.py).
     commands.add_parser("gateway-worker")
+    _add_whatif(commands)
 
     args = parser.parse_args(argv)
     worker = " [worker %(process)d]" if args.command == "gateway-worker" else ""
@@ -107,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         run(_node(node_config, stop_with_stdin=args.stop_with_stdin))
         return 0
+    if args.command == "whatif":
+        return _whatif(args)
     # Imported here so that `imagecache node` starts without loading the web stack.
     from imagecache.up import gateway, gateway_worker, manager, up
     from imagecache.workers import ParentLink, WorkerError
@@ -127,6 +130,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerError as error:
         print(f"imagecache: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+# `imagecache whatif`'s overrides of the stored settings, by their API names (manager.settings).
+_WHATIF_OVERRIDES = {
+    "max_miss": "maxMiss",
+    "min_miss": "minMiss",
+    "exp_ratio": "expRatio",
+    "shrink_ratio": "shrinkRatio",
+    "min_lookups": "minLookups",
+}
+
+
+def _add_whatif(commands: Any) -> None:
+    whatif = commands.add_parser(
+        "whatif",
+        help="replay the recorded minutes under other autoscaler settings or policies",
+        description="Replay the last minutes the manager recorded (statistics and miss curves,"
+        " in the stores its configuration names) as the autoscaler would have judged them,"
+        " and print the sizes and miss rates beside what happened. Changes nothing.",
+    )
+    whatif.add_argument("--config", help="TOML configuration file (or IMAGECACHE_CONFIG)")
+    whatif.add_argument(
+        "--minutes",
+        type=_positive_int,
+        default=60,
+        metavar="N",
+        help="the last N whole minutes (default 60)",
+    )
+    whatif.add_argument(
+        "--policy",
+        choices=("ratio", "predictive"),
+        help="resize by the ratios or by the predicted miss rate (default: the stored scaling)",
+    )
+    for name, api_name in _WHATIF_OVERRIDES.items():
+        whatif.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=_whole if name == "min_lookups" else _fraction_or_ratio,
+            metavar="X",
+            help=f"instead of the stored {api_name}",
+        )
+
+
+def _whatif(args: argparse.Namespace) -> int:
+    """Print the what-if report; 2 for a bad configuration or setting, 1 when a store fails."""
+    from datetime import UTC, datetime
+
+    from imagecache.errors import StorageError
+    from manager.settings import SettingsError
+    from manager.whatif_report import MAX_SPAN_MINUTES, format_report, report_from_config
+
+    if args.minutes > MAX_SPAN_MINUTES:
+        print(f"imagecache whatif: --minutes must be at most {MAX_SPAN_MINUTES}", file=sys.stderr)
+        return 2
+    overrides = {
+        api_name: getattr(args, name)
+        for name, api_name in _WHATIF_OVERRIDES.items()
+        if getattr(args, name) is not None
+    }
+    if args.policy is not None:
+        overrides["scaling"] = args.policy
+    try:
+        config = load_config(args.config)
+        report = asyncio.run(
+            report_from_config(config, overrides, span_minutes=args.minutes, now=datetime.now(UTC))
+        )
+    except (ConfigError, SettingsError) as error:
+        print(f"imagecache whatif: {error}", file=sys.stderr)
+        return 2
+    except StorageError as error:
+        print(f"imagecache whatif: {error}", file=sys.stderr)
+        return 1
+    print(format_report(report))
     return 0
 
 
@@ -159,6 +235,24 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number from 1, not {text}")
     return value
+
+
+def _whole(text: str) -> str:
+    """A whole number from 0, kept as text for manager.settings to check."""
+    if not text.strip().isascii() or not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0, not {text}")
+    return text.strip()
+
+
+def _fraction_or_ratio(text: str) -> str:
+    """A finite number, kept as text for manager.settings to check its range."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a number, not {text}")
+    return text
 
 
 def _positive(text: str) -> float:

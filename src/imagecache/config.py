@@ -94,6 +94,9 @@ class ManagerConfig:
     autoscale_seconds: float = 60.0
     settle_seconds: float = 120.0
     rate_window_seconds: float = 60.0  # "the last minute" of getRate and the autoscaler
+    # The miss curve's windows, closed on wall-clock multiples of this (60: on
+    # the minute, as the statistics' minutes) and saved for what-if.
+    curve_window_seconds: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +180,13 @@ class Config:
             raise ConfigError(
                 f"manager.metrics must be 'sqlite' or 'cloudwatch', not {self.manager.metrics!r}"
             )
+        window = self.manager.curve_window_seconds
+        # A window that divides the minute never straddles two of the statistics' minutes.
+        if not (0 < window <= 60 and abs(60 / window - round(60 / window)) < 1e-9):
+            raise ConfigError(
+                "manager.curve_window_seconds must divide 60 (60, 30, 10, 1, 0.5...),"
+                f" not {window:g}"
+            )
         return self
 
 
@@ -225,6 +235,7 @@ _ENVIRONMENT: dict[str, tuple[str, str]] = {
     "IMAGECACHE_METRICS": ("manager", "metrics"),
     "IMAGECACHE_CLOUDWATCH_NAMESPACE": ("manager", "cloudwatch_namespace"),
     "IMAGECACHE_SETTLE_SECONDS": ("manager", "settle_seconds"),
+    "IMAGECACHE_CURVE_WINDOW_SECONDS": ("manager", "curve_window_seconds"),
 }
 
 

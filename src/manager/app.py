@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import aiohttp_jinja2
 import jinja2
@@ -19,8 +20,9 @@ from imagecache.blobs import open_blob_store
 from imagecache.catalog import ImageCatalog
 from imagecache.config import Config
 from imagecache.database import Database
+from imagecache.errors import StorageError
 from imagecache.poolmembers import MembershipStore
-from manager import internal_api, prometheus, views
+from manager import internal_api, prometheus, views, whatif_views
 from manager.appkeys import (
     AUTOSCALER,
     BACKEND,
@@ -30,6 +32,7 @@ from manager.appkeys import (
     CONFIG,
     CONTROLLER,
     CSRF,
+    CURVE_RECORDS,
     CURVES,
     LOGIN_THROTTLE,
     MEMBERSHIP_STORE,
@@ -51,6 +54,7 @@ from manager.autoscaler import Autoscaler
 from manager.backends.base import NodeHandle, PoolError
 from manager.backends.local import LocalPool
 from manager.collector import Collector
+from manager.curve_records import CurveRecords, RecordedWindow
 from manager.curves import MissCurves
 from manager.forms import MalformedForm, read_form
 from manager.pool import PoolController
@@ -78,7 +82,7 @@ def create_app(config: Config) -> web.Application:
     app[PASSWORD] = Password(config.manager.password)
     app[SESSIONS] = Sessions(config.gateway.secret_key.encode() or secrets.token_bytes(32))
     app[LOGIN_THROTTLE] = LoginThrottle()
-    app[CURVES] = MissCurves()
+    app[CURVES] = MissCurves(window_seconds=config.manager.curve_window_seconds)
     app.on_response_prepare.append(add_security_headers)
     app.on_cleanup.append(stop_hashing)
     aiohttp_jinja2.setup(
@@ -89,6 +93,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_static("/static", TEMPLATES / "static")
     app.router.add_get("/metrics", prometheus_metrics)
     views.add_routes(app)
+    whatif_views.add_routes(app)
     internal_api.add_routes(app)
     app.cleanup_ctx.extend(
         [metadata_ctx, blobs_ctx, backend_ctx, controller_ctx, metrics_ctx, loops_ctx]
@@ -159,6 +164,7 @@ async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
         app[CATALOG] = await ImageCatalog.open(database)
         app[MEMBERSHIP_STORE] = await MembershipStore.open(database)
         app[RECORDS] = await ManagerRecords.open(database)
+        app[CURVE_RECORDS] = await CurveRecords.open(database)
         yield
 
 
@@ -259,20 +265,44 @@ async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
     async def collect() -> None:
         await collector.collect(controller.members)
 
-    async def close_curve_window() -> None:
-        curves.follow(await controller.settings())
-        curves.close_window()
-
     tasks = [
         asyncio.create_task(every(config.collect_seconds, collect)),
         asyncio.create_task(_after(config.autoscale_seconds, app[AUTOSCALER].tick)),
-        asyncio.create_task(_after(curves.window_seconds, close_curve_window)),
+        asyncio.create_task(curve_window_loop(app)),
     ]
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await collector.close()
+
+
+async def curve_window_loop(app: web.Application) -> None:
+    """Close the miss curve's window on every wall-clock multiple of its length
+    (60 s: on the minute, as the statistics' minutes are) and save it.
+
+    The first window, from the start to the first boundary, is partial and
+    saved as such (its ``seconds`` say so). A window that cannot be saved is
+    logged in one line and the loop goes on: the curve in memory is unharmed.
+    """
+    curves, controller = app[CURVES], app[CONTROLLER]
+    length = curves.window_seconds
+    last_boundary = 0.0
+    while True:
+        # Boundaries are multiples of the length since the epoch; never the
+        # same one twice, should the sleep wake a hair early.
+        now = time.time()
+        boundary = max((now // length + 1) * length, last_boundary + length)
+        await asyncio.sleep(boundary - now)
+        last_boundary = boundary
+        try:
+            curves.follow(await controller.settings())
+            window = curves.close_window(datetime.fromtimestamp(boundary, UTC))
+            await app[CURVE_RECORDS].add(RecordedWindow.of(window))
+        except StorageError as error:
+            log.warning("the miss curve's window was not saved: %s", error)
+        except Exception:
+            log.exception("closing the miss curve's window failed; going on")
 
 
 async def _after(seconds: float, action: Callable[[], Awaitable[object]]) -> None:

@@ -12,6 +12,7 @@ from manager.auth import LoginThrottle, Password, Sessions
 from manager.autoscaler import Autoscaler
 from manager.backends.base import PoolBackend
 from manager.collector import Collector
+from manager.curve_records import CurveRecords
 from manager.curves import MissCurves
 from manager.metrics import MetricsStore
 from manager.pool import PoolController
@@ -21,6 +22,7 @@ CONFIG = web.AppKey("config", Config)
 CATALOG = web.AppKey("catalog", ImageCatalog)
 MEMBERSHIP_STORE = web.AppKey("membership_store", MembershipStore)
 RECORDS = web.AppKey("records", ManagerRecords)
+CURVE_RECORDS = web.AppKey("curve_records", CurveRecords)
 BLOBS = web.AppKey("blobs", BlobStore)
 BACKEND = web.AppKey("backend", PoolBackend)
 CONTROLLER = web.AppKey("controller", PoolController)

@@ -3,7 +3,10 @@
 Gateways post samples of their lookups (imagecache.keysamples) to the
 internal API; ``MissCurves`` feeds them to one ``MissCurve`` that runs the
 pool's current policy at its current node capacity, and closes a window of
-counts every minute, keeping the last hour's predictions. The miniature
+counts every minute, keeping the last hour's predictions. The manager closes
+windows on wall-clock boundaries (manager.app, ``curve_window_loop``), so a
+60-second window is one minute of the statistics, and saves each one
+(manager.curve_records) for what-if to replay. The miniature
 caches stay warm across windows; a change of policy (or of the gateways'
 sampling rate) starts them over, a change of capacity shrinks or grows them.
 """
@@ -14,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from imagecache.keysamples import SAMPLING_RATE
 from manager.misscurve import POOL_SIZES, MissCurve
@@ -30,6 +34,8 @@ class CurveWindow:
 
     predicted_miss: list[float | None]  # for POOL_SIZES; None: no sampled lookup
     capacity_mb: float  # per node, as simulated
+    policy: str  # as simulated: "lru" or "random"
+    started: datetime  # when the window opened, aware UTC
     seconds: float  # how long the window lasted (so far, for an open one)
     sampled_lookups: int
     lookups: int  # every lookup the gateways counted
@@ -45,11 +51,14 @@ class MissCurves:
         window_seconds: float = WINDOW_SECONDS,
         kept: int = WINDOWS_KEPT,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.window_seconds = window_seconds
         self.windows: deque[CurveWindow] = deque(maxlen=kept)
         self._clock = clock
+        self._wall_clock = wall_clock
         self._opened = clock()
+        self._opened_at = wall_clock()
         self._rate = SAMPLING_RATE
         self._settings = CacheSettings()
         self._curve = self._new_curve()
@@ -77,12 +86,16 @@ class MissCurves:
         for key, size in samples:
             self._curve.record(key.encode(), size)
 
-    def close_window(self) -> CurveWindow:
-        """End the current window (kept among ``windows``) and open the next."""
+    def close_window(self, boundary: datetime | None = None) -> CurveWindow:
+        """End the current window (kept among ``windows``) and open the next,
+        as starting at ``boundary`` (the wall-clock moment the window was due
+        to close; default: now), so that a close that runs a little late does
+        not shift the next window off the minute."""
         window = self._current(complete=True)
         self.windows.append(window)
         self._curve.reset_counts()
         self._opened = self._clock()
+        self._opened_at = self._wall_clock() if boundary is None else boundary
         return window
 
     def latest(self) -> CurveWindow:
@@ -98,6 +111,8 @@ class MissCurves:
         return CurveWindow(
             predicted_miss=curve.predicted(),
             capacity_mb=self._settings.capacity_mb,
+            policy=self._settings.policy,
+            started=self._opened_at,
             seconds=self._clock() - self._opened,
             sampled_lookups=curve.sampled_lookups,
             lookups=curve.lookups,
