@@ -6,6 +6,7 @@ answer is read with prometheus_client's own parser.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from cachenode.client import NodeAccess, NodeClient
+from cachenode.protocol import MissKind
 from cachenode.store import ITEM_OVERHEAD, MIB
 from imagecache.config import Config, parse_address, with_data_dir
 from imagecache.database import Database
@@ -32,7 +34,7 @@ from manager.prometheus import NODE_TIMEOUT
 from manager.records import ManagerRecords
 from tests.mariadb import mariadb_database_url, mariadb_url  # noqa: F401
 from tests.metadata_db import database_fixture, metadata_url_fixture  # noqa: F401
-from tests.test_manager import free_port_range
+from tests.test_manager import free_port_range, running_system
 
 GATEWAY_TOKEN = "gateway-token-for-tests"
 NODE_TOKEN = "node-token-for-prometheus-tests"
@@ -42,6 +44,8 @@ NODE_SERIES = (
     "memcached_current_bytes",
     "memcached_limit_bytes",
     "memcached_items_evicted",
+    "imagecache_missing_lookups",
+    "imagecache_uncacheable_lookups",
 )
 
 
@@ -149,6 +153,55 @@ async def test_node_series_count_what_the_node_served(manager: Manager) -> None:
     assert by_node(families["memcached_limit_bytes"]) == {busy.node_id: MIB, idle.node_id: MIB}
     assert by_node(families["memcached_items_evicted"]) == {busy.node_id: 1, idle.node_id: 0}
     assert families["imagecache_nodes"][0].value == 2
+
+
+async def test_reads_no_pool_size_can_fix_are_counted_per_node(manager: Manager) -> None:
+    await manager.configure(numNodes="2")
+    busy, idle = manager.members
+    async with client_of(busy) as node:
+        for key in (b"ghost", b"ghost", b"huge"):
+            assert await node.get(key) is None
+        before = await manager.scrape()
+        # What a gateway reports once the loads said "no image" and "too large".
+        await node.uncacheable(b"ghost", MissKind.NO_IMAGE)
+        await node.uncacheable(b"ghost", MissKind.NO_IMAGE)
+        await node.uncacheable(b"huge", MissKind.TOO_LARGE)
+        after = await manager.scrape()
+
+    assert by_node(before["imagecache_missing_lookups"]) == {busy.node_id: 0, idle.node_id: 0}
+    assert by_node(before["imagecache_uncacheable_lookups"]) == {busy.node_id: 0, idle.node_id: 0}
+    assert by_node(after["imagecache_missing_lookups"]) == {busy.node_id: 2, idle.node_id: 0}
+    assert by_node(after["imagecache_uncacheable_lookups"]) == {busy.node_id: 1, idle.node_id: 0}
+    assert all(
+        s.name == "imagecache_missing_lookups_total" for s in after["imagecache_missing_lookups"]
+    )
+    # Every get that missed stays a miss to memcached's series: a counter never goes down.
+    for families in (before, after):
+        assert commands_of(families["memcached_commands"], busy.node_id)[("get", "miss")] == 3
+
+
+async def test_reads_of_a_key_with_no_image_through_a_gateway_are_counted(
+    tmp_path: Path,
+) -> None:
+    reads = 4
+    async with running_system(tmp_path) as system:
+        for _ in range(reads):
+            async with system.http.post(system.gateway.make_url("/api/key/ghost")) as reply:
+                assert reply.status == 404
+        scrape = Manager(system.manager, system.http).scrape
+        # The gateway tells the node after it answers: wait for it, briefly.
+        deadline = time.monotonic() + 5
+        while True:
+            families = await scrape()
+            missing = sum(s.value for s in families["imagecache_missing_lookups"])
+            if missing == reads or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+
+    assert missing == reads
+    assert sum(s.value for s in families["imagecache_uncacheable_lookups"]) == 0
+    misses = [s.value for s in families["memcached_commands"] if s.labels["status"] == "miss"]
+    assert sum(misses) == reads
 
 
 async def test_a_node_that_does_not_answer_shows_only_up_0(manager: Manager) -> None:

@@ -4,9 +4,19 @@ Per node (label ``node``, its id), under the names prometheus/memcached_exporter
 gives memcached's statistics, so its dashboards and alerts work unchanged:
 ``memcached_up``, ``memcached_commands_total{command,status}``,
 ``memcached_current_items``, ``memcached_current_bytes``,
-``memcached_limit_bytes`` and ``memcached_items_evicted_total``. The pool's
-series are ``imagecache_*``: its size, its resizes by cause, and the last
-minute's rates from the collector.
+``memcached_limit_bytes`` and ``memcached_items_evicted_total``. Beside them,
+per node too, the reads no pool size can fix, which memcached does not have:
+``imagecache_missing_lookups_total`` (keys with no image) and
+``imagecache_uncacheable_lookups_total`` (images too large to cache). They
+are per node, not summed, because they are the nodes' lifetime counters: a
+sum drops when a node leaves the pool, which Prometheus would take for a
+counter reset; ``sum(rate(...))`` gives the pool's figure. A get that
+missed counts as ``memcached_commands_total{command="get",status="miss"}``
+whether or not it was one of those, as memcached counts it: the node moves
+such a miss out of its own ``misses`` when told, and a counter must not go
+down. The pool's series are ``imagecache_*``: its size, its resizes by cause,
+the predicted miss ratio by size, and the last minute's rates from the
+collector.
 
 Everything is read at scrape time: every member's STATS at once, each within
 ``NODE_TIMEOUT``, so one node that does not answer costs the scrape that long
@@ -51,19 +61,26 @@ class NodeStats:
     bytes: int
     limit_bytes: int
     evictions: int
+    missing_lookups: int = 0  # 0 from a node that does not count them apart
+    uncacheable_lookups: int = 0
 
     @classmethod
     def from_stats(cls, stats: Mapping[str, Any]) -> NodeStats:
         """Raises KeyError, TypeError or ValueError for a reply without the figures."""
+        missing = int(stats.get("missing_lookups", 0))
+        uncacheable = int(stats.get("uncacheable_lookups", 0))
         return cls(
             get_hits=int(stats["hits"]),
-            get_misses=int(stats["misses"]),
+            # Every get that missed: also those moved out of "misses" since.
+            get_misses=int(stats["misses"]) + missing + uncacheable,
             sets=int(stats["sets"]),
             delete_hits=int(stats["deletes"]),
             items=int(stats["items"]),
             bytes=int(stats["bytes"]),
             limit_bytes=int(stats["capacity"]),
             evictions=int(stats["evictions"]),
+            missing_lookups=missing,
+            uncacheable_lookups=uncacheable,
         )
 
 
@@ -145,6 +162,23 @@ class PoolCollector:
                 labels=["node"],
             ),
             ((node_id, stats.evictions) for node_id, stats in answering.items()),
+        )
+        yield _per_node(
+            CounterMetricFamily(
+                "imagecache_missing_lookups",
+                "Gets of keys with no image: misses no pool size can fix, not in the miss rate.",
+                labels=["node"],
+            ),
+            ((node_id, stats.missing_lookups) for node_id, stats in answering.items()),
+        )
+        yield _per_node(
+            CounterMetricFamily(
+                "imagecache_uncacheable_lookups",
+                "Gets of images over the nodes' maximum item size: misses no pool size can fix, "
+                "not in the miss rate.",
+                labels=["node"],
+            ),
+            ((node_id, stats.uncacheable_lookups) for node_id, stats in answering.items()),
         )
 
     def _pool_series(self) -> Iterator[Metric]:
