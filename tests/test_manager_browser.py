@@ -391,3 +391,45 @@ async def test_a_refused_settings_change_keeps_the_values_and_names_the_labels(
     await page.goto("/config")
     await expect(page.locator("#cacheSize")).to_have_value("64")
     await expect(page.locator("#mode")).to_have_value("manual")
+
+
+async def test_the_curve_chart_shows_the_predicted_miss_rate_of_each_size(
+    page: Page, base_url: str, tmp_path: Path
+) -> None:
+    problems = record_problems(page, base_url)
+    await log_in(page)
+    await page.goto("/stats")
+    curve = page.locator('figure.chart[data-title="Predicted miss rate by pool size (%)"]')
+    await expect(curve.locator("p.chart-note")).to_contain_text("No prediction yet")
+    await expect(curve.locator("svg g.dots")).to_have_count(0)
+
+    # A gateway's post, every key sampled: each of a and b missed once in
+    # two reads, at every pool size.
+    samples = {"lookups": 4, "samples": [["a", 100], ["b", 100], ["a", 100], ["b", 100]], "rate": 1}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{base_url}/internal/key_samples",
+            json=samples,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as reply,
+    ):
+        assert reply.status == 200, await reply.text()
+    await page.reload()
+
+    await expect(curve.locator("svg g.dots")).to_have_count(8)
+    await expect(curve.locator("svg g.current-size")).to_have_count(1)
+    await expect(curve.locator("svg g.threshold")).to_have_count(2)
+    await expect(curve.locator("p.chart-note")).to_contain_text("4 sampled of 4 lookups")
+    box = await curve.locator("svg").bounding_box()
+    assert box is not None
+    assert box["width"] >= 300, box
+    # Hovering the pool's own size shows its prediction, and says it is the size now.
+    await curve.locator("svg g.dots.current circle").hover()
+    tip = page.locator("#chart-tip")
+    await expect(tip).to_have_text("1 node (the pool's size now): 50%")
+    await curve.locator("svg g.dots circle").nth(5).hover()
+    await expect(tip).to_have_text("6 nodes: 50%")
+    await curve.screenshot(path=tmp_path / "curve-chart.png")
+    await page.screenshot(path=tmp_path / "stats-with-curve.png", full_page=True)
+    assert problems == [], "\n".join(problems)
