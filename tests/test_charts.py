@@ -351,10 +351,11 @@ def curve_window(
     complete: bool = True,
     seconds: float = 60.0,
     capacity_mb: float = 64,
+    policy: str = "lru",
 ) -> CurveWindow:
-    """A window as manager.curves makes them, with the figures given."""
-    curves = MissCurves()
-    curves.follow(CacheSettings(capacity_mb=capacity_mb))
+    """A window as manager.curves makes them, opened at WINDOW_START, with the figures given."""
+    curves = MissCurves(wall_clock=lambda: WINDOW_START)
+    curves.follow(CacheSettings(capacity_mb=capacity_mb, policy=policy))
     return replace(
         curves.latest(),
         predicted_miss=predicted,
@@ -365,6 +366,7 @@ def curve_window(
     )
 
 
+WINDOW_START = datetime(2024, 5, 1, 12, 3, tzinfo=UTC)
 CURVE: list[float | None] = [0.9, 0.7, 0.5, 0.35, 0.2, 0.1, 0.05, 0.05]
 
 
@@ -425,17 +427,25 @@ def test_the_curve_chart_marks_the_pool_size_now_and_the_thresholds() -> None:
 def test_the_curve_caption_says_which_window() -> None:
     complete = render_curve(curve_window(CURVE), POOL_SIZES, 2)
     assert complete.caption == (
-        "Predicted from the last complete window: 60 s, 1,234 sampled of 123,400 lookups, "
-        "64 MB per node."
+        "Predicted from the last complete window (from 12:03:00 UTC, 60 s): 1,234 sampled "
+        "of 123,400 lookups; 64 MB per node, LRU."
     )
     partial = render_curve(
-        curve_window(CURVE, complete=False, seconds=23.4, sampled=7, lookups=700, capacity_mb=2.5),
+        curve_window(
+            CURVE,
+            complete=False,
+            seconds=23.4,
+            sampled=7,
+            lookups=700,
+            capacity_mb=2.5,
+            policy="random",
+        ),
         POOL_SIZES,
         2,
     )
     assert partial.caption == (
-        "Predicted from the current window, still partial: 23 s so far, 7 sampled of "
-        "700 lookups, 2.5 MB per node."
+        "Predicted from the current window, still partial (from 12:03:00 UTC, 23 s so far): "
+        "7 sampled of 700 lookups; 2.5 MB per node, RR."
     )
 
 
@@ -462,7 +472,7 @@ def test_no_prediction_without_a_sampled_lookup(
     assert "No prediction yet" in [t.text for t in root.iter(f"{SVG}text")]
     assert chart.caption == (
         "No prediction yet: no lookup was sampled in the current window, still partial "
-        "(12 s so far, 64 MB per node)."
+        "(from 12:03:00 UTC, 12 s so far); 64 MB per node, LRU."
     )
 
 

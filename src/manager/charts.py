@@ -36,7 +36,7 @@ from pygal.style import Style
 from manager.curves import CurveWindow
 from manager.metrics import MinuteStats
 from manager.records import Activity
-from manager.settings import MAX_NODES
+from manager.settings import MAX_NODES, policy_label
 
 # pygal puts a finder of its map plugins on sys.meta_path that has no find_spec
 # (Kozea/pygal#532, unmerged): on Python 3.11 every import that finds nothing
@@ -294,18 +294,19 @@ def render_curve(
 
 
 def curve_caption(window: CurveWindow) -> str:
-    """Which window the curve comes from: complete or not, its length, its
-    sampled lookups and the node capacity simulated."""
-    capacity = f"{window.capacity_mb:g} MB per node"
+    """Which window the curve comes from: complete or not, when it began (UTC)
+    and how long it lasted, its sampled lookups and the pool simulated."""
+    pool = f"{window.capacity_mb:g} MB per node, {policy_label(window.policy)}"
+    began = f"{window.started.astimezone(UTC):%H:%M:%S} UTC"
     if window.complete:
-        which, length = "the last complete window", f"{window.seconds:.0f} s"
+        which = f"the last complete window (from {began}, {window.seconds:.0f} s)"
     else:
-        which, length = "the current window, still partial", f"{window.seconds:.0f} s so far"
+        which = f"the current window, still partial (from {began}, {window.seconds:.0f} s so far)"
     if not window.sampled_lookups:
-        return f"{NO_PREDICTION}: no lookup was sampled in {which} ({length}, {capacity})."
+        return f"{NO_PREDICTION}: no lookup was sampled in {which}; {pool}."
     return (
-        f"Predicted from {which}: {length}, {window.sampled_lookups:,} sampled of "
-        f"{window.lookups:,} lookups, {capacity}."
+        f"Predicted from {which}: {window.sampled_lookups:,} sampled of "
+        f"{window.lookups:,} lookups; {pool}."
     )
 
 
