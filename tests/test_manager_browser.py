@@ -433,3 +433,20 @@ async def test_the_curve_chart_shows_the_predicted_miss_rate_of_each_size(
     await curve.screenshot(path=tmp_path / "curve-chart.png")
     await page.screenshot(path=tmp_path / "stats-with-curve.png", full_page=True)
     assert problems == [], "\n".join(problems)
+
+
+async def test_a_lapsed_session_leaves_the_charts_in_place(page: Page, base_url: str) -> None:
+    await log_in(page)
+    await page.clock.install()  # the page's refresh timer runs on a fake clock
+    await page.goto("/stats")
+    await expect(page.locator("figure.chart")).to_have_count(len(TITLES))
+    # The session ends (expired, logged out elsewhere): the refresh gets the login page.
+    await page.context.clear_cookies()
+
+    async with page.expect_response(lambda response: "/login" in response.url) as answer:
+        await page.clock.run_for(15_000)
+    assert (await answer.value).status == 200
+    await page.wait_for_timeout(500)  # time for the page to (wrongly) show what it got
+
+    await expect(page.locator("figure.chart")).to_have_count(len(TITLES))
+    await expect(page.locator("#charts input")).to_have_count(0)
