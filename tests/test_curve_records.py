@@ -60,6 +60,7 @@ async def test_a_closed_window_of_the_running_curve_is_stored_as_it_was(
     await records.add(RecordedWindow.of(closed))
     (stored,) = await records.windows(T0, T0 + timedelta(minutes=1))
     assert stored.started == T0
+    assert stored.seconds == 60.0  # to the boundary, however late the close ran
     assert stored.policy == "random"
     assert stored.capacity_mb == 1.0
     assert (stored.lookups, stored.sampled_lookups) == (4, 4)
@@ -70,9 +71,11 @@ async def test_a_closed_window_of_the_running_curve_is_stored_as_it_was(
 
 async def test_old_windows_are_pruned_at_most_once_an_hour(records: CurveRecords) -> None:
     everything = (T0 - 2 * RETENTION, T0 + timedelta(days=1))
+    two_weeks_ago = T0 - timedelta(days=14)  # as long as CloudWatch keeps minutes, nearly
     await records.add(window(T0 - RETENTION - timedelta(days=1)))
+    await records.add(window(two_weeks_ago))
     await records.add(window(T0))  # prunes: the first is older than RETENTION
-    assert [w.started for w in await records.windows(*everything)] == [T0]
+    assert [w.started for w in await records.windows(*everything)] == [two_weeks_ago, T0]
     # Within the hour after a prune, nothing is pruned...
     late = T0 - RETENTION - timedelta(hours=1)
     await records.add(window(late))
@@ -81,6 +84,7 @@ async def test_old_windows_are_pruned_at_most_once_an_hour(records: CurveRecords
     # ...and an hour later the old window goes; windows within RETENTION stay.
     await records.add(window(T0 + timedelta(minutes=60)))
     assert [w.started for w in await records.windows(*everything)] == [
+        two_weeks_ago,
         T0,
         T0 + timedelta(minutes=59),
         T0 + timedelta(minutes=60),

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
-    Float,
+    Double,
     MetaData,
     Row,
     String,
@@ -42,18 +42,19 @@ _schema = MetaData()
 
 # No index on "started": a scan of 15 days of minutes (21,600 rows) is a few
 # milliseconds, what-if is asked for rarely, and CREATE INDEX IF NOT EXISTS
-# is not MySQL syntax.
+# is not MySQL syntax. Double: MySQL's FLOAT is single precision, too coarse
+# for a window's length to end exactly where the next one starts.
 curve_windows_table = Table(
     "curve_windows",
     _schema,
     Column("id", RowId, primary_key=True, autoincrement=True),
     Column("started", Timestamp, nullable=False),
-    Column("seconds", Float, nullable=False),
-    Column("capacity_mb", Float, nullable=False),
+    Column("seconds", Double, nullable=False),
+    Column("capacity_mb", Double, nullable=False),
     Column("policy", String(16), nullable=False),
     Column("lookups", BigInteger, nullable=False),
     Column("sampled_lookups", BigInteger, nullable=False),
-    *(Column(f"miss_{size}", Float, nullable=True) for size in POOL_SIZES),
+    *(Column(f"miss_{size}", Double, nullable=True) for size in POOL_SIZES),
     **MYSQL_TABLE,
 )
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from imagecache.keysamples import SAMPLING_RATE
@@ -87,11 +87,16 @@ class MissCurves:
             self._curve.record(key.encode(), size)
 
     def close_window(self, boundary: datetime | None = None) -> CurveWindow:
-        """End the current window (kept among ``windows``) and open the next,
-        as starting at ``boundary`` (the wall-clock moment the window was due
-        to close; default: now), so that a close that runs a little late does
-        not shift the next window off the minute."""
+        """End the current window (kept among ``windows``) and open the next.
+
+        ``boundary``: the wall-clock moment the window was due to close. The
+        window is recorded as ending there, and the next as starting there,
+        so that a close that runs a little late shifts no window off the
+        minute (default: now, as the monotonic clock measures the window).
+        """
         window = self._current(complete=True)
+        if boundary is not None:
+            window = replace(window, seconds=(boundary - window.started).total_seconds())
         self.windows.append(window)
         self._curve.reset_counts()
         self._opened = self._clock()
