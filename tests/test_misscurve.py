@@ -127,3 +127,13 @@ def test_a_smaller_node_capacity_evicts_down_and_counts_start_anew() -> None:
     curve.reset_counts()
     assert curve.predicted() == [None] * len(POOL_SIZES)
     assert curve.sampled_lookups == 0
+
+
+def test_lookups_counted_with_none_sampled_predict_nothing() -> None:
+    # Lookups of keys outside the sample say nothing of any size's misses: a
+    # prediction of 0% would send predictive scaling down to one node.
+    curve = MissCurve(NODE, rate=0.01)
+    curve.count_lookups(400)
+    assert curve.predicted() == [None] * len(POOL_SIZES)
+    curve.record(b"a sampled key", 1_000)
+    assert curve.predicted()[0] == pytest.approx(1 / 4)  # 1 miss of 4 expected samples

@@ -155,7 +155,10 @@ class MissCurve:
     def predicted(self) -> list[float | None]:
         """The miss ratio each pool size would have had over what was recorded
         since the last ``reset_counts`` (None: nothing recorded), adjusted by
-        the lookups counted (unadjusted when none were)."""
+        the lookups counted (unadjusted when none were). Lookups counted with
+        none sampled predict nothing: their misses are unknown, not zero."""
+        if not self.sampled_lookups:
+            return [None for _ in self.sizes]
         expected = self.lookups * self.rate
         if not expected:
             return [counts.miss_ratio for counts in self.counts]
