@@ -204,6 +204,7 @@ async def test_whatif_against_a_recorded_run(tmp_path: Path) -> None:
 
 async def test_whatif_refuses_bad_options_with_status_2(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'imagecache.db'}"
+    await record_run(url, datetime.now(UTC) - 3 * MINUTE, 1)
     for args, says in (
         (("--policy", "sideways"), "invalid choice"),
         (("--max-miss", "lots"), "must be a number"),
@@ -216,3 +217,12 @@ async def test_whatif_refuses_bad_options_with_status_2(tmp_path: Path) -> None:
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert says in result.stderr, (args, result.stderr)
         assert result.stdout == ""
+
+
+def test_whatif_without_a_recorded_database_says_so_and_creates_none(tmp_path: Path) -> None:
+    missing = tmp_path / "elsewhere" / "imagecache.db"
+    result = run_whatif(f"sqlite+aiosqlite:///{missing}")
+    assert result.returncode == 1
+    assert f"no metadata database at {missing}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not missing.parent.exists()

@@ -21,8 +21,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import make_url
 
 from imagecache.config import Config
+from imagecache.errors import StorageError
 from manager.curve_records import CurveRecords, RecordedWindow
 from manager.metrics import MetricsStore, MinuteStats
 from manager.misscurve import POOL_SIZES
@@ -187,11 +191,13 @@ async def report_from_config(
     """The what-if on the stores ``config`` names, with the stored settings
     changed by ``overrides``; writes nothing but the tables' creation if absent.
 
-    Raises SettingsError for a bad override, StorageError when a store fails.
+    Raises SettingsError for a bad override, StorageError when a store fails
+    or the embedded database's file does not exist (nothing was recorded there).
     """
     from imagecache.database import Database
     from manager.records import ManagerRecords
 
+    _require_recorded(config.metadata_url)
     async with Database.open(config.metadata_url) as database, _metrics(config) as metrics:
         records = await ManagerRecords.open(database)
         stored = CacheSettings.from_strings(await records.get_settings())
@@ -204,6 +210,20 @@ async def report_from_config(
             span_minutes=span_minutes,
             settle_seconds=config.manager.settle_seconds,
         )
+
+
+def _require_recorded(metadata_url: str) -> None:
+    """Raise StorageError when ``metadata_url`` is a SQLite file that does not
+    exist: opening it would create an empty one, and a what-if of nothing
+    (likely the wrong folder or URL) should say so instead."""
+    url = make_url(metadata_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(url.database)
+        if not path.is_file():
+            raise StorageError(
+                f"no metadata database at {path}: give the manager's configuration"
+                " (--config, IMAGECACHE_CONFIG, IMAGECACHE_DATA_DIR or IMAGECACHE_METADATA_URL)"
+            )
 
 
 @asynccontextmanager
