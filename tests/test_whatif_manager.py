@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from manager.appkeys import CONTROLLER, CURVE_RECORDS, CURVES
 from manager.whatif import RecordedMinute, replay
@@ -111,7 +114,10 @@ async def test_the_whatif_page_replays_the_recorded_run(tmp_path: Path) -> None:
         assert page_totals(page)["Resizes"] == ("0", "3")
 
 
-async def test_the_whatif_page_refuses_bad_values_by_their_labels(tmp_path: Path) -> None:
+async def test_the_whatif_page_refuses_bad_values_by_their_labels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="manager.whatif_views")
     async with running_system(tmp_path, collect_seconds=3600) as system:
         await login(system)
         before = await system.manager.app[CONTROLLER].settings()
@@ -122,9 +128,13 @@ async def test_the_whatif_page_refuses_bad_values_by_their_labels(tmp_path: Path
             ({"minMiss": "0.9", "maxMiss": "0.5"}, "Shrink when the miss rate is below", "minMiss"),
             ({"scaling": "sideways"}, "Resize by", None),
         ):
+            caplog.clear()
             async with system.http.get(system.manager.make_url("/whatif"), params=params) as reply:
                 assert reply.status == 400, params
                 page = await reply.text()
+            logged = [r for r in caplog.records if r.name == "manager.whatif_views"]
+            assert len(logged) == 1, logged  # one line, no traceback
+            assert logged[0].exc_info is None
             assert "Nothing replayed:" in page
             assert f"“{label}”" in page, (params, page)
             if field is not None:
