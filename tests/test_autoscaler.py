@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from manager.autoscaler import decide
+from manager.autoscaler import decide, decide_predictive
 from manager.metrics import MinuteStats
 from manager.settings import CacheSettings, Mode, SettingsError, apply_params
 
@@ -73,6 +73,36 @@ def test_the_reason_gives_the_miss_rate() -> None:
     decision = decide(2, minute(200, 150), SETTINGS, None)
     assert decision.miss_rate == pytest.approx(0.75)
     assert "75.0%" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("lookups", "misses", "since", "expected"),
+    [
+        (1234, 900, None, 1234),  # a grow: the lookups its miss rate was measured over
+        (1234, 300, None, 1234),  # within the band: judged all the same
+        (40, 40, None, 40),  # too few to be evidence, but what was judged
+        (0, 0, None, None),  # no lookups: no miss rate
+        (1234, 900, 30.0, None),  # settling: nothing judged
+    ],
+)
+def test_a_decision_carries_the_lookups_behind_its_rate(
+    lookups: int, misses: int, since: float | None, expected: int | None
+) -> None:
+    decision = decide(2, minute(lookups, misses), SETTINGS, since, settle_seconds=120)
+    assert decision.lookups == expected
+    assert (decision.miss_rate is None) == (expected is None)
+
+
+@pytest.mark.parametrize(
+    ("curve", "target"),
+    [((0.9, 0.45, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1), 2), (None, 1)],  # None: no curve yet
+)
+def test_a_predictive_decision_carries_the_lookups_too(
+    curve: tuple[float, ...] | None, target: int
+) -> None:
+    settings = replace(SETTINGS, scaling="predictive")
+    decision = decide_predictive(1, minute(1234, 900), curve, settings, None)
+    assert (decision.target, decision.lookups) == (target, 1234)
 
 
 def test_api_parameters_map_onto_settings() -> None:

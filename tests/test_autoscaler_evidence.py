@@ -3,23 +3,28 @@
 The rules as tables over ``decide`` and ``stabilized``, then the autoscaler
 and configure_cache against a real manager (SQLite store, local pool of
 node processes): migration reads are no lookups, a failed resize backs off,
-and a configure_cache whose resize fails changes nothing.
+and a configure_cache whose resize fails changes nothing. Each resize is kept
+with its evidence: how long it took and the lookups behind its miss rate, on
+the Activity page.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from cachenode.client import NodeClient
-from imagecache.config import parse_address
-from manager.appkeys import BACKEND, CONTROLLER, RECORDS
+from imagecache.config import Config, parse_address, with_data_dir
+from imagecache.database import Database
+from manager.appkeys import AUTOSCALER, BACKEND, CONTROLLER, RECORDS
 from manager.autoscaler import (
     RETRY_FIRST_SECONDS,
     RETRY_MAX_SECONDS,
@@ -33,6 +38,7 @@ from manager.backends.local import LocalPool
 from manager.metrics import MinuteStats
 from manager.settings import CacheSettings, Mode, SettingsError, apply_params
 from tests.test_manager import PASSWORD, System, running_system
+from tests.test_metadata_records import add_old_resize
 
 SETTINGS = CacheSettings(
     capacity_mb=64.0,
@@ -343,3 +349,139 @@ async def test_the_autoscaler_scales_predictively_when_set_to(system: System) ->
     assert (decision.size, decision.target, controller.size) == (1, 5, 5)
     await system.api("configure_cache", scaling="sideways", expect=400)
     assert (await controller.settings()).scaling == "predictive"
+
+
+# -- each resize's evidence on the Activity page -------------------------------------------
+
+
+class _TableCells(HTMLParser):
+    """The text of each cell of each body row of the table with id ``table_id``."""
+
+    def __init__(self, table_id: str) -> None:
+        super().__init__()
+        self._table_id = table_id
+        self._inside = False
+        self._cell: list[str] | None = None
+        self.rows: list[list[str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self._inside = ("id", self._table_id) in attrs
+        elif self._inside and tag == "tr":
+            self.rows.append([])
+        elif self._inside and tag == "td":
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._inside = False
+        elif tag == "td" and self._cell is not None:
+            self.rows[-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+async def activity_tables(system: System) -> dict[str, list[list[str]]]:
+    """The rows of the Activity page's tables (resizes, decisions), logged in."""
+    async with system.http.post(
+        system.manager.make_url("/login"), data={"password": PASSWORD, "next": "/activity"}
+    ) as reply:
+        assert reply.status == 200
+        page = await reply.text()
+    assert "not how long it took" not in page
+    tables = {}
+    for table_id in ("resizes", "decisions"):
+        cells = _TableCells(table_id)
+        cells.feed(page)
+        tables[table_id] = [row for row in cells.rows if row]  # the header row has no td
+    return tables
+
+
+# The columns of a resize: When, Status, From, To, Nodes, Why, Duration, Miss rate.
+STATUS, NODES, DURATION, EVIDENCE = 1, 4, 6, 7
+NOT_RECORDED = "\N{EN DASH}"
+
+
+def shown_seconds(cell: str) -> float:
+    """The duration a cell shows ("4.2 s")."""
+    assert re.fullmatch(r"\d+\.\d s", cell), cell
+    return float(cell.removesuffix(" s"))
+
+
+async def test_a_manual_resize_shows_how_long_it_took(system: System) -> None:
+    started = time.monotonic()
+    await system.api("configure_cache", mode="manual", numNodes="2")
+    elapsed = time.monotonic() - started
+    (entry,) = await system.manager.app[RECORDS].list_activity()
+    assert entry.duration_seconds is not None
+    # Starting a node process and moving the keys to it take a while, and no longer
+    # than the call that asked for it.
+    assert 0.05 < entry.duration_seconds <= elapsed
+    assert (entry.miss_rate, entry.lookups) == (None, None)
+    (row,) = (await activity_tables(system))["resizes"]
+    assert (row[STATUS], row[NODES]) == ("done", "1 started")
+    assert shown_seconds(row[DURATION]) == pytest.approx(entry.duration_seconds, abs=0.05)
+    assert row[EVIDENCE] == NOT_RECORDED
+
+
+async def test_an_automatic_resize_shows_the_lookups_behind_its_rate(system: System) -> None:
+    controller = system.manager.app[CONTROLLER]
+    await system.api("configure_cache", mode="auto", maxMiss="0.5", minMiss="0.2")
+    autoscaler = Autoscaler(controller, lambda: minute(1234, 765, workers=1), 0.0, Clock())
+    decision = await autoscaler.tick()
+    assert decision is not None
+    assert (decision.target, decision.lookups, controller.size) == (2, 1234, 2)
+    (entry,) = await system.manager.app[RECORDS].list_activity()
+    assert entry.cause.startswith("autoscaler: ")
+    assert entry.miss_rate == pytest.approx(765 / 1234)
+    assert entry.lookups == 1234
+    assert entry.duration_seconds is not None
+    assert entry.duration_seconds > 0.05
+    # The page's decisions are the manager's own autoscaler's: show it this one.
+    system.manager.app[AUTOSCALER].decisions.appendleft((datetime.now(UTC), decision))
+    tables = await activity_tables(system)
+    (row,) = tables["resizes"]
+    assert (row[STATUS], row[NODES]) == ("done", "1 started")
+    assert shown_seconds(row[DURATION]) == pytest.approx(entry.duration_seconds, abs=0.05)
+    assert row[EVIDENCE] == "62.0% of 1,234 lookups"
+    assert tables["decisions"][0][1:3] + tables["decisions"][0][-1:] == ["1", "2", "1,234"]
+
+
+async def test_a_failed_resize_shows_its_status_duration_and_evidence(system: System) -> None:
+    controller = system.manager.app[CONTROLLER]
+    await system.api("configure_cache", mode="auto", maxMiss="0.5", minMiss="0.2")
+    backend = system.manager.app[BACKEND]
+    assert isinstance(backend, LocalPool)
+    backend.capacity_mb = -1  # every node it starts from now on refuses to run
+    autoscaler = Autoscaler(controller, lambda: minute(1000, 900, workers=1), 0.0, Clock())
+    decision = await autoscaler.tick()
+    assert decision is not None
+    assert decision.resizes
+    assert controller.size == 1
+    (entry,) = await system.manager.app[RECORDS].list_activity()
+    assert entry.cause.startswith("failed: autoscaler: ")
+    assert (entry.size_before, entry.size_after) == (1, 1)
+    assert entry.miss_rate == pytest.approx(0.9)
+    assert entry.lookups == 1000
+    assert entry.duration_seconds is not None
+    assert entry.duration_seconds > 0.05  # a node process started, and failed
+    (row,) = (await activity_tables(system))["resizes"]
+    assert (row[STATUS], row[NODES]) == ("failed", "none")
+    assert shown_seconds(row[DURATION]) == pytest.approx(entry.duration_seconds, abs=0.05)
+    assert row[EVIDENCE] == "90.0% of 1,000 lookups"
+
+
+async def test_resizes_of_an_older_version_show_no_duration_or_lookups(tmp_path: Path) -> None:
+    """A data folder whose activity table predates durations and lookups."""
+    async with Database.open(with_data_dir(Config(), tmp_path / "data").metadata_url) as database:
+        await add_old_resize(database, "autoscaler: miss rate 70.0% > maxMiss", 0.7)
+    async with running_system(tmp_path, collect_seconds=60.0) as system:
+        (row,) = (await activity_tables(system))["resizes"]
+        assert (row[STATUS], row[NODES]) == ("done", "1 started")
+        assert (row[DURATION], row[EVIDENCE]) == (NOT_RECORDED, "70.0%")
+        await system.api("configure_cache", mode="manual", numNodes="2")
+        new, _old = (await activity_tables(system))["resizes"]
+        shown_seconds(new[DURATION])

@@ -50,6 +50,8 @@ class Decision:
     target: int  # the size to resize to (== size: no change)
     reason: str  # why, with the figures it looked at
     miss_rate: float | None
+    # The lookups ``miss_rate`` was measured over (None with no miss rate).
+    lookups: int | None = None
 
     @property
     def resizes(self) -> bool:
@@ -67,7 +69,22 @@ def decide(
 
     A shrink is not stabilized here (``stabilized`` does that over the last
     judgements), but it never goes below the nodes that hold the bytes in use.
+    A decision with a miss rate carries the lookups it was measured over.
     """
+    judged = _judge(size, minute, settings, seconds_since_resize, settle_seconds)
+    if minute is not None and judged.miss_rate is not None:
+        return replace(judged, lookups=minute.lookups)
+    return judged
+
+
+def _judge(
+    size: int,
+    minute: MinuteStats | None,
+    settings: CacheSettings,
+    seconds_since_resize: float | None,
+    settle_seconds: float,
+) -> Decision:
+    """``decide`` without the lookups."""
     if seconds_since_resize is not None and seconds_since_resize < settle_seconds:
         return Decision(
             size,
@@ -161,14 +178,14 @@ def decide_predictive(
         return judged
     known = [(n, p) for n, p in enumerate(curve or (), start=MIN_NODES) if p is not None]
     if not known:
-        return Decision(size, size, "no miss curve yet: no prediction", judged.miss_rate)
+        return replace(judged, target=size, reason="no miss curve yet: no prediction")
     fitting = [n for n, predicted in known if predicted <= settings.max_miss]
     target = min(fitting) if fitting else MAX_NODES
     capacity = settings.capacity_mb * MIB
     if target < size:
         if minute.workers < size:
-            return Decision(
-                size, size, "the nodes' bytes in use are not all known: no shrink", judged.miss_rate
+            return replace(
+                judged, target=size, reason="the nodes' bytes in use are not all known: no shrink"
             )
         target = max(target, MIN_NODES, math.ceil(minute.bytes / capacity))
         target = min(target, size)
@@ -178,7 +195,7 @@ def decide_predictive(
         f"predicted miss rate at {target} nodes {said} (maxMiss {settings.max_miss:.1%}); "
         f"measured {judged.miss_rate:.1%} at {size}"
     )
-    return Decision(size, target, reason, judged.miss_rate)
+    return replace(judged, target=target, reason=reason)
 
 
 def stabilized(decision: Decision, recent_targets: Sequence[int]) -> Decision:
@@ -264,7 +281,10 @@ class Autoscaler:
         """Carry out ``decision``; a failure is logged once and backs off, doubling."""
         try:
             await self._controller.resize(
-                decision.target, f"autoscaler: {decision.reason}", decision.miss_rate
+                decision.target,
+                f"autoscaler: {decision.reason}",
+                decision.miss_rate,
+                decision.lookups,
             )
         except (PoolError, ImagecacheError, ValueError) as error:
             self._failures += 1

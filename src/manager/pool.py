@@ -3,7 +3,7 @@
 It keeps the size within 1..8, gives a joining node the settings in force
 before any gateway routes to it, publishes the membership (with a new epoch)
 to the membership store where gateways read it, and records every resize in the
-activity history with its cause.
+activity history with its cause and how long it took.
 
 Every step of a resize waits until every live gateway has applied the
 membership published before it (``MembershipStore.wait_for_gateways``): a
@@ -121,9 +121,17 @@ class PoolController:
     async def settings(self) -> CacheSettings:
         return CacheSettings.from_strings(await self._records.get_settings())
 
-    async def resize(self, target: int, cause: str, miss_rate: float | None = None) -> Resize:
+    async def resize(
+        self,
+        target: int,
+        cause: str,
+        miss_rate: float | None = None,
+        lookups: int | None = None,
+    ) -> Resize:
         """Grow or shrink to ``target`` nodes; raises ResizeError outside 1..8.
 
+        ``miss_rate`` and ``lookups``: the autoscaler's evidence for it (the
+        miss rate and the lookups it was measured over), kept in the history.
         Raises PoolError when the backend fails; the pool keeps its nodes then.
         """
         if not MIN_NODES <= target <= MAX_NODES:
@@ -131,7 +139,7 @@ class PoolController:
                 f"the pool must keep {MIN_NODES} to {MAX_NODES} nodes; {target} is outside"
             )
         async with self._lock:
-            return await self._resize(target, cause, miss_rate)
+            return await self._resize(target, cause, miss_rate, lookups)
 
     async def configure(self, settings: CacheSettings, target: int | None, cause: str) -> None:
         """Store ``settings`` and resize to ``target`` nodes (None: keep the size) as one unit.
@@ -160,9 +168,16 @@ class PoolController:
             # (node_restarted): its failure here is logged, not an error.
             await self._configure(self._members, settings, strict=False)
 
-    async def _resize(self, target: int, cause: str, miss_rate: float | None = None) -> Resize:
+    async def _resize(
+        self,
+        target: int,
+        cause: str,
+        miss_rate: float | None = None,
+        lookups: int | None = None,
+    ) -> Resize:
         """``resize`` with the lock held."""
         before = len(self._members)
+        started = time.monotonic()
         try:
             if target > before:
                 await self._grow(target - before)
@@ -172,13 +187,31 @@ class PoolController:
             # Kept in the activity history (and counted by /metrics) with the size kept.
             with contextlib.suppress(StorageError):
                 await self._records.add_activity(
-                    before, len(self._members), f"{FAILED_CAUSE} {cause}: {error}", miss_rate
+                    before,
+                    len(self._members),
+                    f"{FAILED_CAUSE} {cause}: {error}",
+                    miss_rate,
+                    duration_seconds=time.monotonic() - started,
+                    lookups=lookups,
                 )
             raise
         if target != before:
             self.last_resize = time.monotonic()
-            await self._records.add_activity(before, target, cause, miss_rate)
-            log.info("pool resized %d -> %d: %s", before, target, cause)
+            await self._records.add_activity(
+                before,
+                target,
+                cause,
+                miss_rate,
+                duration_seconds=self.last_resize - started,
+                lookups=lookups,
+            )
+            log.info(
+                "pool resized %d -> %d in %.1f s: %s",
+                before,
+                target,
+                self.last_resize - started,
+                cause,
+            )
         return Resize(before, target)
 
     async def _grow(self, count: int) -> None:

@@ -1,7 +1,9 @@
 """The manager's records: its settings and the activity history of the pool's resizes.
 
 Kept in the metadata database (``imagecache.database``), so every manager and
-gateway process sees the same settings.
+gateway process sees the same settings. Columns added to the activity table
+since its first version are nullable: an older table gains them empty
+(``Database.create``), and its rows read as "not recorded".
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
     Integer,
@@ -47,6 +50,10 @@ activity_table = Table(
     Column("size_after", Integer, nullable=False),
     Column("cause", Text, nullable=False),
     Column("miss_rate", Float, nullable=True),
+    # Added later (NULL in rows of older versions): how long the resize took,
+    # and how many lookups the miss rate that caused it was measured over.
+    Column("duration_seconds", Float, nullable=True),
+    Column("lookups", BigInteger, nullable=True),
     **MYSQL_TABLE,
 )
 
@@ -61,13 +68,18 @@ settings_table = Table(
 
 @dataclass(frozen=True, slots=True)
 class Activity:
-    """One resize of the pool: when, from, to, why (and the miss rate that caused it)."""
+    """One resize of the pool: when it ended, from, to, why, how long it took
+    (migration included), and the miss rate that caused it with the lookups it
+    was measured over (automatic resizes only). None: not recorded (manual
+    resizes have no miss rate; resizes of older versions, no duration)."""
 
     at: datetime  # timezone-aware UTC
     size_before: int
     size_after: int
     cause: str
     miss_rate: float | None
+    duration_seconds: float | None = None
+    lookups: int | None = None
 
 
 class ManagerRecords(Store):
@@ -108,15 +120,23 @@ class ManagerRecords(Store):
                         raise
 
     async def add_activity(
-        self, size_before: int, size_after: int, cause: str, miss_rate: float | None
+        self,
+        size_before: int,
+        size_after: int,
+        cause: str,
+        miss_rate: float | None,
+        duration_seconds: float | None = None,
+        lookups: int | None = None,
     ) -> None:
-        """Record one resize of the pool in the activity history."""
+        """Record one resize of the pool, ended now, in the activity history."""
         row = {
             "at": naive_utc_now(),
             "size_before": size_before,
             "size_after": size_after,
             "cause": cause,
             "miss_rate": miss_rate,
+            "duration_seconds": duration_seconds,
+            "lookups": lookups,
         }
         with self._db.failures("record the resize"):
             async with self._db.write() as conn:
@@ -157,6 +177,8 @@ class ManagerRecords(Store):
                 size_after=row.size_after,
                 cause=row.cause,
                 miss_rate=row.miss_rate,
+                duration_seconds=row.duration_seconds,
+                lookups=row.lookups,
             )
             for row in rows
         ]
