@@ -7,20 +7,25 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 
+from imagecache.config import AwsConfig
 from imagecache.database import Database
+from manager.cloudwatch import open_cloudwatch_metrics
 from manager.curve_records import CurveRecords, RecordedWindow
-from manager.metrics import MinuteStats, PoolSample
+from manager.metrics import MetricsStore, MinuteStats, PoolSample
 from manager.records import ManagerRecords
 from manager.settings import CacheSettings, Mode
 from manager.sqlite_metrics import SqlMetrics
 from manager.whatif import RecordedMinute, replay
 from manager.whatif_report import build_report, format_report, join, minute_curves, percent
+from tests.aws import REGION, aws_environment, moto_server  # noqa: F401
 
 T0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -109,14 +114,26 @@ class RecordedRun:
     curves: list[tuple[float | None, ...] | None]  # the curve each minute has (None: none)
 
 
-async def record_run(metadata_url: str, first: datetime, count: int) -> RecordedRun:
+async def record_run(
+    metadata_url: str, first: datetime, count: int, metrics: MetricsStore | None = None
+) -> RecordedRun:
     """``count`` minutes from ``first`` of a one-node pool missing 90% of 1000 lookups a
-    minute, through the real stores: pool samples every 15 s into the SqlMetrics,
-    curve windows into the CurveRecords (the first minute's covers its last 20 s,
-    as after a start; the fourth minute has none), and the autoscaler's settings."""
+    minute, through the real stores: pool samples every 15 s into ``metrics`` (default:
+    the SqlMetrics of ``metadata_url``), curve windows into the CurveRecords (the first
+    minute's covers its last 20 s, as after a start; the fourth minute has none), and
+    the autoscaler's settings."""
+    async with AsyncExitStack() as stack:
+        if metrics is None:
+            metrics = await stack.enter_async_context(SqlMetrics.open(metadata_url))
+        return await _record_run(metadata_url, first, count, metrics)
+
+
+async def _record_run(
+    metadata_url: str, first: datetime, count: int, metrics: MetricsStore
+) -> RecordedRun:
     minutes: list[MinuteStats] = []
     curves: list[tuple[float | None, ...] | None] = []
-    async with SqlMetrics.open(metadata_url) as metrics, Database.open(metadata_url) as database:
+    async with Database.open(metadata_url) as database:
         records = await CurveRecords.open(database)
         await (await ManagerRecords.open(database)).put_settings(SETTINGS.to_strings())
         for index in range(count):
@@ -146,11 +163,16 @@ async def record_run(metadata_url: str, first: datetime, count: int) -> Recorded
     return RecordedRun(minutes, curves)
 
 
-def run_whatif(metadata_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_whatif(
+    metadata_url: str, *args: str, settings: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`imagecache whatif` on ``metadata_url``, with the SQL metrics store unless
+    ``settings`` (IMAGECACHE_* variables) say otherwise."""
     environment = {
         **os.environ,
         "IMAGECACHE_METADATA_URL": metadata_url,
         "IMAGECACHE_METRICS": "sqlite",
+        **(settings or {}),
     }
     environment.pop("IMAGECACHE_CONFIG", None)
     return subprocess.run(
@@ -226,3 +248,40 @@ def test_whatif_without_a_recorded_database_says_so_and_creates_none(tmp_path: P
     assert f"no metadata database at {missing}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not missing.parent.exists()
+
+
+async def test_whatif_reads_the_minutes_from_cloudwatch(
+    tmp_path: Path,
+    moto_server: str,  # noqa: F811
+    aws_environment: None,  # noqa: F811
+) -> None:
+    """The same run with the statistics in CloudWatch (a moto server) and the curves
+    in the metadata database, as a manager with ``metrics = "cloudwatch"`` keeps them."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'imagecache.db'}"
+    namespace = f"imagecache-{uuid4().hex}"
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    aws = AwsConfig(region=REGION, endpoint_url=moto_server)
+    async with open_cloudwatch_metrics(namespace, aws) as cloudwatch:
+        run = await record_run(url, now - 13 * MINUTE, 10, cloudwatch)
+    recorded = [RecordedMinute(m, c) for m, c in zip(run.minutes, run.curves, strict=True)]
+    result = run_whatif(
+        url,
+        "--minutes",
+        "20",
+        "--policy",
+        "predictive",
+        settings={
+            "IMAGECACHE_METRICS": "cloudwatch",
+            "IMAGECACHE_CLOUDWATCH_NAMESPACE": namespace,
+            "IMAGECACHE_AWS_REGION": REGION,
+            "IMAGECACHE_AWS_ENDPOINT_URL": moto_server,
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert "10 recorded minutes, 9 with a miss curve" in result.stdout
+    expected = replay(recorded, SETTINGS, policy="predictive", settle_seconds=SETTLE_SECONDS)
+    assert totals(result.stdout) == {
+        "resizes": ("0", str(expected.resizes)),
+        "node-minutes": ("10", str(expected.node_minutes)),
+        "mean miss rate": ("90.0%", percent(expected.mean_miss_rate)),
+    }
