@@ -168,7 +168,7 @@ def _add_whatif(commands: Any) -> None:
         whatif.add_argument(
             f"--{name.replace('_', '-')}",
             type=_whole if name == "min_lookups" else _fraction_or_ratio,
-            metavar="X",
+            metavar="N" if name == "min_lookups" else "X",
             help=f"instead of the stored {api_name}",
         )
 
