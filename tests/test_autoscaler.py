@@ -95,7 +95,7 @@ def test_a_decision_carries_the_lookups_behind_its_rate(
 
 @pytest.mark.parametrize(
     ("curve", "target"),
-    [((0.9, 0.45, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1), 2), (None, 1)],  # None: no curve yet
+    [((0.9, 0.45, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1), 2), (None, 2)],  # None: the ratio rule
 )
 def test_a_predictive_decision_carries_the_lookups_too(
     curve: tuple[float, ...] | None, target: int

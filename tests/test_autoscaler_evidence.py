@@ -35,6 +35,7 @@ from manager.autoscaler import (
     stabilized,
 )
 from manager.backends.local import LocalPool
+from manager.curves import MIN_SAMPLED_LOOKUPS, MissCurves
 from manager.metrics import MinuteStats
 from manager.settings import CacheSettings, Mode, SettingsError, apply_params
 from tests.test_manager import PASSWORD, System, running_system
@@ -313,8 +314,10 @@ PREDICTIVE = replace(
         (8, minute(1000, 10, workers=7), (0.1,) * 8, 8, "not all known"),
         # The evidence rules of the ratio rule apply unchanged.
         (1, minute(40, 40, workers=1), CURVE, 1, "no evidence"),
-        (1, minute(1000, 900, workers=1), None, 1, "no miss curve yet"),
-        (1, minute(1000, 900, workers=1), (None,) * 8, 1, "no miss curve yet"),
+        # Without a curve to trust, the ratio rule decides (expRatio 2).
+        (1, minute(1000, 900, workers=1), None, 2, "no trusted miss curve, by the ratio rule"),
+        (1, minute(1000, 900, workers=1), (None,) * 8, 2, "by the ratio rule: miss rate"),
+        (4, minute(1000, 250, workers=4), None, 4, "no trusted miss curve"),
     ],
 )
 def test_predictive_scaling_goes_in_one_step(
@@ -485,3 +488,14 @@ async def test_resizes_of_an_older_version_show_no_duration_or_lookups(tmp_path:
         await system.api("configure_cache", mode="manual", numNodes="2")
         new, _old = (await activity_tables(system))["resizes"]
         shown_seconds(new[DURATION])
+
+
+def test_the_autoscaler_acts_on_a_curve_only_with_enough_sampled_lookups() -> None:
+    # What the manager hands the autoscaler (CurveWindow.evidence): the window's
+    # prediction, or None while it rests on fewer than MIN_SAMPLED_LOOKUPS.
+    curves = MissCurves()
+    curves.feed(50, [(f"key {n}", 1_000) for n in range(MIN_SAMPLED_LOOKUPS - 1)])
+    assert curves.latest().predicted_miss[0] is not None
+    assert curves.latest().evidence is None
+    curves.feed(1, [("one more", 1_000)])
+    assert curves.latest().evidence == curves.latest().predicted_miss

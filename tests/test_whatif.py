@@ -84,6 +84,7 @@ def test_a_size_the_curve_does_not_cover_is_no_evidence() -> None:
     # The first minute is at the recorded size: its own miss rate is known (0.7 > 0.3).
     assert ratio.minutes[1].size == 4
     assert ratio.minutes[1].miss_rate is None  # never seen at 4 nodes
+    assert "the miss rate at 4 nodes is unknown" in ratio.minutes[1].decision
     assert ratio.resizes == 1
     with pytest.raises(ValueError, match="policy"):
         replay(unknown, SETTINGS, policy="magic")

@@ -19,6 +19,7 @@ from imagecache.config import AwsConfig
 from imagecache.database import Database
 from manager.cloudwatch import open_cloudwatch_metrics
 from manager.curve_records import CurveRecords, RecordedWindow
+from manager.curves import MIN_SAMPLED_LOOKUPS
 from manager.metrics import MetricsStore, MinuteStats, PoolSample
 from manager.records import ManagerRecords
 from manager.settings import CacheSettings, Mode
@@ -56,7 +57,7 @@ def curve_window(
     lookups: int = 1000,
     rates: tuple[float | None, ...] = CURVE,
 ) -> RecordedWindow:
-    return RecordedWindow(started, seconds, 64.0, "lru", lookups, lookups // 10, rates)
+    return RecordedWindow(started, seconds, 64.0, "lru", lookups, lookups // 2, rates)
 
 
 def test_a_minute_takes_the_windows_that_opened_in_it_weighted_by_their_lookups() -> None:
@@ -285,3 +286,11 @@ async def test_whatif_reads_the_minutes_from_cloudwatch(
         "node-minutes": ("10", str(expected.node_minutes)),
         "mean miss rate": ("90.0%", percent(expected.mean_miss_rate)),
     }
+
+
+def test_a_curve_on_too_few_sampled_lookups_is_not_acted_on() -> None:
+    # As the autoscaler does (curves.trusted): 99 sampled lookups are noise.
+    thin = RecordedWindow(T0, 60.0, 64.0, "lru", 9_900, MIN_SAMPLED_LOOKUPS - 1, CURVE)
+    enough = replace(thin, started=T0 + MINUTE, sampled_lookups=MIN_SAMPLED_LOOKUPS)
+    recorded = join([stats(T0), stats(T0 + MINUTE)], minute_curves([thin, enough]))
+    assert [m.curve for m in recorded] == [None, CURVE]

@@ -259,7 +259,7 @@ async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
         controller,
         collector.last_minute,
         config.settle_seconds,
-        last_curve=lambda: curves.latest().predicted_miss,
+        last_curve=lambda: curves.latest().evidence,
     )
 
     async def collect() -> None:

@@ -170,7 +170,8 @@ def decide_predictive(
     """Predictive scaling: at once to the smallest pool whose predicted miss rate
     (``curve``, for pools of 1..8 nodes) is at most maxMiss, all 8 when none is;
     never below the nodes that hold the bytes in use. The evidence rules of
-    ``decide`` apply unchanged: it answers whenever it would not resize."""
+    ``decide`` apply unchanged: it answers whenever it would not resize. Without
+    a curve (None, or no size known), ``decide``'s ratio rule answers."""
     judged = decide(size, minute, settings, seconds_since_resize, settle_seconds)
     if minute is None or judged.miss_rate is None or "no evidence" in judged.reason:
         return judged
@@ -178,7 +179,8 @@ def decide_predictive(
         return judged
     known = [(n, p) for n, p in enumerate(curve or (), start=MIN_NODES) if p is not None]
     if not known:
-        return replace(judged, target=size, reason="no miss curve yet: no prediction")
+        # A curve too thin to trust (curves.trusted) or none yet: the ratio rule decides.
+        return replace(judged, reason=f"no trusted miss curve, by the ratio rule: {judged.reason}")
     fitting = [n for n, predicted in known if predicted <= settings.max_miss]
     target = min(fitting) if fitting else MAX_NODES
     capacity = settings.capacity_mb * MIB

@@ -26,6 +26,18 @@ from manager.settings import CacheSettings
 MIB = 1 << 20
 WINDOW_SECONDS = 60.0
 WINDOWS_KEPT = 60  # an hour of minutes
+# A prediction from fewer sampled lookups is noise, not evidence: a miss
+# ratio's standard error over n samples is up to 0.5 / sqrt(n), 0.05 at 100,
+# the accuracy the curve is held to. Predictive scaling then falls back to the
+# ratio rule (autoscaler.decide_predictive); the chart still draws the curve.
+MIN_SAMPLED_LOOKUPS = 100
+
+
+def trusted(
+    predicted: Sequence[float | None], sampled_lookups: int
+) -> Sequence[float | None] | None:
+    """``predicted`` when it rests on at least MIN_SAMPLED_LOOKUPS sampled lookups, else None."""
+    return predicted if sampled_lookups >= MIN_SAMPLED_LOOKUPS else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +52,11 @@ class CurveWindow:
     sampled_lookups: int
     lookups: int  # every lookup the gateways counted
     complete: bool
+
+    @property
+    def evidence(self) -> Sequence[float | None] | None:
+        """The prediction, if enough lookups were sampled to act on it (``trusted``)."""
+        return trusted(self.predicted_miss, self.sampled_lookups)
 
 
 class MissCurves:

@@ -106,7 +106,10 @@ def replay(
             )
         decision = stabilized(recommended, recent)
         recent.append(recommended.target)
-        replayed.append(ReplayedMinute(minute.stats.minute, size, rate, decision.reason))
+        reason = decision.reason
+        if rate is None and size != minute.stats.workers:  # lookups there were; no curve
+            reason = f"no miss curve for the minute: the miss rate at {size} nodes is unknown"
+        replayed.append(ReplayedMinute(minute.stats.minute, size, rate, reason))
         if decision.resizes:
             size, since_resize = decision.target, 0.0
     return Replay(tuple(replayed))

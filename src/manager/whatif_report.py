@@ -28,6 +28,7 @@ from sqlalchemy import make_url
 from imagecache.config import Config
 from imagecache.errors import StorageError
 from manager.curve_records import CurveRecords, RecordedWindow
+from manager.curves import trusted
 from manager.metrics import MetricsStore, MinuteStats
 from manager.misscurve import POOL_SIZES
 from manager.settings import CacheSettings, apply_params
@@ -47,6 +48,7 @@ class MinuteCurve:
 
     predicted_miss: tuple[float | None, ...]  # for POOL_SIZES
     seconds: float  # how much of the minute the windows covered
+    sampled_lookups: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,7 @@ class ReportMinute:
     miss_rate: float | None
     replayed_size: int
     replayed_miss_rate: float | None  # estimated at the replayed size; None: not known
-    curve_seconds: float  # 0: no curve recorded for the minute
+    curve_seconds: float  # 0: no curve recorded for the minute, or too thin to act on
     decision: str  # the replay's judgement at the minute's end
 
 
@@ -106,18 +108,24 @@ def minute_curves(windows: Sequence[RecordedWindow]) -> dict[datetime, MinuteCur
                 rates.append(sum(rate for rate, _ in weighed) / len(weighed))
             else:
                 rates.append(None)
-        curves[minute] = MinuteCurve(tuple(rates), sum(w.seconds for w in group))
+        curves[minute] = MinuteCurve(
+            tuple(rates),
+            sum(w.seconds for w in group),
+            sum(w.sampled_lookups for w in group),
+        )
     return curves
 
 
 def join(
     minutes: Sequence[MinuteStats], curves: Mapping[datetime, MinuteCurve]
 ) -> list[RecordedMinute]:
-    """Each minute of the statistics with its curve, where one was recorded."""
+    """Each minute of the statistics with its curve, where one was recorded on
+    enough sampled lookups for the autoscaler to act on it (curves.trusted)."""
     joined = []
     for stats in minutes:
         curve = curves.get(stats.minute)
-        joined.append(RecordedMinute(stats, None if curve is None else curve.predicted_miss))
+        evidence = None if curve is None else trusted(curve.predicted_miss, curve.sampled_lookups)
+        joined.append(RecordedMinute(stats, None if evidence is None else tuple(evidence)))
     return joined
 
 
