@@ -221,7 +221,8 @@ async def test_pages_need_a_login_and_forms_a_csrf_token(system: System) -> None
     async with system.http.get(manager.make_url("/activity")) as reply:
         assert "manual expand by 1" in await reply.text()
     async with system.http.get(manager.make_url("/stats")) as reply:
-        assert (await reply.text()).count("<svg") == 6
+        # Seven charts over time and the miss curve by pool size.
+        assert (await reply.text()).count("<svg") == 8
 
 
 async def test_the_autoscaler_grows_on_misses_and_shrinks_on_hits(tmp_path: Path) -> None:
