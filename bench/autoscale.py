@@ -54,7 +54,10 @@ flaps (a resize reversed by another within ``--flap-minutes``; goal 0 on
 the steady workloads), node-minutes, and the mean miss rate. On the steady
 workloads a third, reference row, ``original``, runs ``decide`` told that no
 bytes are in use and without ``stabilized``: the ratio rule without the
-evidence rules that keep it from flapping.
+evidence rules that keep it from flapping. On every workload a reference
+row, ``oracle``, runs ``decide_predictive`` on the miss rates measured that
+minute at every size instead of the sampled curve: the policy given a
+perfect prediction.
 
 Two more figures say where a prediction's error comes from: ``unsampled``,
 the same miniature simulation fed every lookup (rate 1, full-size caches),
@@ -137,6 +140,10 @@ POLICIES: Final = ("ratio", "predictive")
 # told no bytes are in use, nothing stabilized): the rule before issue 11, for
 # reference on the flaps.
 ORIGINAL: Final = "original"
+# ``decide_predictive`` handed each minute's MEASURED miss rates at every size
+# instead of the sampled curve: the policy with a perfect prediction, for
+# reference on what the sample costs.
+ORACLE: Final = "oracle"
 # The "fits" workload: uniform over this many nodes' worth of keys, a working
 # set between n and 2n nodes' capacity (n = 2 here would do, 1 flips).
 FITS_NODES: Final = 2.15
@@ -523,9 +530,14 @@ def run_policy(
             items=0,
             bytes=0 if policy == ORIGINAL else figures.bytes,
         )
-        if policy == "predictive":
+        if policy in ("predictive", ORACLE):
+            curve = (
+                [runs[n].minutes[minute].miss_rate for n in POOL_SIZES]
+                if policy == ORACLE
+                else curves[minute]
+            )
             recommended = decide_predictive(
-                size, stats, curves[minute], settings, since_resize, DEFAULT_SETTLE_SECONDS
+                size, stats, curve, settings, since_resize, DEFAULT_SETTLE_SECONDS
             )
         else:
             recommended = decide(size, stats, settings, since_resize, DEFAULT_SETTLE_SECONDS)
@@ -670,13 +682,13 @@ def print_policies(
     print("-" * len(header))
     for result in results:
         steady = result.workload.steady
-        for policy in (*POLICIES, ORIGINAL) if steady else POLICIES:
+        for policy in (*POLICIES, ORACLE, ORIGINAL) if steady else (*POLICIES, ORACLE):
             run = result.policies[policy]
             in_band = run.first_in_band(settings)
             to_band = "never" if in_band is None else str(run.resizes_before(in_band))
             at = "-" if in_band is None else f"m{in_band}"
             flaps = run.flaps(flap_minutes)
-            judged = steady and policy != ORIGINAL
+            judged = steady and policy in POLICIES
             goal = str(GOAL_FLAPS) if judged else "-"
             verdict = flag(flaps <= GOAL_FLAPS) if judged else ""
             print(
@@ -684,20 +696,25 @@ def print_policies(
                 f"{verdict:>6}{run.node_minutes:>9}{run.mean_miss:>10.3f}  {run.trajectory()}"
             )
     print()
-    print("Node-minutes, predictive against ratio (below 1: predictive used fewer nodes)")
+    print(
+        "Node-minutes, predictive against ratio (below 1: predictive used fewer nodes), "
+        "and the oracle's"
+    )
     print()
     header = (
-        f"{'workload':<11}{'ratio':>9}{'predictive':>11}{'pred/ratio':>11}"
-        f"{'miss ratio':>11}{'miss pred':>10}"
+        f"{'workload':<11}{'ratio':>9}{'predictive':>11}{'pred/ratio':>11}{'oracle':>8}"
+        f"{'orac/ratio':>11}{'miss ratio':>11}{'miss pred':>10}{'miss orac':>10}"
     )
     print(header)
     print("-" * len(header))
     for result in results:
         ratio, predictive = result.policies["ratio"], result.policies["predictive"]
+        oracle = result.policies[ORACLE]
         print(
             f"{result.workload.name:<11}{ratio.node_minutes:>9}{predictive.node_minutes:>11}"
-            f"{predictive.node_minutes / ratio.node_minutes:>11.2f}"
-            f"{ratio.mean_miss:>11.3f}{predictive.mean_miss:>10.3f}"
+            f"{predictive.node_minutes / ratio.node_minutes:>11.2f}{oracle.node_minutes:>8}"
+            f"{oracle.node_minutes / ratio.node_minutes:>11.2f}"
+            f"{ratio.mean_miss:>11.3f}{predictive.mean_miss:>10.3f}{oracle.mean_miss:>10.3f}"
         )
     print()
 
@@ -766,7 +783,7 @@ async def benchmark(args: argparse.Namespace, ports: Sequence[int]) -> list[Work
                 images.sampled_share(range(workload.hot_keys), threshold),
                 {
                     policy: run_policy(policy, runs, predicted, settings, args.warmup_minutes)
-                    for policy in (*POLICIES, ORIGINAL)
+                    for policy in (*POLICIES, ORACLE, ORIGINAL)
                 },
             )
             if args.sampling_seeds and workload.steady:
