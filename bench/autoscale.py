@@ -57,7 +57,10 @@ bytes are in use and without ``stabilized``: the ratio rule without the
 evidence rules that keep it from flapping. On every workload a reference
 row, ``oracle``, runs ``decide_predictive`` on the miss rates measured that
 minute at every size instead of the sampled curve: the policy given a
-perfect prediction.
+perfect prediction. Predictive gets each minute's curve as the autoscaler
+does (``CurveWindow.evidence``: none when the minute sampled fewer than
+``curves.MIN_SAMPLED_LOOKUPS`` lookups, and then ``decide``'s ratio rule
+answers).
 
 Two more figures say where a prediction's error comes from: ``unsampled``,
 the same miniature simulation fed every lookup (rate 1, full-size caches),
@@ -116,7 +119,7 @@ from manager.autoscaler import (
     decide_predictive,
     stabilized,
 )
-from manager.curves import MissCurves
+from manager.curves import MIN_SAMPLED_LOOKUPS, CurveWindow, MissCurves
 from manager.metrics import MinuteStats
 from manager.misscurve import (
     ITEM_OVERHEAD,
@@ -346,7 +349,7 @@ async def run_at_size(
     images: Images,
     concurrency: int,
     curves: MissCurves | None,
-) -> tuple[Run, list[list[float | None]]]:
+) -> tuple[Run, list[CurveWindow]]:
     """The stream through a pool of the first ``size`` of ``nodes``, emptied first;
     with ``curves``, the lookups are sampled and fed to it, a window a minute."""
     await asyncio.gather(*(node.client.clear() for node in nodes))
@@ -355,7 +358,7 @@ async def run_at_size(
     await pool.set_members([(f"node-{i}", node.address) for i, node in enumerate(members)])
     sampler = KeySampler(SAMPLING_RATE) if curves is not None else None
     run = Run(size)
-    predicted: list[list[float | None]] = []
+    windows: list[CurveWindow] = []
     started = time.perf_counter()
     before = await pool_counters(members)
     try:
@@ -380,12 +383,12 @@ async def run_at_size(
             if curves is not None and sampler is not None:
                 batch = sampler.take()
                 curves.feed(batch.lookups, batch.samples)
-                predicted.append(curves.close_window().predicted_miss)
+                windows.append(curves.close_window())
     finally:
         run.node_errors = pool.counters.errors
         await pool.close()
     run.seconds = time.perf_counter() - started
-    return run, predicted
+    return run, windows
 
 
 def unsampled_curve(
@@ -505,7 +508,7 @@ class PolicyRun:
 def run_policy(
     policy: str,
     runs: dict[int, Run],
-    curves: Sequence[Sequence[float | None]],
+    curves: Sequence[CurveWindow],
     settings: CacheSettings,
     warmup: int,
 ) -> PolicyRun:
@@ -534,7 +537,7 @@ def run_policy(
             curve = (
                 [runs[n].minutes[minute].miss_rate for n in POOL_SIZES]
                 if policy == ORACLE
-                else curves[minute]
+                else curves[minute].evidence
             )
             recommended = decide_predictive(
                 size, stats, curve, settings, since_resize, DEFAULT_SETTLE_SECONDS
@@ -582,7 +585,7 @@ def mean(values: Sequence[float]) -> float:
 class WorkloadResult:
     workload: Workload
     runs: dict[int, Run]
-    curves: list[list[float | None]]  # per minute, sizes 1..8
+    curves: list[CurveWindow]  # per minute
     unsampled: list[float | None]  # sizes 1..8, over the measured minutes
     sampled_keys: int
     policies: dict[str, PolicyRun]
@@ -592,8 +595,12 @@ class WorkloadResult:
         return self.runs[size].miss_rate(warmup)
 
     def predicted(self, size: int, warmup: int) -> float | None:
-        known = [c[size - 1] for c in self.curves[warmup:] if c[size - 1] is not None]
-        return mean([k for k in known if k is not None]) if known else None
+        known = [w.predicted_miss[size - 1] for w in self.curves[warmup:]]
+        values = [k for k in known if k is not None]
+        return mean(values) if values else None
+
+    def sampled_per_minute(self, warmup: int) -> list[int]:
+        return [window.sampled_lookups for window in self.curves[warmup:]]
 
 
 def print_accuracy(results: Sequence[WorkloadResult], warmup: int) -> list[float]:
@@ -719,8 +726,12 @@ def print_policies(
     print()
 
 
-def print_checks(results: Sequence[WorkloadResult]) -> None:
-    print("Checks: every lookup the bench made was counted by a node, and no node failed")
+def print_checks(results: Sequence[WorkloadResult], warmup: int) -> None:
+    print("Checks: every lookup the bench made was counted by a node, and no node failed;")
+    print(
+        "the curve's sampled lookups a measured minute, and the minutes with the "
+        f"{MIN_SAMPLED_LOOKUPS} that predictive scaling needs to trust it (curves.trusted)"
+    )
     print()
     for result in results:
         counted = sum(sum(m.lookups for m in run.minutes) for run in result.runs.values())
@@ -728,9 +739,17 @@ def print_checks(results: Sequence[WorkloadResult]) -> None:
         errors = sum(run.node_errors for run in result.runs.values())
         seconds = sum(run.seconds for run in result.runs.values())
         print(
-            f"{result.workload.name:<11}lookups counted {counted:,} of {made:,}; node errors "
+            f"{result.workload.name:<11}lookups counted {counted:,} of {made:,} "
+            f"{'(equal)' if counted == made else '(NOT EQUAL: another client used the nodes)'}"
+            "; node errors "
             f"{errors}; {made / seconds:,.0f} lookups/s; sampled keys in the hot set "
             f"{result.sampled_keys:,}"
+        )
+        sampled = result.sampled_per_minute(warmup)
+        trusted = sum(1 for window in result.curves[warmup:] if window.evidence is not None)
+        print(
+            f"{'':<11}sampled lookups a minute {min(sampled)}-{max(sampled)}; trusted in "
+            f"{trusted} of {len(sampled)} minutes"
         )
     print()
 
@@ -759,7 +778,7 @@ async def benchmark(args: argparse.Namespace, ports: Sequence[int]) -> list[Work
             curves = MissCurves()
             curves.follow(settings, SAMPLING_RATE)
             runs: dict[int, Run] = {}
-            predicted: list[list[float | None]] = []
+            windows: list[CurveWindow] = []
             for size in POOL_SIZES:
                 run, found = await run_at_size(
                     nodes,
@@ -770,19 +789,21 @@ async def benchmark(args: argparse.Namespace, ports: Sequence[int]) -> list[Work
                     curves if size == 1 else None,
                 )
                 runs[size] = run
-                predicted = found or predicted
+                windows = found or windows
                 progress(
                     f"{workload.name}: {size} node(s): measured miss rate "
-                    f"{run.miss_rate(args.warmup_minutes):.3f} in {run.seconds:.1f} s"
+                    f"{run.miss_rate(args.warmup_minutes):.3f} in {run.seconds:.1f} s; "
+                    f"lookups counted {sum(m.lookups for m in run.minutes):,} of "
+                    f"{run.bench_lookups:,}"
                 )
             result = WorkloadResult(
                 workload,
                 runs,
-                predicted,
+                windows,
                 unsampled_curve(stream, images, settings, args.warmup_minutes),
                 images.sampled_share(range(workload.hot_keys), threshold),
                 {
-                    policy: run_policy(policy, runs, predicted, settings, args.warmup_minutes)
+                    policy: run_policy(policy, runs, windows, settings, args.warmup_minutes)
                     for policy in (*POLICIES, ORACLE, ORIGINAL)
                 },
             )
@@ -928,7 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         progress(f"total time {time.perf_counter() - started:.0f} s; every node stopped")
     print_header(args)
-    print_checks(results)
+    print_checks(results, args.warmup_minutes)
     print_accuracy(results, args.warmup_minutes)
     if args.sampling_seeds:
         print_spread(results, args)
