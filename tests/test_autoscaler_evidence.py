@@ -314,6 +314,10 @@ PREDICTIVE = replace(
         (8, minute(1000, 10, workers=7), (0.1,) * 8, 8, "not all known"),
         # The evidence rules of the ratio rule apply unchanged.
         (1, minute(40, 40, workers=1), CURVE, 1, "no evidence"),
+        # Measured above maxMiss where the curve calls the size good enough: the
+        # measurement wins and the ratio rule grows (2 -> 4), never stuck below demand.
+        (5, minute(1000, 400, workers=5), CURVE, 8, "predicts 25.0% at 5 nodes but 40.0% was"),
+        (2, minute(1000, 600, workers=2), (0.2,) * 8, 4, "by the ratio rule: miss rate"),
         # Without a curve to trust, the ratio rule decides (expRatio 2).
         (1, minute(1000, 900, workers=1), None, 2, "no trusted miss curve, by the ratio rule"),
         (1, minute(1000, 900, workers=1), (None,) * 8, 2, "by the ratio rule: miss rate"),

@@ -183,6 +183,17 @@ def decide_predictive(
         return replace(judged, reason=f"no trusted miss curve, by the ratio rule: {judged.reason}")
     fitting = [n for n, predicted in known if predicted <= settings.max_miss]
     target = min(fitting) if fitting else MAX_NODES
+    if judged.miss_rate > settings.max_miss and target <= size:
+        # The measured rate is the truth at this size: a curve that calls it
+        # good enough is wrong here (a thin or shifted sample), and trusting it
+        # would keep the pool below demand for good. The ratio rule grows.
+        here = dict(known).get(size)
+        said_here = "nothing" if here is None else f"{here:.1%}"
+        return replace(
+            judged,
+            reason=f"the curve predicts {said_here} at {size} nodes but "
+            f"{judged.miss_rate:.1%} was measured: by the ratio rule: {judged.reason}",
+        )
     capacity = settings.capacity_mb * MIB
     if target < size:
         if minute.workers < size:
