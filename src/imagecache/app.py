@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,7 +47,9 @@ from imagecache.service import ImageService
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+# The top-level templates/ folder, which the build installs as this package (setup.cfg):
+# a folder on disk both installed and editable, since the wheel is unpacked, never zipped.
+TEMPLATES = Path(str(importlib.resources.files("imagecache.templates")))
 # Delivering the invalidation outbox and healing dirty nodes, and trying nodes set aside.
 HEAL_SECONDS = 1.0
 CLEAN_UP_SECONDS = 600.0
