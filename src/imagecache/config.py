@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cachenode.client import NodeAccess
 
@@ -27,6 +28,9 @@ MIB = 1 << 20
 MAX_IMAGE_PIXELS_CEILING = 178_956_970
 # gateway.max_image_pixels by default: at most about 200 MB of decoded pixels at once.
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# The longest manager.node_ready_seconds: the gateway gives configure_cache
+# 120 s in all, and the warming and a rollback come after the wait.
+MAX_NODE_READY_SECONDS = 100.0
 
 
 class ConfigError(ValueError):
@@ -97,6 +101,21 @@ class ManagerConfig:
     # The miss curve's windows, closed on wall-clock multiples of this (60: on
     # the minute, as the statistics' minutes) and saved for what-if.
     curve_window_seconds: float = 60.0
+    # aws: how often the membership is compared with the group's InService
+    # instances (joining new ones, dropping vanished ones).
+    reconcile_seconds: float = 30.0
+    # aws: how long a grow waits for new instances to answer before giving the
+    # capacity back; below the 120 s the gateway gives configure_cache in all.
+    node_ready_seconds: float = 90.0
+    # Announcements of every resize (src/manager/notify.py): an SNS topic's ARN
+    # (published to with the standard AWS credential chain) and an http(s) URL
+    # that gets a JSON POST (Slack-compatible); empty: not announced there.
+    sns_topic_arn: str = ""
+    notify_webhook: str = ""
+    # Tries per announcement and channel, waiting this long before the first
+    # retry and twice as long before each next one (1, 2, 4 ... s).
+    notify_tries: int = 8
+    notify_retry_seconds: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +199,17 @@ class Config:
             raise ConfigError(
                 f"manager.metrics must be 'sqlite' or 'cloudwatch', not {self.manager.metrics!r}"
             )
+        _validate_announcements(self.manager)
+        if not 0 < self.manager.reconcile_seconds <= 3600:
+            raise ConfigError(
+                "manager.reconcile_seconds must be above 0 and at most 3600,"
+                f" not {self.manager.reconcile_seconds:g}"
+            )
+        if not 0 < self.manager.node_ready_seconds <= MAX_NODE_READY_SECONDS:
+            raise ConfigError(
+                "manager.node_ready_seconds must be above 0 and at most"
+                f" {MAX_NODE_READY_SECONDS:g}, not {self.manager.node_ready_seconds:g}"
+            )
         window = self.manager.curve_window_seconds
         # A window that divides the minute never straddles two of the statistics' minutes.
         if not (0 < window <= 60 and abs(60 / window - round(60 / window)) < 1e-9):
@@ -188,6 +218,36 @@ class Config:
                 f" not {window:g}"
             )
         return self
+
+
+# arn:<partition>:sns:<region>:<account>:<topic name>
+_SNS_TOPIC_ARN = re.compile(
+    r"arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?"
+)
+
+
+def _validate_announcements(manager: ManagerConfig) -> None:
+    """The settings of the resizes' announcements; raises ConfigError for a bad one."""
+    if manager.sns_topic_arn and not _SNS_TOPIC_ARN.fullmatch(manager.sns_topic_arn):
+        raise ConfigError(
+            "manager.sns_topic_arn must be an SNS topic's ARN"
+            f" (arn:aws:sns:<region>:<account>:<name>), not {manager.sns_topic_arn!r}"
+        )
+    if manager.notify_webhook:
+        url = urlsplit(manager.notify_webhook)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            # Not echoed: a webhook URL often carries its secret in the path.
+            raise ConfigError(
+                "manager.notify_webhook (IMAGECACHE_NOTIFY_WEBHOOK) must be an http:// or"
+                " https:// URL with a host"
+            )
+    if not 1 <= manager.notify_tries <= 100:
+        raise ConfigError(f"manager.notify_tries must be 1 to 100, not {manager.notify_tries}")
+    if not 0 < manager.notify_retry_seconds <= 3600:
+        raise ConfigError(
+            "manager.notify_retry_seconds must be above 0 and at most 3600,"
+            f" not {manager.notify_retry_seconds:g}"
+        )
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -236,6 +296,10 @@ _ENVIRONMENT: dict[str, tuple[str, str]] = {
     "IMAGECACHE_CLOUDWATCH_NAMESPACE": ("manager", "cloudwatch_namespace"),
     "IMAGECACHE_SETTLE_SECONDS": ("manager", "settle_seconds"),
     "IMAGECACHE_CURVE_WINDOW_SECONDS": ("manager", "curve_window_seconds"),
+    "IMAGECACHE_RECONCILE_SECONDS": ("manager", "reconcile_seconds"),
+    "IMAGECACHE_NODE_READY_SECONDS": ("manager", "node_ready_seconds"),
+    "IMAGECACHE_SNS_TOPIC_ARN": ("manager", "sns_topic_arn"),
+    "IMAGECACHE_NOTIFY_WEBHOOK": ("manager", "notify_webhook"),
 }
 
 

@@ -23,7 +23,9 @@ from imagecache.database import Database
 from imagecache.errors import StorageError
 from imagecache.poolmembers import MembershipStore
 from manager import internal_api, prometheus, views, whatif_views
+from manager.announcements import Announcements
 from manager.appkeys import (
+    ANNOUNCEMENTS,
     AUTOSCALER,
     BACKEND,
     BLOBS,
@@ -37,6 +39,7 @@ from manager.appkeys import (
     LOGIN_THROTTLE,
     MEMBERSHIP_STORE,
     METRICS,
+    NOTIFIER,
     PASSWORD,
     RECORDS,
     SESSIONS,
@@ -57,6 +60,7 @@ from manager.collector import Collector
 from manager.curve_records import CurveRecords, RecordedWindow
 from manager.curves import MissCurves
 from manager.forms import MalformedForm, read_form
+from manager.notify import open_notifier
 from manager.pool import PoolController
 from manager.records import ManagerRecords
 from manager.sqlite_metrics import SqlMetrics
@@ -75,10 +79,24 @@ SECURITY_HEADERS = {
 }
 
 
-def create_app(config: Config) -> web.Application:
-    """The manager for ``config``; the pool starts when the application starts."""
+NodeResolver = Callable[[str, str], str]
+"""``(instance_id, private_ip) -> "host:port"`` of an AWS instance's cache node."""
+NODE_RESOLVER: web.AppKey[NodeResolver] = web.AppKey("node_resolver")
+
+
+def create_app(
+    config: Config, *, resolve_node_address: NodeResolver | None = None
+) -> web.Application:
+    """The manager for ``config``; the pool starts when the application starts.
+
+    ``resolve_node_address``: where the cache node of an AWS instance listens
+    (default: its private IP and ``manager.node_port``; tests map instances
+    to nodes on loopback).
+    """
     app = web.Application(middlewares=[guard])
     app[CONFIG] = config
+    if resolve_node_address is not None:
+        app[NODE_RESOLVER] = resolve_node_address
     app[PASSWORD] = Password(config.manager.password)
     app[SESSIONS] = Sessions(config.gateway.secret_key.encode() or secrets.token_bytes(32))
     app[LOGIN_THROTTLE] = LoginThrottle()
@@ -96,7 +114,15 @@ def create_app(config: Config) -> web.Application:
     whatif_views.add_routes(app)
     internal_api.add_routes(app)
     app.cleanup_ctx.extend(
-        [metadata_ctx, blobs_ctx, backend_ctx, controller_ctx, metrics_ctx, loops_ctx]
+        [
+            metadata_ctx,
+            blobs_ctx,
+            backend_ctx,
+            notifier_ctx,
+            controller_ctx,
+            metrics_ctx,
+            loops_ctx,
+        ]
     )
     return app
 
@@ -165,6 +191,7 @@ async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
         app[MEMBERSHIP_STORE] = await MembershipStore.open(database)
         app[RECORDS] = await ManagerRecords.open(database)
         app[CURVE_RECORDS] = await CurveRecords.open(database)
+        app[ANNOUNCEMENTS] = await Announcements.open(database)
         yield
 
 
@@ -184,6 +211,8 @@ async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
             config.asg_name,
             config.node_port,
             app[CONFIG].aws,
+            resolve_address=app.get(NODE_RESOLVER),
+            ready_timeout=config.node_ready_seconds,
             node_access=app[CONFIG].node_access(),
         ) as backend:
             app[BACKEND] = backend
@@ -210,6 +239,15 @@ def _restarted(app: web.Application) -> Callable[[NodeHandle], Awaitable[None]]:
     return hook
 
 
+async def notifier_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Announces every resize (manager.notify); stopped after the controller, so
+    it hears of every resize. Deliveries not done by then stay pending in the
+    database, and the next start takes them up."""
+    async with open_notifier(app[CONFIG], app[ANNOUNCEMENTS]) as notifier:
+        app[NOTIFIER] = notifier
+        yield
+
+
 async def controller_ctx(app: web.Application) -> AsyncIterator[None]:
     controller = PoolController(
         app[BACKEND],
@@ -217,6 +255,7 @@ async def controller_ctx(app: web.Application) -> AsyncIterator[None]:
         app[MEMBERSHIP_STORE],
         app[RECORDS],
         node_access=app[CONFIG].node_access(),
+        announce=app[NOTIFIER].announce,
     )
     app[CONTROLLER] = controller
     settings = await controller.settings()
@@ -270,11 +309,31 @@ async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(_after(config.autoscale_seconds, app[AUTOSCALER].tick)),
         asyncio.create_task(curve_window_loop(app)),
     ]
+    if config.pool == "aws":
+        tasks.append(asyncio.create_task(reconcile_loop(app)))
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await collector.close()
+
+
+async def reconcile_loop(app: web.Application) -> None:
+    """Every ``reconcile_seconds``, make the membership follow the Auto Scaling
+    group: instances AWS or an operator added or replaced join (once they
+    answer), vanished ones leave (PoolController.reconcile). A pass that fails
+    (AWS or the database unreachable) is logged in one line and tried again."""
+    controller, seconds = app[CONTROLLER], app[CONFIG].manager.reconcile_seconds
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await controller.reconcile()
+        except (PoolError, StorageError) as error:
+            log.warning(
+                "following the Auto Scaling group failed; again in %g s: %s", seconds, error
+            )
+        except Exception:
+            log.exception("following the Auto Scaling group failed; going on")
 
 
 async def curve_window_loop(app: web.Application) -> None:

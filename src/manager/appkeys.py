@@ -8,6 +8,7 @@ from imagecache.blobs import BlobStore
 from imagecache.catalog import ImageCatalog
 from imagecache.config import Config
 from imagecache.poolmembers import MembershipStore
+from manager.announcements import Announcements
 from manager.auth import LoginThrottle, Password, Sessions
 from manager.autoscaler import Autoscaler
 from manager.backends.base import PoolBackend
@@ -15,6 +16,7 @@ from manager.collector import Collector
 from manager.curve_records import CurveRecords
 from manager.curves import MissCurves
 from manager.metrics import MetricsStore
+from manager.notify import Notifier
 from manager.pool import PoolController
 from manager.records import ManagerRecords
 
@@ -23,6 +25,8 @@ CATALOG = web.AppKey("catalog", ImageCatalog)
 MEMBERSHIP_STORE = web.AppKey("membership_store", MembershipStore)
 RECORDS = web.AppKey("records", ManagerRecords)
 CURVE_RECORDS = web.AppKey("curve_records", CurveRecords)
+ANNOUNCEMENTS = web.AppKey("announcements", Announcements)
+NOTIFIER = web.AppKey("notifier", Notifier)
 BLOBS = web.AppKey("blobs", BlobStore)
 BACKEND = web.AppKey("backend", PoolBackend)
 CONTROLLER = web.AppKey("controller", PoolController)

@@ -18,8 +18,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from cachenode.client import OPEN_ACCESS, NodeAccess, NodeClient
 from cachenode.errors import NodeError
@@ -35,6 +36,7 @@ from imagecache.ring import Ring
 from imagecache.service import ImageService
 from manager.backends.base import NodeHandle, PoolBackend, PoolError
 from manager.migration import MigrationReport, drop_keys_owned_elsewhere, move_keys
+from manager.notify import ResizeNotice
 from manager.records import FAILED_CAUSE, ManagerRecords
 from manager.settings import MAX_NODES, MIN_NODES, CacheSettings
 
@@ -56,6 +58,34 @@ class Resize:
     after: int
 
 
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    """What ``PoolController.reconcile`` changed: the nodes that joined and left."""
+
+    joined: list[NodeHandle]
+    left: list[NodeHandle]
+
+    def __bool__(self) -> bool:
+        return bool(self.joined or self.left)
+
+    def cause(self) -> str:
+        """The change as the activity history's cause."""
+        parts = []
+        if self.left:
+            parts.append(f"{_ids(self.left)} left (no longer running)")
+        if self.joined:
+            parts.append(f"{_ids(self.joined)} joined")
+        return f"{FOLLOWED_CAUSE} {', '.join(parts)}"
+
+
+# The cause of a membership change the backend made (reconcile), not the manager.
+FOLLOWED_CAUSE = "pool follows its nodes:"
+
+
+def _ids(nodes: Sequence[NodeHandle]) -> str:
+    return ", ".join(n.node_id for n in nodes)
+
+
 class PoolController:
     def __init__(
         self,
@@ -65,8 +95,12 @@ class PoolController:
         records: ManagerRecords,
         gateway_wait_seconds: float = GATEWAY_WAIT_SECONDS,
         node_access: NodeAccess = OPEN_ACCESS,
+        announce: Callable[[ResizeNotice], None] = lambda notice: None,
     ) -> None:
+        """``announce``: told of every resize recorded, taken or failed; it must not
+        block (manager.notify.Notifier.announce queues it)."""
         self._backend = backend
+        self._announce = announce
         self._node_access = node_access
         self._catalog = catalog
         self._membership = members
@@ -87,12 +121,15 @@ class PoolController:
         return len(self._members)
 
     async def start(self) -> None:
-        """Adopt the backend's nodes (at least one), configure them and publish them.
+        """Adopt the backend's nodes that answer, configure them and publish them.
 
         The pool published before (by a manager that stopped, perhaps in the
         middle of a resize) changes as a resize would: nodes that were not
         active members may have missed invalidations, so they are cleared
-        and join; published nodes that are not adopted leave.
+        and join; published nodes that are not adopted leave. A node that does
+        not answer now (an instance still booting, or hung) is not adopted:
+        the manager starts without it, and ``reconcile`` joins it, cleared,
+        once it answers.
         """
         async with self._lock:
             nodes = await self._backend.nodes()
@@ -101,7 +138,7 @@ class PoolController:
             if len(nodes) > MAX_NODES:
                 await self._backend.shrink([n.node_id for n in nodes[MAX_NODES:]])
                 nodes = nodes[:MAX_NODES]
-            await self._configure(nodes, await self.settings())
+            nodes = await self._configured(nodes, await self.settings())
             published = (await self._membership.get_membership()).nodes
             active = {NodeHandle(n.node_id, n.address) for n in published if n.state == "active"}
             adopted = set(nodes)
@@ -117,6 +154,40 @@ class PoolController:
                 await self._publish(joining=joining, leaving=leaving)
             self._members = list(nodes)
             await self._publish()
+
+    async def reconcile(self) -> Reconciliation:
+        """Make the membership follow the nodes the backend runs.
+
+        For AWS these are the group's InService, Healthy instances, which AWS
+        or an operator may change behind the manager's back: a member that is
+        no longer among them leaves (without reading from it: it may be gone),
+        and a node that is not a member joins through the grow path (cleared,
+        then warmed, then routed to) once it answers; one that does not answer
+        yet is tried again at the next call. The membership never exceeds
+        MAX_NODES. A change is kept in the activity history. Raises PoolError
+        when the backend cannot list its nodes (nothing changes then).
+        """
+        async with self._lock:
+            started = time.monotonic()
+            before = len(self._members)
+            running = await self._backend.nodes()
+            left = await self._drop_vanished(running)
+            room = MAX_NODES - len(self._members)
+            newcomers = [n for n in running if n not in self._members][: max(room, 0)]
+            joined = await self._join_answering(newcomers)
+            change = Reconciliation(joined=joined, left=left)
+            if change:
+                cause = change.cause()
+                with contextlib.suppress(StorageError):
+                    await self._records.add_activity(
+                        before,
+                        len(self._members),
+                        cause,
+                        None,
+                        duration_seconds=time.monotonic() - started,
+                    )
+                log.info("pool follows its backend, %d -> %d: %s", before, self.size, cause)
+            return change
 
     async def settings(self) -> CacheSettings:
         return CacheSettings.from_strings(await self._records.get_settings())
@@ -179,31 +250,63 @@ class PoolController:
         before = len(self._members)
         started = time.monotonic()
         try:
-            if target > before:
-                await self._grow(target - before)
-            elif target < before:
-                await self._shrink(before - target)
+            # Members the backend no longer runs (an instance terminated behind
+            # the manager's back) count as gone already: a shrink must never
+            # pick one, whose termination would fail after the membership
+            # dropped it.
+            await self._drop_vanished(await self._backend.nodes())
+            current = len(self._members)
+            if target > current:
+                await self._grow(target - current)
+            elif target < current:
+                await self._shrink(current - target)
         except PoolError as error:
             # Kept in the activity history (and counted by /metrics) with the size kept.
+            failure = f"{FAILED_CAUSE} {cause}: {error}"
+            activity_id = None
             with contextlib.suppress(StorageError):
-                await self._records.add_activity(
+                activity_id = await self._records.add_activity(
                     before,
                     len(self._members),
-                    f"{FAILED_CAUSE} {cause}: {error}",
+                    failure,
                     miss_rate,
                     duration_seconds=time.monotonic() - started,
                     lookups=lookups,
                 )
+            self._announce(
+                ResizeNotice(
+                    activity_id,
+                    before,
+                    target,
+                    len(self._members),
+                    failure,
+                    miss_rate,
+                    failed=True,
+                    at=datetime.now(UTC),
+                )
+            )
             raise
         if target != before:
             self.last_resize = time.monotonic()
-            await self._records.add_activity(
+            activity_id = await self._records.add_activity(
                 before,
                 target,
                 cause,
                 miss_rate,
                 duration_seconds=self.last_resize - started,
                 lookups=lookups,
+            )
+            self._announce(
+                ResizeNotice(
+                    activity_id,
+                    before,
+                    target,
+                    target,
+                    cause,
+                    miss_rate,
+                    failed=False,
+                    at=datetime.now(UTC),
+                )
             )
             log.info(
                 "pool resized %d -> %d in %.1f s: %s",
@@ -217,7 +320,17 @@ class PoolController:
     async def _grow(self, count: int) -> None:
         """Start nodes, let every gateway invalidate on them, warm them, then route to them."""
         joining = await self._backend.grow(count)
-        old = list(self._members)
+        try:
+            await self._prepare_joining(joining)
+        except PoolError:
+            await self._backend.shrink([n.node_id for n in joining])
+            raise
+        await self._warm_and_route(joining)
+
+    async def _prepare_joining(self, joining: Sequence[NodeHandle]) -> None:
+        """Configure and clear ``joining``, then publish them as joining: every
+        gateway invalidates on them from then on. Raises PoolError when one
+        cannot be configured or cleared (none of them is published then)."""
         try:
             await self._configure(joining, await self.settings())
             await self._clear_strictly(joining)  # a reused node may hold anything
@@ -226,9 +339,12 @@ class PoolController:
             # Joining nodes serve no reads: they may go without leaving first.
             with contextlib.suppress(PoolError, StorageError):
                 await self._publish()
-            await self._backend.shrink([n.node_id for n in joining])
             raise
-        everyone = old + joining
+
+    async def _warm_and_route(self, joining: Sequence[NodeHandle]) -> None:
+        """Copy to the joining nodes the keys they now own, then route to them."""
+        old = list(self._members)
+        everyone = old + list(joining)
         self.last_migration = await move_keys(
             old,
             Ring([n.node_id for n in everyone]),
@@ -242,6 +358,39 @@ class PoolController:
         await drop_keys_owned_elsewhere(
             old, Ring([n.node_id for n in everyone]), node_access=self._node_access
         )
+
+    async def _join_answering(self, nodes: Sequence[NodeHandle]) -> list[NodeHandle]:
+        """Join those of ``nodes`` that answer, as a grow joins its new nodes;
+        the others are left for a later try. Returns the nodes that joined."""
+        if not nodes:
+            return []
+        answering = await self._configured(nodes, await self.settings())
+        if not answering:
+            return []
+        try:
+            await self._prepare_joining(answering)
+        except PoolError as error:
+            log.warning("nodes %s did not join, tried again later: %s", _ids(answering), error)
+            return []
+        await self._warm_and_route(answering)
+        return answering
+
+    async def _drop_vanished(self, running: Sequence[NodeHandle]) -> list[NodeHandle]:
+        """Let the members that are not ``running`` leave; returns them.
+
+        Their keys are not copied (they may be unreachable): the keys they
+        owned are later misses. As in a shrink they are published as leaving
+        first, so that no gateway reads from them by the time another stops
+        invalidating them.
+        """
+        vanished = [n for n in self._members if n not in running]
+        if not vanished:
+            return []
+        log.warning("members %s are no longer running; they leave the pool", _ids(vanished))
+        self._members = [n for n in self._members if n not in vanished]
+        await self._publish(leaving=vanished)
+        await self._publish()
+        return vanished
 
     async def _shrink(self, count: int) -> None:
         """Hand the leaving nodes' keys to their new owners, stop routing to them, stop them."""
@@ -304,6 +453,13 @@ class PoolController:
         failed = [n.address for n, ok in zip(nodes, results, strict=True) if not ok]
         if failed and strict:
             raise PoolError(f"could not configure cache node(s) {', '.join(failed)}")
+
+    async def _configured(
+        self, nodes: Sequence[NodeHandle], settings: CacheSettings
+    ) -> list[NodeHandle]:
+        """Give ``nodes`` the settings; returns those that took them, in order."""
+        results = await asyncio.gather(*(self._on_node(n, "config", settings) for n in nodes))
+        return [n for n, ok in zip(nodes, results, strict=True) if ok]
 
     async def _on_node(self, node: NodeHandle, action: str, argument: object = None) -> bool:
         host, port = parse_address(node.address)

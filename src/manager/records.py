@@ -80,6 +80,7 @@ class Activity:
     miss_rate: float | None
     duration_seconds: float | None = None
     lookups: int | None = None
+    id: int | None = None  # the row's, which its announcements name (manager.announcements)
 
 
 class ManagerRecords(Store):
@@ -127,8 +128,8 @@ class ManagerRecords(Store):
         miss_rate: float | None,
         duration_seconds: float | None = None,
         lookups: int | None = None,
-    ) -> None:
-        """Record one resize of the pool, ended now, in the activity history."""
+    ) -> int:
+        """Record one resize of the pool, ended now, in the activity history; its row's id."""
         row = {
             "at": naive_utc_now(),
             "size_before": size_before,
@@ -140,7 +141,10 @@ class ManagerRecords(Store):
         }
         with self._db.failures("record the resize"):
             async with self._db.write() as conn:
-                await conn.execute(insert(activity_table), row)
+                result = await conn.execute(insert(activity_table), row)
+        key = result.inserted_primary_key
+        assert key is not None  # an INSERT of one row
+        return int(key[0])
 
     async def count_resizes(self) -> dict[str, int]:
         """How many resizes the history holds of each kind: manual, automatic, failed."""
@@ -179,6 +183,7 @@ class ManagerRecords(Store):
                 miss_rate=row.miss_rate,
                 duration_seconds=row.duration_seconds,
                 lookups=row.lookups,
+                id=row.id,
             )
             for row in rows
         ]

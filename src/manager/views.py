@@ -18,6 +18,7 @@ from cachenode.errors import NodeError
 from imagecache.config import ConfigError, parse_address
 from imagecache.flash import set_flash, take_flash
 from manager.appkeys import (
+    ANNOUNCEMENTS,
     AUTOSCALER,
     BLOBS,
     CONFIG,
@@ -26,6 +27,7 @@ from manager.appkeys import (
     CURVES,
     LOGIN_THROTTLE,
     METRICS,
+    NOTIFIER,
     PASSWORD,
     RECORDS,
     SESSIONS,
@@ -432,11 +434,17 @@ async def _charts(request: web.Request) -> list[Chart]:
 
 
 async def activity_page(request: web.Request) -> web.Response:
+    resizes = await request.app[RECORDS].list_activity(200)
     return render(
         request,
         "activity.html",
         page="activity",
-        resizes=await request.app[RECORDS].list_activity(200),
+        resizes=resizes,
+        # How each resize's announcements went, by resize (manager.notify).
+        announcements=await request.app[ANNOUNCEMENTS].of_resizes(
+            [r.id for r in resizes if r.id is not None]
+        ),
+        channels=request.app[NOTIFIER].channels,
         failed_cause=FAILED_CAUSE,
         decisions=list(request.app[AUTOSCALER].decisions)[:50],
         mode=(await request.app[CONTROLLER].settings()).mode.value,

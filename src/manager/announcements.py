@@ -1,0 +1,161 @@
+"""The deliveries of the resizes' announcements, in the metadata database.
+
+One row per announcement and channel (``sns``, ``webhook``): the resize it
+announces (the activity row's id), the document sent, and how its delivery
+went: pending (with the tries so far and the last error), delivered (when,
+after how many tries) or failed (after how many tries, the last error).
+``manager.notify`` writes them as it delivers; the Activity page reads them.
+The document is kept so that a delivery a stopped manager left pending is
+taken up again by the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    Select,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
+
+from imagecache.database import MYSQL_TABLE, RowId, Store, Timestamp, naive_utc_now
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+
+_schema = MetaData()
+
+announcements_table = Table(
+    "announcements",
+    _schema,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    # The activity row of the resize; NULL when the resize could not be recorded.
+    Column("activity_id", RowId, nullable=True, index=True),
+    Column("channel", String(16), nullable=False),
+    Column("document", Text, nullable=False),  # the JSON sent
+    Column("state", String(16), nullable=False),
+    Column("tries", Integer, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("delivered_at", Timestamp, nullable=True),
+    **MYSQL_TABLE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """How one announcement went on one channel."""
+
+    id: int
+    activity_id: int | None
+    channel: str
+    document: str
+    state: str  # PENDING, DELIVERED or FAILED
+    tries: int
+    last_error: str | None
+    delivered_at: datetime | None  # timezone-aware UTC
+
+
+class Announcements(Store):
+    """The deliveries of announcements. Every method raises StorageError as ``Database`` says."""
+
+    schema = _schema
+
+    async def add(
+        self, activity_id: int | None, channels: Sequence[str], document: str
+    ) -> list[int]:
+        """A pending delivery of ``document`` on each of ``channels``; their ids, in that order."""
+        ids = []
+        with self._db.failures("record an announcement"):
+            async with self._db.write() as conn:
+                for channel in channels:
+                    result = await conn.execute(
+                        insert(announcements_table),
+                        {
+                            "activity_id": activity_id,
+                            "channel": channel,
+                            "document": document,
+                            "state": PENDING,
+                            "tries": 0,
+                            "created_at": naive_utc_now(),
+                        },
+                    )
+                    key = result.inserted_primary_key
+                    assert key is not None  # an INSERT of one row
+                    ids.append(int(key[0]))
+        return ids
+
+    async def tried(self, delivery_id: int, tries: int, error: str) -> None:
+        """A try failed; the delivery stays pending."""
+        await self._set(delivery_id, tries=tries, last_error=error)
+
+    async def delivered(self, delivery_id: int, tries: int) -> None:
+        await self._set(delivery_id, state=DELIVERED, tries=tries, delivered_at=naive_utc_now())
+
+    async def failed(self, delivery_id: int, tries: int, error: str) -> None:
+        """Given up: no more tries."""
+        await self._set(delivery_id, state=FAILED, tries=tries, last_error=error)
+
+    async def _set(self, delivery_id: int, **values: object) -> None:
+        statement = (
+            update(announcements_table)
+            .where(announcements_table.c.id == delivery_id)
+            .values(**values)
+        )
+        with self._db.failures("record an announcement's delivery"):
+            async with self._db.write() as conn:
+                await conn.execute(statement)
+
+    async def pending(self) -> list[Delivery]:
+        """The deliveries not yet delivered nor given up, oldest first."""
+        query = (
+            select(announcements_table)
+            .where(announcements_table.c.state == PENDING)
+            .order_by(announcements_table.c.id)
+        )
+        return await self._read(query, "read the pending announcements")
+
+    async def of_resizes(self, activity_ids: Sequence[int]) -> dict[int, list[Delivery]]:
+        """The deliveries of the resizes ``activity_ids``, by resize, in channel order."""
+        if not activity_ids:
+            return {}
+        query = (
+            select(announcements_table)
+            .where(announcements_table.c.activity_id.in_(list(activity_ids)))
+            .order_by(announcements_table.c.channel, announcements_table.c.id)
+        )
+        found: dict[int, list[Delivery]] = {}
+        for delivery in await self._read(query, "read the announcements"):
+            assert delivery.activity_id is not None
+            found.setdefault(delivery.activity_id, []).append(delivery)
+        return found
+
+    async def _read(self, query: Select[Any], action: str) -> list[Delivery]:
+        with self._db.failures(action):
+            async with self._db.read() as conn:
+                rows = (await conn.execute(query)).all()
+        return [
+            Delivery(
+                id=row.id,
+                activity_id=row.activity_id,
+                channel=row.channel,
+                document=row.document,
+                state=row.state,
+                tries=row.tries,
+                last_error=row.last_error,
+                delivered_at=row.delivered_at.replace(tzinfo=UTC) if row.delivered_at else None,
+            )
+            for row in rows
+        ]
