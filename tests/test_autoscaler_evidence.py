@@ -35,7 +35,7 @@ from manager.autoscaler import (
     stabilized,
 )
 from manager.backends.local import LocalPool
-from manager.curves import MIN_SAMPLED_LOOKUPS, MissCurves
+from manager.curves import MIN_SAMPLED_LOOKUPS, CurveWindow, MissCurves
 from manager.metrics import MinuteStats
 from manager.settings import CacheSettings, Mode, SettingsError, apply_params
 from tests.test_manager import PASSWORD, System, running_system
@@ -496,10 +496,21 @@ async def test_resizes_of_an_older_version_show_no_duration_or_lookups(tmp_path:
 
 def test_the_autoscaler_acts_on_a_curve_only_with_enough_sampled_lookups() -> None:
     # What the manager hands the autoscaler (CurveWindow.evidence): the window's
-    # prediction, or None while it rests on fewer than MIN_SAMPLED_LOOKUPS.
-    curves = MissCurves()
-    curves.feed(50, [(f"key {n}", 1_000) for n in range(MIN_SAMPLED_LOOKUPS - 1)])
-    assert curves.latest().predicted_miss[0] is not None
-    assert curves.latest().evidence is None
-    curves.feed(1, [("one more", 1_000)])
-    assert curves.latest().evidence == curves.latest().predicted_miss
+    # prediction, or None while it rests on fewer than MIN_SAMPLED_LOOKUPS or
+    # on miniature caches that have not yet run through a whole window.
+    now = [0.0]
+    curves = MissCurves(rate=1.0, clock=lambda: now[0])
+    keys = [(f"key {n}", 1_000) for n in range(MIN_SAMPLED_LOOKUPS)]
+
+    def window_of(samples: list[tuple[str, int]]) -> CurveWindow:
+        curves.feed(len(samples), samples)
+        now[0] += 60.0
+        return curves.close_window()
+
+    cold = window_of(keys)  # enough lookups, caches started with the window
+    assert (cold.warm, cold.predicted_miss[0] is not None, cold.evidence) == (False, True, None)
+    thin = window_of(keys[1:])
+    assert (thin.warm, thin.evidence) == (True, None)
+    enough = window_of(keys)
+    assert enough.evidence == enough.predicted_miss
+    assert curves.latest().evidence is not None

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from imagecache.config import Config, with_data_dir
 from manager.app import create_app as create_manager
+from manager.appkeys import CURVES
 from manager.charts import Chart, MissThresholds, render_charts, render_curve
 from manager.curves import CurveWindow, MissCurves
 from manager.metrics import MinuteStats
@@ -485,7 +486,9 @@ async def manager(tmp_path: Path) -> AsyncIterator[tuple[TestServer, ClientSessi
         gateway=replace(base.gateway, manager_token=TOKEN),
         manager=replace(base.manager, password=PASSWORD, first_port=free_port_range()),
     )
-    server = TestServer(create_manager(config), host="127.0.0.1")
+    app = create_manager(config)
+    app[CURVES] = MissCurves(rate=1.0)  # every key in the sample
+    server = TestServer(app, host="127.0.0.1")
     # unsafe: keep the cookies of an IP address host.
     async with server, ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
         login = {"password": PASSWORD, "next": "/stats"}

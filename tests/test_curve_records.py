@@ -53,8 +53,8 @@ async def test_windows_round_trip_within_the_span_asked_for(records: CurveRecord
 async def test_a_closed_window_of_the_running_curve_is_stored_as_it_was(
     records: CurveRecords,
 ) -> None:
-    curves = MissCurves(wall_clock=lambda: T0)
-    curves.follow(CacheSettings(capacity_mb=1.0, policy="random"), rate=1.0)
+    curves = MissCurves(wall_clock=lambda: T0, rate=1.0)
+    curves.follow(CacheSettings(capacity_mb=1.0, policy="random"))
     curves.feed(4, [("a", 1000), ("b", 1000), ("a", 1000), ("a", 1000)])
     closed = curves.close_window(T0 + timedelta(seconds=60))
     await records.add(RecordedWindow.of(closed))

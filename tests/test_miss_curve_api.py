@@ -22,13 +22,16 @@ from PIL import Image as PILImage
 
 from imagecache.app import create_app as create_gateway
 from imagecache.app import gateway_site
-from imagecache.appkeys import FAST_PATH_COUNTERS
+from imagecache.appkeys import FAST_PATH_COUNTERS, KEY_SAMPLER
 from imagecache.config import Config, with_data_dir
 from imagecache.keptcopies import KeptCopies
 from imagecache.keysamples import REPORT_SECONDS, KeySampler, SampleReporter
 from imagecache.manager_link import ManagerLink
 from manager.app import create_app as create_manager
+from manager.appkeys import CURVES
 from manager.curves import MissCurves
+from manager.misscurve import is_sampled, sampling_threshold
+from manager.samplingrate import INITIAL_RATE
 from manager.settings import CacheSettings
 from tests.conftest import DEAD_URL
 from tests.test_manager import PASSWORD, TOKEN, free_port_range
@@ -65,20 +68,22 @@ class Running:
 
 
 @asynccontextmanager
-async def running(tmp_path: Path) -> AsyncIterator[Running]:
-    """A manager with a local pool of node processes, and a gateway (with its
-    fast path) that samples every key and posts to it."""
+async def running(tmp_path: Path, gateway_rate: float = 1.0) -> AsyncIterator[Running]:
+    """A manager with a local pool of node processes that samples every key, and
+    a gateway (with its fast path) that posts to it, starting at ``gateway_rate``."""
     base = with_data_dir(Config(), tmp_path / "data")
     config = replace(
         base,
         gateway=replace(base.gateway, manager_token=TOKEN),
         manager=replace(base.manager, password=PASSWORD, first_port=free_port_range()),
     )
-    manager = TestServer(create_manager(config), host="127.0.0.1")
+    manager_app = create_manager(config)
+    manager_app[CURVES] = MissCurves(rate=1.0)  # the rate it tells the gateway: every key
+    manager = TestServer(manager_app, host="127.0.0.1")
     async with manager:
         manager_url = str(manager.make_url("")).rstrip("/")
         config = replace(config, gateway=replace(config.gateway, manager_url=manager_url))
-        gateway = create_gateway(config, key_sample_rate=1.0)
+        gateway = create_gateway(config, key_sample_rate=gateway_rate)
         runner = web.AppRunner(gateway, access_log=None)
         await runner.setup()
         site = gateway_site(runner, "127.0.0.1", 0)
@@ -180,6 +185,39 @@ async def test_the_manager_predicts_every_pool_size_from_the_gateways_reads(
         assert 'imagecache_predicted_miss_ratio{nodes="1"}' in metrics
 
 
+async def test_the_gateway_samples_at_the_rate_the_manager_names(tmp_path: Path) -> None:
+    async with running(tmp_path, gateway_rate=INITIAL_RATE) as system:
+        threshold = sampling_threshold(INITIAL_RATE)
+        key = next(
+            k for k in (f"img{n}" for n in range(1000)) if not is_sampled(k.encode(), threshold)
+        )
+        await upload(system, key, noise_png(1))
+        image_url = f"{system.gateway_url}/image/{key}"
+
+        async def read() -> None:
+            async with system.fast_http.get(image_url) as reply:
+                assert reply.status == 200
+                await reply.read()
+
+        await read()  # the fast path keeps a copy, outside the gateway's first sample
+        sampler = system.gateway[KEY_SAMPLER]
+        # Its post at the first rate is left out by the manager, whose answer
+        # names its own rate, every key: the gateway takes it.
+        for _ in range(int(3 * REPORT_SECONDS / 0.1)):
+            if sampler.rate == 1.0:
+                break
+            await asyncio.sleep(0.1)
+        assert sampler.rate == 1.0
+        served = system.gateway[FAST_PATH_COUNTERS].served
+        for _ in range(5):
+            await read()
+        # Hits on the copy kept before the change are sampled at the new rate.
+        assert system.gateway[FAST_PATH_COUNTERS].served == served + 5
+        curve = await curve_once_posted(system, 5)
+        assert curve["sampled_lookups"] == 5
+        assert curve["sampling_rate"] == 1.0
+
+
 @pytest.mark.parametrize(
     "payload",
     [
@@ -235,9 +273,12 @@ def test_the_sampler_counts_every_lookup_and_bounds_its_batch() -> None:
 
 def test_kept_copies_carry_the_sampling_decision() -> None:
     sampler = KeySampler(rate=0.01)
-    copies = KeptCopies(1 << 20, is_sampled=sampler.is_sampled)
+    copies = KeptCopies(1 << 20, sample_bucket=sampler.bucket)
     keys = [f"key-{n}" for n in range(500)]
-    marked = {key: copies.keep(key, 1, "image/png", b"x").sampled for key in keys}
+    marked = {
+        key: copies.keep(key, 1, "image/png", b"x").sample_bucket < sampler.threshold
+        for key in keys
+    }
     assert any(marked.values())
     assert not all(marked.values())
     assert marked == {key: sampler.is_sampled(key) for key in keys}
@@ -265,8 +306,8 @@ async def test_a_failed_post_drops_its_batch_and_logs_once(
 
 def test_windows_close_every_minute_and_follow_the_settings() -> None:
     now = [0.0]
-    curves = MissCurves(clock=lambda: now[0], kept=2)
-    curves.follow(CacheSettings(capacity_mb=1.0), rate=1.0)
+    curves = MissCurves(clock=lambda: now[0], kept=2, rate=1.0)
+    curves.follow(CacheSettings(capacity_mb=1.0))
     curves.feed(4, [("a", 1000), ("b", 1000), ("a", 1000), ("a", 1000)])
     open_window = curves.latest()
     assert not open_window.complete
@@ -293,7 +334,8 @@ def test_windows_close_every_minute_and_follow_the_settings() -> None:
     assert window.capacity_mb == 2.0
     # Misses count against every lookup the gateways made, not only the
     # sampled ones (SHARDS' adjustment): 2 misses of 16 lookups at 1 in 2.
-    curves.follow(CacheSettings(capacity_mb=2.0, policy="random"), rate=0.5)
-    curves.feed(16, [("a", 1000), ("b", 1000), ("a", 1000), ("a", 1000)])
-    assert curves.close_window().predicted_miss == [0.25] * 8
+    half = MissCurves(clock=lambda: now[0], rate=0.5)
+    half.follow(CacheSettings(capacity_mb=2.0, policy="random"))
+    half.feed(16, [("a", 1000), ("b", 1000), ("a", 1000), ("a", 1000)])
+    assert half.close_window().predicted_miss == [0.25] * 8
     assert window.predicted_miss == [0.0] * 8

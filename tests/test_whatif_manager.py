@@ -13,16 +13,25 @@ from pathlib import Path
 import pytest
 
 from manager.appkeys import CONTROLLER, CURVE_RECORDS, CURVES
+from manager.misscurve import is_sampled, sampling_threshold
+from manager.samplingrate import INITIAL_RATE
 from manager.whatif import RecordedMinute, replay
 from manager.whatif_report import percent
 from tests.test_manager import PASSWORD, TOKEN, System, running_system
 from tests.test_whatif_report import MINUTE, SETTINGS, SETTLE_SECONDS, record_run
 
+# Two keys in the sample at the manager's first rate (and so at every higher one).
+SAMPLED_KEYS = [
+    key
+    for key in (f"key-{n}" for n in range(10_000))
+    if is_sampled(key.encode(), sampling_threshold(INITIAL_RATE))
+][:2]
+
 
 async def post_samples(system: System, lookups: int, samples: list[list[object]]) -> None:
     async with system.http.post(
         system.manager.make_url("/internal/key_samples"),
-        json={"lookups": lookups, "samples": samples, "rate": 1.0},
+        json={"lookups": lookups, "samples": samples, "rate": 1.0},  # cut down to the manager's
         headers={"Authorization": f"Bearer {TOKEN}"},
     ) as reply:
         assert reply.status == 200, await reply.text()
@@ -33,8 +42,8 @@ async def test_curve_windows_close_on_the_clock_and_are_saved(tmp_path: Path) ->
     another, each saved with the lookups posted in it; ``latest`` moves on."""
     async with running_system(tmp_path, curve_window_seconds=0.5) as system:
         curves, records = system.manager.app[CURVES], system.manager.app[CURVE_RECORDS]
-        await post_samples(system, 0, [])  # sampled at 1 in 1 from here on
-        await post_samples(system, 10, [["a", 1000], ["b", 1000], ["a", 1000]])
+        a, b = SAMPLED_KEYS
+        await post_samples(system, 10, [[a, 1000], [b, 1000], [a, 1000]])
         posted = datetime.now(UTC)
         first_latest = curves.latest().started
         await asyncio.sleep(1.6)  # three boundaries at least

@@ -98,7 +98,7 @@ def create_app(config: Config, *, key_sample_rate: float = SAMPLING_RATE) -> web
     app[KEPT_COPIES] = KeptCopies(
         int(config.gateway.kept_copies_mb * MIB),
         MemoryFiles.for_this_process(),
-        is_sampled=sampler.is_sampled,
+        sample_bucket=sampler.bucket,
     )
     app[FAST_PATH_COUNTERS] = FastPathCounters()
     app[FLASH_SECRET] = config.gateway.secret_key.encode() or secrets.token_bytes(32)

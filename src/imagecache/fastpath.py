@@ -567,7 +567,7 @@ class FastConnection(asyncio.Protocol):
         sampler = fast.sampler
         if sampler is not None:  # a lookup of the image, hit or loaded (keysamples)
             sampler.batch.lookups += 1
-            if kept.sampled:
+            if kept.sample_bucket < sampler.threshold:
                 sampler.keep(request.key, len(kept.body))
         date = fast.date_line()
         closing = request.close or fast.stopping

@@ -21,6 +21,10 @@ _SECURITY_HEADER_LINES = b"".join(
 )
 
 
+# A sample bucket above every sampling threshold: the copy's lookups are never sampled.
+NEVER_SAMPLED = 1 << 32
+
+
 @dataclass(frozen=True, slots=True)
 class KeptImage:
     version: int
@@ -29,9 +33,10 @@ class KeptImage:
     not_modified_headers: bytes  # the same for a 304
     body: bytes | memoryview  # a view of ``file`` when there is one
     file: MemoryFile | None = None  # the body in an in-memory file, for sendfile
-    # Lookups of its key belong to the miss-curve sample (keysamples): decided
-    # once here, so a fast-path hit only tests it.
-    sampled: bool = False
+    # The hash bucket of its key for the miss-curve sample (keysamples): made
+    # once here, so a fast-path hit only compares it with the sampler's
+    # threshold, which the manager may change.
+    sample_bucket: int = NEVER_SAMPLED
 
     @property
     def size(self) -> int:
@@ -60,11 +65,11 @@ def prepared(
     body: bytes,
     files: MemoryFiles | None = None,
     *,
-    sampled: bool = False,
+    sample_bucket: int = NEVER_SAMPLED,
 ) -> KeptImage:
     """An image as a ready response: its header lines made once for every read,
-    and its bytes in an in-memory file when ``files`` can make one; ``sampled``:
-    its key's lookups are sampled for the miss curve."""
+    and its bytes in an in-memory file when ``files`` can make one;
+    ``sample_bucket``: its key's bucket for the miss curve's sample."""
     etag = etag_of(version).encode()
     common = b"ETag: %s\r\nCache-Control: no-cache\r\n%s" % (etag, _SECURITY_HEADER_LINES)
     headers = b"Content-Type: %s\r\nContent-Length: %d\r\n%s" % (
@@ -74,26 +79,26 @@ def prepared(
     )
     file = files.make(body) if files is not None else None
     if file is None:
-        return KeptImage(version, etag, headers, common, body, sampled=sampled)
-    return KeptImage(version, etag, headers, common, file.view, file, sampled=sampled)
+        return KeptImage(version, etag, headers, common, body, sample_bucket=sample_bucket)
+    return KeptImage(version, etag, headers, common, file.view, file, sample_bucket=sample_bucket)
 
 
 class KeptCopies:
     """Least recently used images up to ``capacity`` bytes; 0 keeps nothing.
 
     With ``files``, big images are kept in in-memory files (``memfiles``);
-    ``is_sampled`` marks the copies of keys in the miss-curve sample.
+    ``sample_bucket`` gives each copy its key's bucket in the miss curve's sample.
     """
 
     def __init__(
         self,
         capacity: int,
         files: MemoryFiles | None = None,
-        is_sampled: Callable[[str], bool] | None = None,
+        sample_bucket: Callable[[str], int] | None = None,
     ) -> None:
         self.capacity = capacity
         self._files = files
-        self._is_sampled = is_sampled
+        self._sample_bucket = sample_bucket
         self._images: OrderedDict[str, KeptImage] = OrderedDict()
         self._used = 0
 
@@ -106,14 +111,14 @@ class KeptCopies:
     def keep(self, key: str, version: int, content_type: str, body: bytes) -> KeptImage:
         """Keep this image of ``key`` if it is worth keeping; returns it prepared either way."""
         current = self._images.get(key)
-        sampled = self._is_sampled is not None and self._is_sampled(key)
+        bucket = NEVER_SAMPLED if self._sample_bucket is None else self._sample_bucket(key)
         if (
             version <= 0  # unversioned (a text protocol write): CHECK could not tell it apart
             or (current is not None and current.version >= version)
             or len(body) >= self.capacity // 4  # one image must not flush the rest
         ):
-            return prepared(version, content_type, body, sampled=sampled)
-        image = prepared(version, content_type, body, self._files, sampled=sampled)
+            return prepared(version, content_type, body, sample_bucket=bucket)
+        image = prepared(version, content_type, body, self._files, sample_bucket=bucket)
         self.drop(key)
         self._images[key] = image
         self._used += image.size

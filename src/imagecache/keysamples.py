@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 from imagecache.errors import ImagecacheError
 from imagecache.manager_link import ManagerLink
-from manager.misscurve import is_sampled, sampling_threshold
+from manager.misscurve import is_sampled, sample_bucket, sampling_threshold
+from manager.samplingrate import INITIAL_RATE
 
 log = logging.getLogger(__name__)
 
-# SHARDS (misscurve) predicts within a few hundredths at 1 % of the keys, and
-# 1 % keeps both the gateway's share of the work and the posts small (a
-# busy gateway at 10,000 reads/s posts about 200 samples a second).
-SAMPLING_RATE = 0.01
+# The rate a gateway samples at until the manager's answer to its first post
+# names one (manager.samplingrate chooses it for every gateway).
+SAMPLING_RATE = INITIAL_RATE
 # Samples one post carries at most; beyond, a batch keeps its first ones and
 # counts the rest as dropped. With keys of at most 128 characters a post stays
 # under the manager's 1 MiB body limit; at 1 % and a post every 2 s, it takes
@@ -58,9 +58,22 @@ class KeySampler:
         self.max_samples = max_samples
         self.batch = SampleBatch()
 
+    def set_rate(self, rate: float) -> None:
+        """Sample at ``rate`` from now on (the manager's choice). What was gathered
+        at the old rate is dropped: the manager would not take it whole."""
+        if rate != self.rate:
+            self.rate, self.threshold = rate, sampling_threshold(rate)
+            self.batch = SampleBatch()
+
     def is_sampled(self, key: str) -> bool:
-        """Whether lookups of ``key`` belong to the sample (decided once per kept copy)."""
+        """Whether lookups of ``key`` belong to the sample at the current rate."""
         return is_sampled(key.encode(), self.threshold)
+
+    @staticmethod
+    def bucket(key: str) -> int:
+        """The hash bucket of ``key``, computed once per kept copy: a lookup of
+        it is sampled while the bucket is below ``threshold``."""
+        return sample_bucket(key.encode())
 
     def looked_up(self, key: str, size: int) -> None:
         """A successful lookup of ``key`` (an image of ``size`` bytes)."""
@@ -104,7 +117,7 @@ class SampleReporter:
             )
         payload = {**batch.as_json(), "rate": self._sampler.rate}
         try:
-            await self._link.call_json("key_samples", payload)
+            answer = await self._link.call_json("key_samples", payload)
         except ImagecacheError as error:
             if not self._failing:
                 log.warning(
@@ -113,3 +126,7 @@ class SampleReporter:
             self._failing = True
             return
         self._failing = False
+        rate = answer.get("rate")
+        if isinstance(rate, int | float) and 0 < rate <= 1:
+            self._sampler.set_rate(float(rate))
+        # An answer without a rate (a manager of an older version) keeps this one.

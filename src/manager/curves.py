@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from imagecache.keysamples import SAMPLING_RATE
-from manager.misscurve import POOL_SIZES, MissCurve
+from manager.misscurve import POOL_SIZES, MissCurve, sample_bucket, sampling_threshold
+from manager.samplingrate import INITIAL_RATE, TARGET_SAMPLED_KEYS, next_rate
 from manager.settings import CacheSettings
 
 MIB = 1 << 20
@@ -52,11 +52,17 @@ class CurveWindow:
     sampled_lookups: int
     lookups: int  # every lookup the gateways counted
     complete: bool
+    rate: float  # the share of keys sampled (manager.samplingrate)
+    # The miniature caches ran through a whole window before this one: a
+    # window of caches started over (at start, on a new policy or rate) counts
+    # cold misses that the pool's warm nodes do not have.
+    warm: bool
 
     @property
     def evidence(self) -> Sequence[float | None] | None:
-        """The prediction, if enough lookups were sampled to act on it (``trusted``)."""
-        return trusted(self.predicted_miss, self.sampled_lookups)
+        """The prediction, if its caches were warm and enough lookups were sampled
+        to act on it (``trusted``)."""
+        return trusted(self.predicted_miss, self.sampled_lookups) if self.warm else None
 
 
 class MissCurves:
@@ -69,39 +75,70 @@ class MissCurves:
         kept: int = WINDOWS_KEPT,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rate: float = INITIAL_RATE,
     ) -> None:
+        """``rate``: the share of keys sampled until the first window chooses
+        one (manager.samplingrate); it then follows the traffic."""
         self.window_seconds = window_seconds
         self.windows: deque[CurveWindow] = deque(maxlen=kept)
         self._clock = clock
         self._wall_clock = wall_clock
         self._opened = clock()
         self._opened_at = wall_clock()
-        self._rate = SAMPLING_RATE
+        self._rate = rate
+        self._threshold = sampling_threshold(rate)
         self._settings = CacheSettings()
         self._curve = self._new_curve()
+        self._warm = False  # see CurveWindow.warm
+        # The distinct sampled keys of the window, counted up to what the
+        # choice of the rate needs to know.
+        self._distinct: set[str] = set()
 
     def _new_curve(self) -> MissCurve:
         return MissCurve(
             int(self._settings.capacity_mb * MIB), rate=self._rate, policy=self._settings.policy
         )
 
-    def follow(self, settings: CacheSettings, rate: float | None = None) -> None:
-        """Simulate the pool as ``settings`` has it, sampled at ``rate`` (None:
-        as before): a new policy or rate starts the caches over, a new capacity
-        resizes them."""
-        rate = self._rate if rate is None else rate
-        if settings.policy != self._settings.policy or rate != self._rate:
-            self._settings, self._rate = settings, rate
-            self._curve = self._new_curve()
+    @property
+    def rate(self) -> float:
+        """The share of keys the gateways are to sample (they learn it from the
+        manager's answers to their posts)."""
+        return self._rate
+
+    def follow(self, settings: CacheSettings) -> None:
+        """Simulate the pool as ``settings`` has it: a new policy starts the
+        caches over, a new capacity resizes them."""
+        if settings.policy != self._settings.policy:
+            self._settings = settings
+            self._start_over()
         elif settings.capacity_mb != self._settings.capacity_mb:
             self._settings = settings
             self._curve.set_node_capacity(int(settings.capacity_mb * MIB))
 
-    def feed(self, lookups: int, samples: Sequence[tuple[str, int]]) -> None:
-        """A gateway's post: ``lookups`` counted, ``samples`` (key, image bytes) of them."""
+    def _start_over(self) -> None:
+        self._curve = self._new_curve()
+        self._warm = False
+
+    def feed(
+        self, lookups: int, samples: Sequence[tuple[str, int]], rate: float | None = None
+    ) -> bool:
+        """A gateway's post: ``lookups`` counted, ``samples`` (key, image bytes) of
+        them, taken at ``rate`` (None: at this one). A sample taken at a higher
+        rate is cut down to this one (its keys are a superset); one taken at a
+        lower rate cannot be, and is left out whole (False): the gateway had
+        not yet heard of the new rate."""
+        if rate is not None and rate < self._rate:
+            return False
+        narrower = rate is not None and rate > self._rate
         self._curve.count_lookups(lookups)
         for key, size in samples:
-            self._curve.record(key.encode(), size)
+            encoded = key.encode()
+            if narrower and sample_bucket(encoded) >= self._threshold:
+                continue
+            self._curve.record(encoded, size)
+            if len(self._distinct) < TARGET_SAMPLED_KEYS:
+                self._distinct.add(key)
+        return True
 
     def close_window(self, boundary: datetime | None = None) -> CurveWindow:
         """End the current window (kept among ``windows``) and open the next.
@@ -116,6 +153,14 @@ class MissCurves:
             window = replace(window, seconds=(boundary - window.started).total_seconds())
         self.windows.append(window)
         self._curve.reset_counts()
+        self._warm = True
+        rate = next_rate(
+            self._rate, window.lookups / max(window.seconds, 1e-3), len(self._distinct)
+        )
+        self._distinct.clear()
+        if rate != self._rate:
+            self._rate, self._threshold = rate, sampling_threshold(rate)
+            self._start_over()
         self._opened = self._clock()
         self._opened_at = self._wall_clock() if boundary is None else boundary
         return window
@@ -138,6 +183,8 @@ class MissCurves:
             seconds=self._clock() - self._opened,
             sampled_lookups=curve.sampled_lookups,
             lookups=curve.lookups,
+            rate=self._rate,
+            warm=self._warm,
             complete=complete,
         )
 

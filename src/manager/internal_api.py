@@ -111,13 +111,15 @@ async def miss_curve(request: web.Request) -> web.Response:
             "window_seconds": round(window.seconds, 3),
             "sampled_lookups": window.sampled_lookups,
             "window_complete": "true" if window.complete else "false",
+            "sampling_rate": window.rate,
         }
     )
 
 
 async def key_samples(request: web.Request) -> web.Response:
     """A gateway's lookups since its last post: ``{"lookups": N, "samples":
-    [[key, size], ...], "rate": R}``. A body out of shape is refused whole."""
+    [[key, size], ...], "rate": R}``, answered with the rate to sample at next.
+    A body out of shape is refused whole."""
     try:
         lookups, samples, rate = _parse_samples(await request.json())
     except ValueError as problem:
@@ -125,9 +127,10 @@ async def key_samples(request: web.Request) -> web.Response:
         log.info("refused POST %s (400): %s", request.path, message)
         return error(400, message)
     curves = request.app[CURVES]
-    curves.follow(await request.app[CONTROLLER].settings(), rate)
-    curves.feed(lookups, samples)
-    return web.json_response({"success": "true"})
+    curves.follow(await request.app[CONTROLLER].settings())
+    curves.feed(lookups, samples, rate)
+    # The rate the gateway is to sample at from now on (manager.samplingrate).
+    return web.json_response({"success": "true", "rate": curves.rate})
 
 
 def _parse_samples(body: object) -> tuple[int, list[tuple[str, int]], float | None]:

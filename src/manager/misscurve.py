@@ -45,9 +45,15 @@ def sampling_threshold(rate: float) -> int:
     return max(1, round(rate * HASH_BUCKETS))
 
 
+def sample_bucket(key: bytes) -> int:
+    """The hash bucket of ``key``: its references are sampled at every rate whose
+    threshold is above it (the same answer everywhere)."""
+    return zlib.crc32(key) % HASH_BUCKETS
+
+
 def is_sampled(key: bytes, threshold: int) -> bool:
     """Whether references to ``key`` belong to the sample (the same answer everywhere)."""
-    return zlib.crc32(key) % HASH_BUCKETS < threshold
+    return sample_bucket(key) < threshold
 
 
 class MiniatureCache:
