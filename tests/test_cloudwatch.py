@@ -4,6 +4,7 @@ out in batches and come back as per-minute figures."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from imagecache.config import AwsConfig
@@ -33,6 +35,35 @@ class CountingMetrics(CloudWatchMetrics):
         self.names.append([datum["MetricName"] for datum in batch])
         await super().send_batch(batch)
         self.sent.set()
+
+
+class Requests:
+    """The requests a client sends, counted and sized as they leave (botocore's
+    before-send event): what CloudWatch would bill, with nothing stubbed."""
+
+    def __init__(self, client: Any) -> None:
+        self.sizes: dict[str, list[int]] = {"GetMetricData": [], "PutMetricData": []}
+        for operation in self.sizes:
+            client.meta.events.register(
+                f"before-send.cloudwatch.{operation}", functools.partial(self._sent, operation)
+            )
+
+    def _sent(self, operation: str, request: Any, **_: Any) -> None:
+        self.sizes[operation].append(len(request.body or b""))
+
+    @property
+    def reads(self) -> int:
+        return len(self.sizes["GetMetricData"])
+
+
+class Clock:
+    """A wall clock the test moves."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
 
 
 @pytest.fixture
@@ -138,7 +169,7 @@ async def test_reads_no_pool_size_can_fix_go_out_with_the_sample_and_come_back(
         await metrics.close()
 
     # Two more metrics of each sample, in the same PutMetricData call as the rest.
-    assert metrics.batches == [20, 7]
+    assert metrics.batches == [27]
     assert metrics.names[0][:9] == [
         "Workers",
         "Lookups",
@@ -250,11 +281,16 @@ async def test_unreachable_cloudwatch_raises_metrics_error_and_drops_the_batch(
         with pytest.raises(MetricsError, match="cannot send 9 datums"):
             await metrics.flush()
         assert metrics.buffered == 0
+        requests = Requests(client)
+        with pytest.raises(MetricsError, match="cannot read metric"):
+            await metrics.minutes(base, base + timedelta(minutes=1))
+        # A failed read is not kept: the next call reads again.
         with pytest.raises(MetricsError, match="cannot read metric"):
             await metrics.minutes(base, base + timedelta(minutes=1))
         await metrics.close()  # nothing left to send
 
     assert metrics.batches == [9]
+    assert requests.reads == 2
 
 
 async def test_naive_datetimes_are_refused(cloudwatch: Any) -> None:
@@ -272,3 +308,108 @@ async def test_naive_datetimes_are_refused(cloudwatch: Any) -> None:
 def test_batch_size_must_fit_one_request(batch_size: int) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         CloudWatchMetrics(object(), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("pool", ["", "p" * 256])
+def test_pool_names_must_fit_a_full_batch_in_one_request(pool: str) -> None:
+    with pytest.raises(ValueError, match="pool name"):
+        CloudWatchMetrics(object(), pool=pool)
+
+
+async def test_concurrent_and_repeated_reads_in_a_minute_make_one_request(
+    cloudwatch: Any,
+) -> None:
+    base = recent_minute(12)
+    clock = Clock(datetime.now(UTC))
+    metrics = CloudWatchMetrics(cloudwatch, pool=pool_name(), clock=clock)
+    requests = Requests(cloudwatch)
+    span = (base, base + timedelta(minutes=3))
+    try:
+        await metrics.put(sample(base, lookups=4, misses=1))
+        await metrics.flush()
+
+        # Ten tabs refreshing at once, then again and again within the minute.
+        answers = await asyncio.gather(*(metrics.minutes(*span) for _ in range(10)))
+        for _ in range(3):
+            answers.append(await metrics.minutes(*span))
+
+        assert requests.reads == 1
+        assert all([(m.lookups, m.misses) for m in answer] == [(4, 1)] for answer in answers)
+        # An answer the caller changes is its own copy.
+        answers[0].clear()
+        assert len(await metrics.minutes(*span)) == 1
+
+        # New data within the minute waits for the next one (the documented staleness).
+        await metrics.put(sample(base + timedelta(minutes=1), lookups=6))
+        await metrics.flush()
+        assert [m.lookups for m in await metrics.minutes(*span)] == [4]
+        assert requests.reads == 1
+
+        clock.now += timedelta(minutes=1)
+        assert [m.lookups for m in await metrics.minutes(*span)] == [4, 6]
+        assert [m.lookups for m in await metrics.minutes(*span)] == [4, 6]
+        assert requests.reads == 2
+        # Another span is another answer.
+        assert [m.lookups for m in await metrics.minutes(base, base + timedelta(minutes=1))] == [4]
+        assert requests.reads == 3
+    finally:
+        await metrics.close()
+
+
+async def test_a_caller_giving_up_does_not_cancel_the_read_the_others_wait_for(
+    cloudwatch: Any,
+) -> None:
+    base = recent_minute(14)
+    metrics = CloudWatchMetrics(cloudwatch, pool=pool_name())
+    requests = Requests(cloudwatch)
+    try:
+        await metrics.put(sample(base, lookups=3))
+        await metrics.flush()
+        span = (base, base + timedelta(minutes=1))
+        leaving = asyncio.create_task(metrics.minutes(*span))
+        staying = asyncio.create_task(metrics.minutes(*span))
+        await asyncio.sleep(0)  # both wait for the read now
+        leaving.cancel()
+
+        assert [m.lookups for m in await staying] == [3]
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert requests.reads == 1
+    finally:
+        await metrics.close()
+
+
+async def test_samples_go_out_in_requests_of_a_thousand_datums_under_a_megabyte(
+    moto_server: str,  # noqa: F811
+    aws_environment: None,  # noqa: F811
+) -> None:
+    base = recent_minute(50)
+    # botocore gzips large PutMetricData bodies; measured unzipped, the worst case.
+    async with get_session().create_client(
+        "cloudwatch",
+        region_name=REGION,
+        endpoint_url=moto_server,
+        config=AioConfig(disable_request_compression=True),
+    ) as client:
+        # The longest pool name allowed: the largest datums there are.
+        metrics = CountingMetrics(client, pool=pool_name().ljust(255, "p"))
+        requests = Requests(client)
+        try:
+            # A minute of samples (12, 108 datums) waits for the periodic flush: no request.
+            for i in range(12):
+                await metrics.put(sample(base + timedelta(seconds=5 * i), lookups=1))
+            assert requests.sizes["PutMetricData"] == []
+            # 120 samples in all, 1080 datums: one full request as soon as it is full.
+            for i in range(12, 120):
+                await metrics.put(sample(base + timedelta(seconds=5 * i), lookups=1))
+            assert metrics.batches == [1000]
+            await metrics.flush()
+
+            assert metrics.batches == [1000, 80]
+            assert len(requests.sizes["PutMetricData"]) == 2
+            assert max(requests.sizes["PutMetricData"]) < 1_000_000, requests.sizes
+            minutes = await metrics.minutes(base, base + timedelta(minutes=10))
+        finally:
+            await metrics.close()
+
+    assert sum(m.lookups for m in minutes) == 120

@@ -26,19 +26,33 @@ had in that minute (an Average would be a fraction of a node), so after a
 shrink or an eviction burst the minute shows the higher, earlier figure.
 
 Datums are buffered and sent with PutMetricData in batches of ``batch_size``
-(default 20: the per-request limit CloudWatch had until 2023 and still the
-safe choice for compatible services; AWS now accepts up to 1000). A batch goes
-out as soon as the buffer holds one, and a background task sends whatever is
-buffered every ``flush_seconds`` (default 60), so no sample waits longer.
+(default 1000, the per-request limit of PutMetricData since 2023; it was 20).
+A batch goes out as soon as the buffer holds one, and a background task sends
+whatever is buffered every ``flush_seconds`` (default 60), so no sample waits
+longer. The collector's sample every 5 s is 108 datums a minute: one request
+a minute. A full batch with a pool name of the longest allowed (255
+characters) encodes to about 0.4 MB, under the request's 1 MB.
+
+``minutes`` reads all the metrics of a span with one GetMetricData request
+(paginated by NextToken when CloudWatch splits the answer) and keeps the
+answer for the rest of the wall-clock minute, by span: every dashboard tab
+refreshing its charts, and every request arriving while the read is under
+way, share that one request (billed per metric requested), so reads cost at
+most one request a minute per span. CloudWatch only adds data per minute; the
+one thing this delays is the current, partial minute, which may be up to a
+minute stale (besides the minute or two CloudWatch itself takes to show data).
+A read that fails is not kept: the next call tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -52,11 +66,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "imagecache"
 DEFAULT_POOL = "default"
-DEFAULT_BATCH_SIZE = 20
 MAX_BATCH_SIZE = 1000  # datums per PutMetricData request, AWS's current limit
+DEFAULT_BATCH_SIZE = MAX_BATCH_SIZE
+# The limit of a dimension's value used to be 255 (now 1024); kept, so that a full
+# batch stays well under PutMetricData's 1 MB (see the module docstring).
+MAX_POOL_NAME = 255
 _MINUTE = timedelta(minutes=1)
-# GetMetricStatistics returns at most 1440 datapoints per call: a day of minutes.
-_WINDOW = timedelta(minutes=1440)
 
 # (metric name, PoolSample field, unit, statistic read back)
 _METRICS: tuple[tuple[str, str, str, str], ...] = (
@@ -76,13 +91,27 @@ class MetricsError(Exception):
     """CloudWatch refused a call or could not be reached; the message says which and why."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """The read of one span made in the wall-clock minute ``minute``, done or under way."""
+
+    minute: datetime
+    read: asyncio.Task[list[MinuteStats]]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class CloudWatchMetrics:
     """A MetricsStore on CloudWatch: the pool named ``pool`` in ``namespace``.
 
     ``client`` is an aiobotocore CloudWatch client owned by the caller
     (open_cloudwatch_metrics). ``pool`` tells deployments sharing a namespace
-    apart. Raises ValueError for a batch size outside 1..1000 or a flush
-    interval that is not positive.
+    apart. ``clock`` gives the time that decides when a kept answer of
+    ``minutes`` is a minute old. Raises ValueError for a batch size outside
+    1..1000, a flush interval that is not positive, or an empty pool name or
+    one longer than 255 characters.
     """
 
     def __init__(
@@ -93,7 +122,10 @@ class CloudWatchMetrics:
         pool: str = DEFAULT_POOL,
         batch_size: int = DEFAULT_BATCH_SIZE,
         flush_seconds: float = 60.0,
+        clock: Callable[[], datetime] = _utc_now,
     ) -> None:
+        if not 1 <= len(pool) <= MAX_POOL_NAME:
+            raise ValueError(f"the pool name must have 1..{MAX_POOL_NAME} characters")
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, not {batch_size}")
         if flush_seconds <= 0:
@@ -110,6 +142,9 @@ class CloudWatchMetrics:
         self._sending = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        self._clock = clock
+        # The answers of ``minutes`` in the current minute, by (first minute, stop).
+        self._answers: dict[tuple[datetime, datetime], _Answer] = {}
 
     @property
     def buffered(self) -> int:
@@ -161,39 +196,28 @@ class CloudWatchMetrics:
         """One MinuteStats per minute that starts in [start, end) and has data,
         oldest first, each over its whole minute (as the SQLite store does).
 
-        Gauges are per-minute maxima (see the module docstring). Raises
-        ValueError for naive datetimes, MetricsError when CloudWatch fails.
+        Gauges are per-minute maxima (see the module docstring). An answer is
+        kept for the rest of the wall-clock minute and shared by every call
+        for the same span, those that come while it is read included (see the
+        module docstring). Raises ValueError for naive datetimes, MetricsError
+        when CloudWatch fails.
         """
         if start.tzinfo is None or end.tzinfo is None:
             raise ValueError("start and end must be timezone-aware")
         first, stop = _ceil_minute(start), _ceil_minute(end)
         if stop <= first:
             return []
-        series = await asyncio.gather(
-            *(self._statistics(name, statistic, first, stop) for name, _, _, statistic in _METRICS)
-        )
-        by_name = {name: values for (name, _, _, _), values in zip(_METRICS, series, strict=True)}
-        minutes = sorted({minute for values in series for minute in values})
-
-        def value(name: str, minute: datetime) -> int:
-            return round(by_name[name].get(minute, 0.0))
-
-        return [
-            MinuteStats(
-                minute=minute,
-                workers=value("Workers", minute),
-                lookups=value("Lookups", minute),
-                hits=value("Hits", minute),
-                misses=value("Misses", minute),
-                requests=value("Requests", minute),
-                items=value("Items", minute),
-                bytes=value("ItemsBytes", minute),
-                missing=value("MissingLookups", minute),
-                uncacheable=value("UncacheableLookups", minute),
-            )
-            for minute in minutes
-            if first <= minute < stop
-        ]
+        span, now = (first, stop), _minute(self._clock())
+        answer = self._answers.get(span)
+        if answer is None or answer.minute != now:
+            # Answers of past minutes are never asked for again.
+            self._answers = {key: kept for key, kept in self._answers.items() if kept.minute == now}
+            answer = _Answer(now, asyncio.create_task(self._read_minutes(first, stop)))
+            answer.read.add_done_callback(functools.partial(self._settled, span, answer))
+            self._answers[span] = answer
+        # Shielded: a caller that gives up (a tab closed mid-refresh) does not
+        # cancel the read that the other callers wait for.
+        return list(await asyncio.shield(answer.read))
 
     async def close(self) -> None:
         """Stop the periodic flush and send what is buffered.
@@ -246,36 +270,92 @@ class CloudWatchMetrics:
             except Exception:
                 log.exception("periodic CloudWatch flush of pool %s failed", self.pool)
 
-    async def _statistics(
-        self, metric: str, statistic: str, start: datetime, end: datetime
-    ) -> dict[datetime, float]:
-        """``statistic`` of ``metric`` per minute in [start, end), by minute start."""
-        values: dict[datetime, float] = {}
-        window_start = start
-        while window_start < end:
-            window_end = min(end, window_start + _WINDOW)
+    def _settled(
+        self, span: tuple[datetime, datetime], answer: _Answer, read: asyncio.Task[Any]
+    ) -> None:
+        """Forget ``answer`` when its read failed, so the next call reads again."""
+        failed = read.cancelled() or read.exception() is not None
+        if failed and self._answers.get(span) is answer:
+            del self._answers[span]
+
+    async def _read_minutes(self, first: datetime, stop: datetime) -> list[MinuteStats]:
+        """The MinuteStats of [first, stop), both minute starts, from one GetMetricData read."""
+        series = await self._metric_data(first, stop)
+        by_name = {name: values for (name, _, _, _), values in zip(_METRICS, series, strict=True)}
+        minutes = sorted({minute for values in series for minute in values})
+
+        def value(name: str, minute: datetime) -> int:
+            return round(by_name[name].get(minute, 0.0))
+
+        return [
+            MinuteStats(
+                minute=minute,
+                workers=value("Workers", minute),
+                lookups=value("Lookups", minute),
+                hits=value("Hits", minute),
+                misses=value("Misses", minute),
+                requests=value("Requests", minute),
+                items=value("Items", minute),
+                bytes=value("ItemsBytes", minute),
+                missing=value("MissingLookups", minute),
+                uncacheable=value("UncacheableLookups", minute),
+            )
+            for minute in minutes
+            if first <= minute < stop
+        ]
+
+    async def _metric_data(self, first: datetime, stop: datetime) -> list[dict[datetime, float]]:
+        """Each metric's statistic per minute in [first, stop), by minute start, in
+        the order of _METRICS: one GetMetricData request, more only to follow NextToken."""
+        queries = [
+            {
+                "Id": f"m{index}",  # ids must start with a lower-case letter
+                "MetricStat": {
+                    "Metric": {
+                        "Namespace": self.namespace,
+                        "MetricName": name,
+                        "Dimensions": self._dimensions,
+                    },
+                    "Period": 60,
+                    "Stat": statistic,
+                },
+                "ReturnData": True,
+            }
+            for index, (name, _, _, statistic) in enumerate(_METRICS)
+        ]
+        series: list[dict[datetime, float]] = [{} for _ in _METRICS]
+        pages: dict[str, Any] = {}
+        while True:
             try:
-                response = await self._client.get_metric_statistics(
-                    Namespace=self.namespace,
-                    MetricName=metric,
-                    Dimensions=self._dimensions,
-                    StartTime=window_start,
-                    EndTime=window_end,
-                    Period=60,
-                    Statistics=[statistic],
+                response = await self._client.get_metric_data(
+                    MetricDataQueries=queries, StartTime=first, EndTime=stop, **pages
                 )
             except (ClientError, BotoCoreError) as error:
                 log.warning(
-                    "cannot read %s of pool %s from CloudWatch: %s", metric, self.pool, error
+                    "cannot read the metrics of pool %s from CloudWatch: %s", self.pool, error
                 )
                 raise MetricsError(
-                    f"cannot read metric {metric!r} from CloudWatch namespace "
-                    f"{self.namespace!r}: {error}"
+                    f"cannot read metrics from CloudWatch namespace {self.namespace!r}: {error}"
                 ) from error
-            for point in response.get("Datapoints", ()):
-                values[_minute(point["Timestamp"])] = float(point[statistic])
-            window_start = window_end
-        return values
+            for result in response.get("MetricDataResults", ()):
+                if result.get("StatusCode", "Complete") not in ("Complete", "PartialData"):
+                    # "Forbidden" or "InternalError": the answer is not the data.
+                    log.warning(
+                        "CloudWatch read no %s of pool %s: %s",
+                        result.get("Label"),
+                        self.pool,
+                        result.get("StatusCode"),
+                    )
+                    raise MetricsError(
+                        f"cannot read metrics from CloudWatch namespace {self.namespace!r}: "
+                        f"{result.get('Label')} answered {result.get('StatusCode')}"
+                    )
+                values = series[int(result["Id"][1:])]
+                for moment, value in zip(result["Timestamps"], result["Values"], strict=True):
+                    values[_minute(moment)] = float(value)
+            if not response.get("NextToken"):
+                return series
+            pages = {"NextToken": response["NextToken"]}
 
 
 @asynccontextmanager
