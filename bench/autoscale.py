@@ -110,7 +110,7 @@ from benchkit import (
 )
 from cachenode.client import NodeClient
 from imagecache.cachepool import CachePool
-from imagecache.keysamples import SAMPLING_RATE, KeySampler
+from imagecache.keysamples import KeySampler
 from manager.autoscaler import (
     DEFAULT_SETTLE_SECONDS,
     STABILIZATION_JUDGEMENTS,
@@ -128,6 +128,7 @@ from manager.misscurve import (
     is_sampled,
     sampling_threshold,
 )
+from manager.samplingrate import MAX_SAMPLED_PER_SECOND, TARGET_SAMPLED_KEYS
 from manager.settings import CacheSettings, Mode
 
 T = TypeVar("T")
@@ -342,23 +343,59 @@ async def pool_counters(nodes: Sequence[Node]) -> tuple[int, int, int]:
     )
 
 
+class Sampling:
+    """The gateway's ``KeySampler`` feeding the manager's ``MissCurves``, a window
+    a bench minute, at the rate the manager chooses, as the system does: the
+    sampler starts at the curves' first rate, each minute's batch is fed with
+    the rate it was taken at, and after each window the sampler takes the
+    curves' rate (a gateway learns it from the answer to its next post).
+
+    The curves judge each window at ``traffic`` lookups a second: their clock
+    advances ``per_minute / traffic`` seconds a bench minute, so the budget of
+    sampled lookups a second (manager.samplingrate) caps the rate as it would
+    on a pool serving that much. The key stream is the same whatever the
+    traffic; only the rate chosen for it changes.
+    """
+
+    def __init__(self, settings: CacheSettings, per_minute: int, traffic: float) -> None:
+        self._now = 0.0
+        self._seconds_per_minute = per_minute / traffic
+        self.curves = MissCurves(clock=lambda: self._now)
+        self.curves.follow(settings)
+        # A gateway posts every few seconds, well under MAX_SAMPLES_PER_POST;
+        # the bench posts once a minute, so its batch holds a whole minute.
+        self.sampler = KeySampler(self.curves.rate, max_samples=per_minute)
+        self.windows: list[CurveWindow] = []
+        self.sampled_keys: list[int] = []  # distinct sampled keys, per window
+
+    def close_minute(self) -> CurveWindow:
+        """Post the minute's batch, close its window, and take the manager's rate."""
+        batch = self.sampler.take()
+        assert batch.dropped == 0, "the bench's batch holds a whole minute"
+        self.curves.feed(batch.lookups, batch.samples, self.sampler.rate)
+        self.sampled_keys.append(len({key for key, _ in batch.samples}))
+        self._now += self._seconds_per_minute
+        window = self.curves.close_window()
+        self.windows.append(window)
+        self.sampler.set_rate(self.curves.rate)
+        return window
+
+
 async def run_at_size(
     nodes: Sequence[Node],
     size: int,
     stream: Sequence[Sequence[int]],
     images: Images,
     concurrency: int,
-    curves: MissCurves | None,
-) -> tuple[Run, list[CurveWindow]]:
+    sampling: Sampling | None,
+) -> Run:
     """The stream through a pool of the first ``size`` of ``nodes``, emptied first;
-    with ``curves``, the lookups are sampled and fed to it, a window a minute."""
+    with ``sampling``, the lookups are sampled and fed to its curves, a window a minute."""
     await asyncio.gather(*(node.client.clear() for node in nodes))
     members = nodes[:size]
     pool = CachePool(timeout=NODE_TIMEOUT)
     await pool.set_members([(f"node-{i}", node.address) for i, node in enumerate(members)])
-    sampler = KeySampler(SAMPLING_RATE) if curves is not None else None
     run = Run(size)
-    windows: list[CurveWindow] = []
     started = time.perf_counter()
     before = await pool_counters(members)
     try:
@@ -372,23 +409,21 @@ async def run_at_size(
                         owner = pool.usable_owner(key)
                         if owner is not None:
                             await owner.client.set(key.encode(), images.value(key_id))
-                    if sampler is not None:
-                        sampler.looked_up(key, images.sizes[key_id])
+                    if sampling is not None:
+                        sampling.sampler.looked_up(key, images.sizes[key_id])
 
             await asyncio.gather(*(reader() for _ in range(concurrency)))
             after = await pool_counters(members)
             run.minutes.append(MinuteFigures(after[0] - before[0], after[1] - before[1], after[2]))
             before = after
             run.bench_lookups += len(key_ids)
-            if curves is not None and sampler is not None:
-                batch = sampler.take()
-                curves.feed(batch.lookups, batch.samples)
-                windows.append(curves.close_window())
+            if sampling is not None:
+                sampling.close_minute()
     finally:
         run.node_errors = pool.counters.errors
         await pool.close()
     run.seconds = time.perf_counter() - started
-    return run, windows
+    return run
 
 
 def unsampled_curve(
@@ -407,31 +442,35 @@ def unsampled_curve(
 
 
 def sampled_curve(
-    stream: Sequence[Sequence[int]], images: Images, settings: CacheSettings, warmup: int
+    stream: Sequence[Sequence[int]], images: Images, sampling: Sampling, warmup: int
 ) -> list[float | None]:
-    """The manager's curve over ``stream`` sampled as a gateway samples it (no
-    nodes: the lookups in stream order), over the minutes after ``warmup``."""
-    curves = MissCurves()
-    curves.follow(settings, SAMPLING_RATE)
-    sampler = KeySampler(SAMPLING_RATE)
-    predicted = []
+    """The manager's curve over ``stream`` sampled as a gateway samples it, at
+    the rate ``sampling``'s curves choose (no nodes: the lookups in stream
+    order), over the warm windows after ``warmup`` (``predicted_curve``)."""
     for key_ids in stream:
         for key_id in key_ids:
-            sampler.looked_up(images.names[key_id], images.sizes[key_id])
-        batch = sampler.take()
-        curves.feed(batch.lookups, batch.samples)
-        predicted.append(curves.close_window().predicted_miss)
+            sampling.sampler.looked_up(images.names[key_id], images.sizes[key_id])
+        sampling.close_minute()
+    return predicted_curve(sampling.windows[warmup:])
+
+
+def predicted_curve(windows: Sequence[CurveWindow]) -> list[float | None]:
+    """Per size, the mean prediction of the warm ones of ``windows``: a window
+    whose miniature caches started with it (a new rate) counts cold misses the
+    pool's warm nodes do not have, and the autoscaler does not act on it."""
+    warm = [window.predicted_miss for window in windows if window.warm]
     return [
         mean([p for p in known if p is not None]) if any(p is not None for p in known) else None
-        for known in zip(*predicted[warmup:], strict=True)
-    ]
+        for known in zip(*warm, strict=True)
+    ] or [None] * len(POOL_SIZES)
 
 
 def sampling_spread(
     workload: Workload, args: argparse.Namespace, settings: CacheSettings
-) -> list[float]:
-    """The worst |sampled - unsampled| over sizes 1..8, for ``--sampling-seeds``
-    other seeds of ``workload`` (other streams, other keys in the sample)."""
+) -> list[tuple[float, float]]:
+    """The worst |sampled - unsampled| over sizes 1..8 and the rate the manager
+    settled on, for ``--sampling-seeds`` other seeds of ``workload`` (other
+    streams, other keys in the sample)."""
     worst = []
     total_minutes = args.warmup_minutes + args.minutes
     for seed in range(args.seed + 1, args.seed + 1 + args.sampling_seeds):
@@ -439,15 +478,18 @@ def sampling_spread(
         images = Images(
             workload.universe(total_minutes), args.smallest_kb * KIB, args.largest_kb * KIB, seed
         )
-        sampled = sampled_curve(stream, images, settings, args.warmup_minutes)
+        sampling = Sampling(settings, args.lookups_per_minute, args.traffic)
+        sampled = sampled_curve(stream, images, sampling, args.warmup_minutes)
         exact = unsampled_curve(stream, images, settings, args.warmup_minutes)
-        worst.append(
-            max(
-                abs(p - e) if p is not None and e is not None else float("inf")
-                for p, e in zip(sampled, exact, strict=True)
-            )
+        error = max(
+            abs(p - e) if p is not None and e is not None else float("inf")
+            for p, e in zip(sampled, exact, strict=True)
         )
-        progress(f"{workload.name}: seed {seed}: worst sampling error {worst[-1]:.3f}")
+        worst.append((error, sampling.curves.rate))
+        progress(
+            f"{workload.name}: seed {seed}: worst sampling error {error:.3f} "
+            f"at rate {fraction(sampling.curves.rate)}"
+        )
     return worst
 
 
@@ -581,23 +623,39 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
+def fraction(rate: float) -> str:
+    """A sampling rate as the manager chooses them, a power of two: ``1/32``, ``1``."""
+    return "1" if rate >= 1 else f"1/{round(1 / rate)}"
+
+
 @dataclass
 class WorkloadResult:
     workload: Workload
     runs: dict[int, Run]
     curves: list[CurveWindow]  # per minute
+    sampled_keys: list[int]  # distinct sampled keys, per minute
     unsampled: list[float | None]  # sizes 1..8, over the measured minutes
-    sampled_keys: int
+    hot_sampled: int  # keys of the hot set in the sample at the final rate
     policies: dict[str, PolicyRun]
-    spread: list[float] = field(default_factory=list)  # --sampling-seeds: worst errors
+    # --sampling-seeds: the worst error and the rate the manager settled on, per seed
+    spread: list[tuple[float, float]] = field(default_factory=list)
 
     def measured(self, size: int, warmup: int) -> float:
         return self.runs[size].miss_rate(warmup)
 
-    def predicted(self, size: int, warmup: int) -> float | None:
-        known = [w.predicted_miss[size - 1] for w in self.curves[warmup:]]
-        values = [k for k in known if k is not None]
-        return mean(values) if values else None
+    def predicted(self, warmup: int) -> list[float | None]:
+        return predicted_curve(self.curves[warmup:])
+
+    def rates(self) -> str:
+        """``1/128 -> 1 @w1``: the first and final rate, and the window (from 0,
+        warm-up included) from which every window was sampled at the final one."""
+        rates = [window.rate for window in self.curves]
+        settled = len(rates)
+        while settled > 0 and rates[settled - 1] == rates[-1]:
+            settled -= 1
+        if settled == 0:
+            return f"{fraction(rates[0])} throughout"
+        return f"{fraction(rates[0])} -> {fraction(rates[-1])} @w{settled}"
 
     def sampled_per_minute(self, warmup: int) -> list[int]:
         return [window.sampled_lookups for window in self.curves[warmup:]]
@@ -606,12 +664,16 @@ class WorkloadResult:
 def print_accuracy(results: Sequence[WorkloadResult], warmup: int) -> list[float]:
     print("Miss rate over the measured minutes per pool size: predicted (the manager's miss curve")
     print(
-        "fed the size-1 run's 1 % sample, mean of its minutes) against measured (the nodes' "
-        f"STATS); goal |error| <= {GOAL_ERROR}."
+        "fed the size-1 run's sample at the rate it chose, mean of its warm windows) against "
+        f"measured (the nodes' STATS); goal |error| <= {GOAL_ERROR}."
     )
     print(
         "unsampled: the same simulation fed every lookup (no sampling error); "
         "- meas.: its error (the model's)"
+    )
+    print(
+        "rate: the manager's first and final sampling rate, @wN: sampled at the final one from "
+        "window N (from 0, warm-up included)"
     )
     print()
     header = f"{'workload':<11}{'':<11}" + "".join(f"{n:>7}" for n in POOL_SIZES)
@@ -621,7 +683,7 @@ def print_accuracy(results: Sequence[WorkloadResult], warmup: int) -> list[float
     worst_all = []
     for result in results:
         name = result.workload.name
-        predicted = [result.predicted(n, warmup) for n in POOL_SIZES]
+        predicted = result.predicted(warmup)
         measured = [result.measured(n, warmup) for n in POOL_SIZES]
         errors = [
             p - m if p is not None else float("inf")
@@ -629,7 +691,7 @@ def print_accuracy(results: Sequence[WorkloadResult], warmup: int) -> list[float
         ]
         worst = max(abs(e) for e in errors)
         worst_all.append(worst)
-        print(f"{name:<11}{'predicted':<11}{row(predicted)}")
+        print(f"{name:<11}{'predicted':<11}{row(predicted)}  rate {result.rates()}")
         print(f"{'':<11}{'measured':<11}{row(measured)}")
         print(
             f"{'':<11}{'error':<11}{row(errors, signed=True)}"
@@ -647,22 +709,27 @@ def print_accuracy(results: Sequence[WorkloadResult], warmup: int) -> list[float
 
 def print_spread(results: Sequence[WorkloadResult], args: argparse.Namespace) -> None:
     print(
-        f"Sampling error over {args.sampling_seeds} other seeds (no nodes: the 1 % curve against "
-        "the unsampled simulation,"
+        f"Sampling error over {args.sampling_seeds} other seeds (no nodes: the curve at the "
+        "rate the manager chose against the"
     )
-    print("which matched the nodes above): worst |error| over sizes 1..8 per seed")
+    print(
+        "unsampled simulation, which matched the nodes above): worst |error| over sizes 1..8 "
+        "per seed, and the final rates"
+    )
     print()
-    header = f"{'workload':<11}{'seeds':>6}{'median':>8}{'mean':>7}{'max':>7}{'<= goal':>9}"
+    header = f"{'workload':<11}{'seeds':>6}{'median':>8}{'mean':>7}{'max':>7}{'<= goal':>9}  rates"
     print(header)
     print("-" * len(header))
     for result in results:
         if not result.spread:
             continue
-        spread = sorted(result.spread)
+        spread = sorted(error for error, _ in result.spread)
+        rates = sorted({rate for _, rate in result.spread}, reverse=True)
         within = sum(1 for e in spread if e <= GOAL_ERROR)
         print(
             f"{result.workload.name:<11}{len(spread):>6}{spread[len(spread) // 2]:>8.3f}"
-            f"{mean(spread):>7.3f}{spread[-1]:>7.3f}{f'{within}/{len(spread)}':>9}"
+            f"{mean(spread):>7.3f}{spread[-1]:>7.3f}{f'{within}/{len(spread)}':>9}  "
+            + ", ".join(map(fraction, rates))
         )
     print()
 
@@ -729,8 +796,12 @@ def print_policies(
 def print_checks(results: Sequence[WorkloadResult], warmup: int) -> None:
     print("Checks: every lookup the bench made was counted by a node, and no node failed;")
     print(
-        "the curve's sampled lookups a measured minute, and the minutes with the "
-        f"{MIN_SAMPLED_LOOKUPS} that predictive scaling needs to trust it (curves.trusted)"
+        "the manager's sampling rate, the distinct keys and the lookups the curve sampled a "
+        "minute, and the minutes"
+    )
+    print(
+        f"with warm miniature caches and the {MIN_SAMPLED_LOOKUPS} sampled lookups that "
+        "predictive scaling needs to trust it (CurveWindow.evidence)"
     )
     print()
     for result in results:
@@ -742,14 +813,20 @@ def print_checks(results: Sequence[WorkloadResult], warmup: int) -> None:
             f"{result.workload.name:<11}lookups counted {counted:,} of {made:,} "
             f"{'(equal)' if counted == made else '(NOT EQUAL: another client used the nodes)'}"
             "; node errors "
-            f"{errors}; {made / seconds:,.0f} lookups/s; sampled keys in the hot set "
-            f"{result.sampled_keys:,}"
+            f"{errors}; {made / seconds:,.0f} lookups/s"
         )
         sampled = result.sampled_per_minute(warmup)
-        trusted = sum(1 for window in result.curves[warmup:] if window.evidence is not None)
+        keys = result.sampled_keys[warmup:]
+        measured = result.curves[warmup:]
+        warm = sum(1 for window in measured if window.warm)
+        trusted = sum(1 for window in measured if window.evidence is not None)
         print(
-            f"{'':<11}sampled lookups a minute {min(sampled)}-{max(sampled)}; trusted in "
-            f"{trusted} of {len(sampled)} minutes"
+            f"{'':<11}rate {result.rates()}; sampled keys in the hot set "
+            f"{result.hot_sampled:,}; distinct sampled keys a minute {min(keys):,}-{max(keys):,}"
+        )
+        print(
+            f"{'':<11}sampled lookups a minute {min(sampled):,}-{max(sampled):,}; warm in "
+            f"{warm}, trusted in {trusted} of {len(sampled)} minutes"
         )
     print()
 
@@ -770,36 +847,35 @@ async def benchmark(args: argparse.Namespace, ports: Sequence[int]) -> list[Work
     universe = max(w.universe(total_minutes) for w in chosen)
     images = Images(universe, args.smallest_kb * KIB, args.largest_kb * KIB, args.seed)
     nodes = [Node(port, NodeClient(HOST, port, timeout=NODE_TIMEOUT)) for port in ports]
-    threshold = sampling_threshold(SAMPLING_RATE)
     results = []
     try:
         for workload in chosen:
             stream = workload.minutes(total_minutes, args.lookups_per_minute, args.seed)
-            curves = MissCurves()
-            curves.follow(settings, SAMPLING_RATE)
+            sampling = Sampling(settings, args.lookups_per_minute, args.traffic)
             runs: dict[int, Run] = {}
-            windows: list[CurveWindow] = []
             for size in POOL_SIZES:
-                run, found = await run_at_size(
+                run = await run_at_size(
                     nodes,
                     size,
                     stream,
                     images,
                     args.concurrency,
-                    curves if size == 1 else None,
+                    sampling if size == 1 else None,
                 )
                 runs[size] = run
-                windows = found or windows
                 progress(
                     f"{workload.name}: {size} node(s): measured miss rate "
                     f"{run.miss_rate(args.warmup_minutes):.3f} in {run.seconds:.1f} s; "
                     f"lookups counted {sum(m.lookups for m in run.minutes):,} of "
                     f"{run.bench_lookups:,}"
                 )
+            windows = sampling.windows
+            threshold = sampling_threshold(sampling.curves.rate)
             result = WorkloadResult(
                 workload,
                 runs,
                 windows,
+                sampling.sampled_keys,
                 unsampled_curve(stream, images, settings, args.warmup_minutes),
                 images.sampled_share(range(workload.hot_keys), threshold),
                 {
@@ -827,7 +903,13 @@ def print_header(args: argparse.Namespace) -> None:
     print(
         f"A minute = {args.lookups_per_minute:,} lookups ({args.concurrency} readers); "
         f"{args.warmup_minutes} warm-up minutes, then {args.minutes} measured, at every size 1..8;"
-        f" seed {args.seed}; sampling rate {SAMPLING_RATE:g}"
+        f" seed {args.seed}"
+    )
+    print(
+        f"Traffic {args.traffic:,.0f} lookups/s (a bench minute is "
+        f"{args.lookups_per_minute / args.traffic:.3g} s of the simulated pool's): the manager "
+        f"samples toward {TARGET_SAMPLED_KEYS:,} distinct keys a window, within "
+        f"{MAX_SAMPLED_PER_SECOND:,} sampled lookups/s"
     )
     print()
 
@@ -894,6 +976,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smallest-kb", type=int, default=1, help="smallest value")
     parser.add_argument("--largest-kb", type=int, default=8, help="largest value")
     parser.add_argument("--lookups-per-minute", type=int, default=12_000)
+    parser.add_argument(
+        "--traffic",
+        type=float,
+        default=None,
+        metavar="PER_SECOND",
+        help="lookups a second of the simulated pool, which the manager's sampling rate "
+        "answers to (default: lookups-per-minute / 60, a bench minute is a minute)",
+    )
     parser.add_argument("--warmup-minutes", type=int, default=5)
     parser.add_argument("--minutes", type=int, default=15, help="measured minutes")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent readers")
@@ -918,6 +1008,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 < args.smallest_kb <= args.largest_kb
     ):
         parser.error("--keys, --lookups-per-minute, --minutes, --concurrency must be positive")
+    if args.traffic is None:
+        args.traffic = args.lookups_per_minute / MINUTE_SECONDS
+    if not args.traffic > 0:
+        parser.error("--traffic must be positive")
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)
