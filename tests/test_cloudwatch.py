@@ -413,3 +413,42 @@ async def test_samples_go_out_in_requests_of_a_thousand_datums_under_a_megabyte(
             await metrics.close()
 
     assert sum(m.lookups for m in minutes) == 120
+
+
+async def test_an_answer_cloudwatch_splits_is_read_to_its_last_page(cloudwatch: Any) -> None:
+    """CloudWatch splits a GetMetricData answer past 100,800 datapoints and gives a
+    NextToken; moto never does, so its answer is split here, as it leaves the
+    client, into the first two minutes and the rest."""
+    base = recent_minute(25)
+    metrics = CloudWatchMetrics(cloudwatch, pool=pool_name())
+    tokens_sent: list[str | None] = []
+
+    def record_token(params: dict[str, Any], **_: Any) -> None:
+        tokens_sent.append(params.get("NextToken"))
+
+    def split(parsed: dict[str, Any], **_: Any) -> None:
+        first_page = tokens_sent[-1] is None
+        for result in parsed["MetricDataResults"]:
+            pairs = [
+                (moment, value)
+                for moment, value in zip(result["Timestamps"], result["Values"], strict=True)
+                if (moment < base + timedelta(minutes=2)) == first_page
+            ]
+            result["Timestamps"] = [moment for moment, _ in pairs]
+            result["Values"] = [value for _, value in pairs]
+        if first_page:
+            parsed["NextToken"] = "the-rest"
+
+    cloudwatch.meta.events.register("before-parameter-build.cloudwatch.GetMetricData", record_token)
+    cloudwatch.meta.events.register("after-call.cloudwatch.GetMetricData", split)
+    try:
+        for minute in range(4):
+            await metrics.put(sample(base + timedelta(minutes=minute), lookups=10 + minute))
+        await metrics.flush()
+
+        minutes = await metrics.minutes(base, base + timedelta(minutes=4))
+    finally:
+        await metrics.close()
+
+    assert tokens_sent == [None, "the-rest"]
+    assert [m.lookups for m in minutes] == [10, 11, 12, 13]
