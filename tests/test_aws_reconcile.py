@@ -57,11 +57,15 @@ class Fleet(NodeFleet):
         self.spares: list[NodeProcess] = []  # given, in order, to instances not seen yet
         self.fixed: dict[str, str] = {}  # instance id -> address (perhaps nothing listens)
         self.extra: list[NodeProcess] = []  # started by the test itself
+        self.silent_from_now = False  # instances not seen yet get an address where nothing listens
 
     def resolve(self, instance_id: str, private_ip: str) -> str:
         if instance_id in self.fixed:
             self.private_ips[instance_id] = private_ip
             return self.fixed[instance_id]
+        if instance_id not in self.nodes and self.silent_from_now:
+            self.fixed[instance_id] = f"127.0.0.1:{free_port()}"
+            return self.resolve(instance_id, private_ip)
         if instance_id not in self.nodes and self.spares:
             self.nodes[instance_id] = self.spares.pop(0)
         return super().resolve(instance_id, private_ip)
@@ -88,6 +92,7 @@ async def aws_system(
     group: str,  # noqa: F811
     resolve: Callable[[str, str], str],
     reconcile_seconds: float = RECONCILE_SECONDS,
+    node_ready_seconds: float = 30,
 ) -> AsyncIterator[System]:
     """A manager whose pool is the group, and a gateway forwarding to it."""
     base = Config(data_dir=tmp_path / "data")
@@ -103,7 +108,7 @@ async def aws_system(
             pool="aws",
             asg_name=group,
             reconcile_seconds=reconcile_seconds,
-            node_ready_seconds=30,
+            node_ready_seconds=node_ready_seconds,
             collect_seconds=60,
         ),
     )
@@ -316,6 +321,29 @@ async def test_a_shrink_after_an_instance_vanished_keeps_the_membership_consiste
         data = image_bytes("PNG", (8, 8), "green")
         await upload(system, "dog", data)
         assert await read(system, "dog") == data
+
+
+async def test_configure_cache_on_instances_that_boot_too_slowly_answers_503_and_changes_nothing(
+    tmp_path: Path,
+    aws: AwsConfig,  # noqa: F811
+    clients: tuple[Any, Any],  # noqa: F811
+    group: str,  # noqa: F811
+    fleet: Fleet,
+) -> None:
+    autoscaling, _ = clients
+    [first] = sorted(in_service(await describe_group(autoscaling, group)))
+    async with aws_system(tmp_path, aws, group, fleet.resolve, node_ready_seconds=1) as system:
+        fleet.silent_from_now = True  # new instances are still booting
+        async with asyncio.timeout(15):  # well within the gateway's 120 s
+            answer = await system.api("configure_cache", 503, numNodes="3", cacheSize="5")
+        assert "nothing changed" in answer["error"]["message"]
+        assert "within 1 s" in answer["error"]["message"]
+        assert (await system.api("getNumNodes"))["numNodes"] == 1
+        assert member_ids(system) == {first}
+        described = await describe_group(autoscaling, group)
+        assert (described["DesiredCapacity"], in_service(described)) == (1, {first})
+        settings = await system.manager.app[CONTROLLER].settings()
+        assert settings.capacity_mb != 5
 
 
 @pytest.mark.parametrize(
