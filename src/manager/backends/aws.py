@@ -5,7 +5,9 @@ application; this backend only moves its desired capacity and terminates chosen
 instances. Each instance runs one cache node on ``node_port``. The manager, not
 AWS, decides which node leaves: a shrink terminates exactly the instances asked
 for, decrementing the desired capacity, never lowering the capacity and letting
-the group's termination policy choose.
+the group's termination policy choose. What AWS or an operator changes in the
+group (replacements, terminations, added capacity) reaches the membership
+through ``nodes()``, which the manager's reconcile loop reads.
 
 Clients come from the standard AWS credential chain (environment, shared files,
 instance profile); nothing here reads or stores a credential.

@@ -19,7 +19,12 @@ class PoolBackend(Protocol):
     """Starts and stops cache nodes. The manager decides which and how many."""
 
     async def nodes(self) -> list[NodeHandle]:
-        """The nodes running now (for AWS: InService instances), oldest first."""
+        """The nodes running now (for AWS: InService instances), oldest first.
+
+        The controller adopts these at start, and lets a member that is not
+        listed leave before every resize and (AWS) every reconcile pass: a
+        node missing here counts as gone.
+        """
         ...
 
     async def grow(self, count: int) -> list[NodeHandle]:
