@@ -42,7 +42,8 @@ announcements_table = Table(
     _schema,
     Column("id", RowId, primary_key=True, autoincrement=True),
     # The activity row of the resize; NULL when the resize could not be recorded.
-    Column("activity_id", RowId, nullable=True, index=True),
+    # No index: Database.create makes none, and there are a row or two per resize.
+    Column("activity_id", RowId, nullable=True),
     Column("channel", String(16), nullable=False),
     Column("document", Text, nullable=False),  # the JSON sent
     Column("state", String(16), nullable=False),
