@@ -51,7 +51,7 @@ class Receiver:
         await self.gate.wait()
         return web.Response(status=self.status)
 
-    async def wait_for_posts(self, count: int, seconds: float = 10) -> None:
+    async def wait_for_posts(self, count: int, seconds: float = 20) -> None:
         deadline = time.monotonic() + seconds
         while len(self.posts) < count:
             assert time.monotonic() < deadline, f"{len(self.posts)} posts, not {count}"
@@ -129,7 +129,7 @@ async def running_manager(config: Config) -> AsyncIterator[Manager]:
         yield Manager(server, http)
 
 
-async def until(check: Any, seconds: float = 10) -> None:
+async def until(check: Any, seconds: float = 20) -> None:
     """Wait until the coroutine function ``check`` returns true."""
     deadline = time.monotonic() + seconds
     while not await check():
@@ -190,10 +190,10 @@ async def test_a_webhook_that_does_not_answer_delays_no_resize_and_is_retried_wi
         receiver(status=500, open_gate=False) as hook,
         running_manager(manager_config(tmp_path, notify_webhook=hook.url)) as manager,
     ):
-        # The receiver holds the first try; the resize does not wait for it.
-        started = time.monotonic()
-        await asyncio.wait_for(manager.configure(numNodes="2"), timeout=8)
-        took = time.monotonic() - started
+        # The receiver holds the first try; the resize does not wait for it. (A
+        # resize that did would end only when its tries ran out: 3 of 10 s each.)
+        await asyncio.wait_for(manager.configure(numNodes="2"), timeout=25)
+        assert len(hook.posts) <= 1  # not one try ended yet
         assert manager.server.app[CONTROLLER].size == 2
         await hook.wait_for_posts(1)
         assert not hook.gate.is_set()
@@ -216,7 +216,6 @@ async def test_a_webhook_that_does_not_answer_delays_no_resize_and_is_retried_wi
     # The URL's secret stays out of the manager's log (the receiver's own access log has it).
     manager_log = [r.getMessage() for r in caplog.records if r.name.startswith("manager")]
     assert not any("secret-path" in line for line in manager_log)
-    assert took < 8  # what the same resize takes without a webhook: well under a second
 
 
 async def _has(manager: Manager, state: str) -> bool:
@@ -282,7 +281,7 @@ async def test_sns_delivers_to_a_subscribed_queue(
         async with running_manager(config) as manager:
             await manager.configure(numNodes="2")
             messages: list[dict[str, Any]] = []
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 20
             while not messages and time.monotonic() < deadline:
                 answer = await sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=1)
                 messages = answer.get("Messages", [])
