@@ -215,7 +215,10 @@ class Notifier:
             log.warning("pending announcements were not taken up: %s", error)
             pending = []
         for delivery in pending:
-            self._resume(delivery)
+            try:
+                self._resume(delivery)
+            except ValueError as error:  # a document that is not JSON: not ours
+                await self._give_up(delivery, f"unreadable document: {error}")
         while True:
             notice = await self._queue.get()
             document = notice.document()
@@ -267,7 +270,14 @@ class Notifier:
         last_try = max(self._tries, tries_before + 1)
         for attempt in range(tries_before + 1, last_try + 1):
             try:
-                await channel.send(document)
+                try:
+                    await channel.send(document)
+                except DeliveryError:
+                    raise
+                except Exception as unexpected:
+                    # A library's surprise (a malformed answer, say) is a failed
+                    # try like any other, not the end of the delivery's task.
+                    raise DeliveryError(f"{type(unexpected).__name__}: {unexpected}") from None
             except DeliveryError as error:
                 if attempt == last_try:
                     log.warning(
