@@ -289,7 +289,7 @@ class Notifier:
                     )
                     await self._note(delivery_id, "failed", attempt, str(error))
                     return
-                log.info("the %s announcement, try %d: %s", channel.name, attempt, error)
+                log.debug("the %s announcement, try %d: %s", channel.name, attempt, error)
                 await self._note(delivery_id, "tried", attempt, str(error))
                 delay = self._retry_seconds * 2 ** (attempt - tries_before - 1)
                 await asyncio.sleep(min(delay, MAX_RETRY_DELAY_SECONDS))
