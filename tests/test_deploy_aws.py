@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from cfnlint.decode import cfn_yaml  # type: ignore[import-untyped]
 
@@ -334,7 +335,12 @@ async def clients(
     session = get_session()
     async with (
         session.create_client(
-            "cloudformation", region_name=REGION, endpoint_url=moto_server
+            "cloudformation",
+            region_name=REGION,
+            endpoint_url=moto_server,
+            # moto builds the whole stack inside CreateStack, slowly on a busy
+            # machine: wait for it rather than retry (which finds the stack there).
+            config=AioConfig(read_timeout=600, retries={"total_max_attempts": 1}),
         ) as cloudformation,
         session.create_client("autoscaling", region_name=REGION, endpoint_url=moto_server) as asg,
         session.create_client("ec2", region_name=REGION, endpoint_url=moto_server) as ec2,
@@ -491,3 +497,34 @@ async def test_stack_deploys_and_the_manager_pool_drives_its_node_group(
     assert group["DesiredCapacity"] == 1
     # moto handed out 10.x addresses in the stack's private subnets; none was used.
     assert all(ip.startswith("10.42.") for ip in fleet.private_ips.values())
+
+
+# -- scripts/deploy-aws (its AWS calls were tried against a moto server by hand) ---------
+
+DEPLOY_SCRIPT = ROOT / "scripts" / "deploy-aws"
+
+
+def run_deploy_script(*args: str) -> subprocess.CompletedProcess[str]:
+    # Arguments are checked before anything reaches AWS: no credentials needed.
+    return subprocess.run(
+        [str(DEPLOY_SCRIPT), *args], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+
+
+def test_deploy_script_is_bash_clean_and_documents_itself() -> None:
+    assert subprocess.run(["bash", "-n", str(DEPLOY_SCRIPT)]).returncode == 0
+    helped = run_deploy_script("--help")
+    assert helped.returncode == 0
+    assert helped.stdout.startswith("Usage: scripts/deploy-aws")
+    for option in ("--operator-cidr", "--alert-email", "--region", "--wheel", "--param"):
+        assert option in helped.stdout
+    unknown = run_deploy_script("--frobnicate")
+    assert unknown.returncode == 2
+    assert "unknown option --frobnicate" in unknown.stderr
+
+
+def test_deploy_script_refuses_a_secret_on_the_command_line_without_echoing_it() -> None:
+    refused = run_deploy_script("--param", "ManagerPassword=hunter2-but-longer")
+    assert refused.returncode == 2
+    assert "ManagerPassword in the environment" in refused.stderr
+    assert "hunter2" not in refused.stdout + refused.stderr
