@@ -164,7 +164,8 @@ class PoolController:
         and a node that is not a member joins through the grow path (cleared,
         then warmed, then routed to) once it answers; one that does not answer
         yet is tried again at the next call. The membership never exceeds
-        MAX_NODES. A change is kept in the activity history. Raises PoolError
+        MAX_NODES. A change is kept in the activity history, and announced
+        when it changed the size. Raises PoolError
         when the backend cannot list its nodes (nothing changes then).
         """
         async with self._lock:
@@ -178,13 +179,27 @@ class PoolController:
             change = Reconciliation(joined=joined, left=left)
             if change:
                 cause = change.cause()
+                activity_id: int | None = None
                 with contextlib.suppress(StorageError):
-                    await self._records.add_activity(
+                    activity_id = await self._records.add_activity(
                         before,
-                        len(self._members),
+                        self.size,
                         cause,
                         None,
                         duration_seconds=time.monotonic() - started,
+                    )
+                if self.size != before:  # a replacement keeps the size: history only
+                    self._announce(
+                        ResizeNotice(
+                            activity_id,
+                            before,
+                            self.size,
+                            self.size,
+                            cause,
+                            None,
+                            failed=False,
+                            at=datetime.now(UTC),
+                        )
                     )
                 log.info("pool follows its backend, %d -> %d: %s", before, self.size, cause)
             return change
