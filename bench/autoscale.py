@@ -30,14 +30,26 @@ cleared before each run), and after each minute every node's own counters
 reads) give that minute's MEASURED miss rate and bytes in use at that size.
 
 The PREDICTED curve comes from the code the system runs: during the run at
-size 1, every lookup goes through the gateway's ``KeySampler`` at its
-``SAMPLING_RATE`` (1 %), and each minute's batch is fed to the manager's
+size 1, every lookup goes through the gateway's ``KeySampler``, and each
+minute's batch is fed, with the rate it was sampled at, to the manager's
 ``MissCurves`` following the nodes' capacity and policy, which closes a
-window each minute as the manager does (its miniature caches stay warm).
-The pool's key stream is the same at every size, so one pool's samples
-predict them all. The accuracy table compares, per size, the mean of the
-measured minutes' predictions with the measured miss rate over those
-minutes (goal: within 0.05).
+window each minute as the manager does (its miniature caches stay warm)
+and chooses the next window's sampling rate (manager.samplingrate: toward
+``TARGET_SAMPLED_KEYS`` distinct sampled keys a window, within
+``MAX_SAMPLED_PER_SECOND`` sampled lookups a second). The sampler starts at
+the curves' first rate and takes theirs after each window, as a gateway
+does from the answer to its next post. The curves judge a window's traffic
+on a simulated clock: a bench minute lasts ``--lookups-per-minute /
+--traffic`` seconds of it (default traffic: lookups-per-minute / 60, a
+bench minute is a minute), so ``--traffic`` says how busy a pool the same
+stream stands for, and the budget caps the rate as it would there. A rate
+change starts the miniature caches over: that window is cold (not
+evidence, and left out of the prediction's mean). The pool's key stream is
+the same at every size, so one pool's samples predict them all. The
+accuracy table compares, per size, the mean of the measured minutes' warm
+windows' predictions with the measured miss rate over those minutes (goal:
+within 0.05), and names the rate: the first, the final, and the window
+from which every window was sampled at it.
 
 The policies are then run minute by minute through the autoscaler's own
 ``decide`` (ratio rule) and ``decide_predictive``, both through
@@ -66,9 +78,11 @@ Two more figures say where a prediction's error comes from: ``unsampled``,
 the same miniature simulation fed every lookup (rate 1, full-size caches),
 whose difference from the measured rate is the model's error (the node's
 accounting, n nodes behind a ring against one cache of n times the capacity,
-concurrent readers); the rest is the 1 % sample's. ``--sampling-seeds N``
+concurrent readers); the rest is the sample's. ``--sampling-seeds N``
 measures that sampling error offline (no nodes) on N other seeds of each
-steady workload: other streams and other keys in the sample.
+steady workload: other streams and other keys in the sample, through the
+same ``MissCurves`` on the same simulated clock, so at the rate the
+manager chooses for them.
 
 Nothing is pinned (the nodes and this process share the machine's cores).
 Exit status 0 whatever the figures; 130 on Ctrl-C, 143 on SIGTERM. Every
