@@ -25,7 +25,7 @@ from aiobotocore.session import get_session
 from cfnlint.decode import cfn_yaml  # type: ignore[import-untyped]
 
 from cachenode.client import NodeClient
-from imagecache.config import AwsConfig, parse_address
+from imagecache.config import AwsConfig, Config, load_config, parse_address
 from manager.backends.aws import open_aws_pool
 from tests.aws import REGION, aws_environment, moto_server  # noqa: F401
 from tests.conftest import NodeProcess, start_node_process
@@ -387,6 +387,18 @@ def check_user_data(encoded: str, tmp_path: Path, name: str) -> str:
     return script
 
 
+def settings_of(script: str, tmp_path: Path, name: str, environ: dict[str, str]) -> Config:
+    """The configuration a service gets: the TOML file the script writes, and
+    the environment file's variables (values made up here), loaded as at start."""
+    match = re.search(r"<<'SETTINGS'\n(.*?)\nSETTINGS\n", script, re.DOTALL)
+    assert match is not None, "no settings file in the script"
+    path = tmp_path / f"{name}.toml"
+    path.write_text(match.group(1))
+    written = set(re.findall(r"printf '(IMAGECACHE_[A-Z_]+)=", script))
+    assert written == set(environ), written
+    return load_config(path, environ)
+
+
 async def launch_template_user_data(ec2: Any, template_id: str) -> str:
     versions = await ec2.describe_launch_template_versions(LaunchTemplateId=template_id)
     data: str = versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]["UserData"]
@@ -467,9 +479,36 @@ async def test_stack_deploys_and_the_manager_pool_drives_its_node_group(
         InstanceId=made["ManagerInstance"], Attribute="userData"
     )
     manager_script = check_user_data(attribute["UserData"]["Value"], tmp_path, "manager")
-    assert f'asg_name = "{group_name}"' in manager_script
-    assert 'pool = "aws"' in manager_script
-    assert 'metrics = "cloudwatch"' in manager_script
+    # The settings files and environments load and validate as the services do.
+    secrets = {
+        "IMAGECACHE_METADATA_URL": "mysql+aiomysql://imagecache:pw@db.example:3306/imagecache",
+        "IMAGECACHE_NODE_TOKEN": "node-token-0123456789",
+        "IMAGECACHE_MANAGER_TOKEN": "manager-token-0123456789",
+    }
+    manager = settings_of(
+        manager_script,
+        tmp_path,
+        "manager",
+        {
+            **secrets,
+            "IMAGECACHE_MANAGER_PASSWORD": "dashboard-0123456789",
+            "IMAGECACHE_SNS_TOPIC_ARN": outputs["AlertTopicArn"],
+        },
+    )
+    assert (manager.manager.pool, manager.manager.asg_name) == ("aws", group_name)
+    assert (manager.manager.host, manager.manager.port) == ("0.0.0.0", 5001)
+    assert manager.manager.metrics == "cloudwatch"
+    assert (manager.blobs.backend, manager.blobs.bucket) == ("s3", outputs["ImageBucketName"])
+    gateway = settings_of(
+        gateway_script,
+        tmp_path,
+        "gateway",
+        {**secrets, "IMAGECACHE_SECRET_KEY": "cookie-key-0123456789"},
+    )
+    assert (gateway.gateway.host, gateway.gateway.port) == ("0.0.0.0", 5000)
+    assert gateway.gateway.nodes == ()
+    assert re.fullmatch(r"http://10\.42\.[\d.]+:5001", gateway.gateway.manager_url)
+    assert gateway.blobs.prefix == "images/"
 
     # The manager's pool drives the group the stack made.
     async with open_aws_pool(
