@@ -293,6 +293,25 @@ def test_node_group_sends_its_scale_events_to_the_topic(template: dict[str, Any]
     ]
 
 
+def test_gateways_sit_behind_the_load_balancer_with_a_health_check(
+    template: dict[str, Any],
+) -> None:
+    resources = template["Resources"]
+    gateways = resources["GatewayGroup"]["Properties"]
+    assert gateways["TargetGroupARNs"] == [{"Ref": "GatewayTargets"}]
+    # A gateway failing the load balancer's check is replaced.
+    assert gateways["HealthCheckType"] == "ELB"
+    targets = resources["GatewayTargets"]["Properties"]
+    assert (targets["Protocol"], targets["Port"]) == ("HTTP", 5000)
+    assert targets["HealthCheckPath"] == "/"
+    assert targets["Matcher"] == {"HttpCode": "200"}
+    balancer = resources["LoadBalancer"]["Properties"]
+    assert balancer["Scheme"] == "internet-facing"
+    assert balancer["SecurityGroups"] == [{"Ref": "LoadBalancerSecurityGroup"}]
+    # The site and the dashboard are what the stack hands back.
+    assert {"SiteUrl", "DashboardUrl", "NodeGroupName"} <= set(template["Outputs"])
+
+
 # -- deploying into moto -----------------------------------------------------------
 
 
