@@ -7,8 +7,10 @@ in every process) are kept with the image's size. Every few seconds the
 gateway posts what it gathered to the manager (``SampleReporter``), which
 simulates every pool size over the samples of all gateways.
 
-The fast path decides whether a key is sampled once per kept copy
-(``KeptImage.sampled``), so a hit costs a counter increment and a bool test.
+The share of keys sampled is the manager's choice (manager.samplingrate),
+named in its answer to each post. The fast path computes a key's hash bucket
+once per kept copy (``KeptImage.sample_bucket``), so a hit costs a counter
+increment and a comparison with the current threshold.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ log = logging.getLogger(__name__)
 SAMPLING_RATE = INITIAL_RATE
 # Samples one post carries at most; beyond, a batch keeps its first ones and
 # counts the rest as dropped. With keys of at most 128 characters a post stays
-# under the manager's 1 MiB body limit; at 1 % and a post every 2 s, it takes
-# 250,000 reads a second to fill it.
+# under the manager's 1 MiB body limit. The manager keeps the pool's sampled
+# reads within 2,000 a second (manager.samplingrate), a post every 2 s at
+# most 4,000, so a batch fills only in the seconds before a lower rate is named.
 MAX_SAMPLES_PER_POST = 5_000
 # How often the gateway posts its samples to the manager.
 REPORT_SECONDS = 2.0
