@@ -25,8 +25,10 @@ from playwright.async_api import ConsoleMessage, Dialog, Page, Request, Response
 
 from imagecache.config import Config, with_data_dir
 from manager.app import create_app as create_manager
+from manager.samplingrate import INITIAL_RATE
 from tests.browser import OUTPUT, needs_chromium, open_page
 from tests.test_manager import PASSWORD, TOKEN, free_port_range
+from tests.test_samplingrate import sampled_keys
 
 COLLECT_SECONDS = 0.3
 # How long the statistics page may take to show a resize (many collector periods).
@@ -403,9 +405,15 @@ async def test_the_curve_chart_shows_the_predicted_miss_rate_of_each_size(
     await expect(curve.locator("p.chart-note")).to_contain_text("No prediction yet")
     await expect(curve.locator("svg g.dots")).to_have_count(0)
 
-    # A gateway's post, every key sampled: each of a and b missed once in
-    # two reads, at every pool size.
-    samples = {"lookups": 4, "samples": [["a", 100], ["b", 100], ["a", 100], ["b", 100]], "rate": 1}
+    # A gateway's post at the manager's first rate, of two keys in its sample:
+    # each missed once in two reads, at every pool size; 4 of 512 lookups sampled.
+    a, b = sampled_keys(INITIAL_RATE, 2)
+    lookups = round(4 / INITIAL_RATE)
+    samples = {
+        "lookups": lookups,
+        "samples": [[a, 100], [b, 100], [a, 100], [b, 100]],
+        "rate": INITIAL_RATE,
+    }
     async with (
         aiohttp.ClientSession() as http,
         http.post(
@@ -420,7 +428,7 @@ async def test_the_curve_chart_shows_the_predicted_miss_rate_of_each_size(
     await expect(curve.locator("svg g.dots")).to_have_count(8)
     await expect(curve.locator("svg g.current-size")).to_have_count(1)
     await expect(curve.locator("svg g.threshold")).to_have_count(2)
-    await expect(curve.locator("p.chart-note")).to_contain_text("4 sampled of 4 lookups")
+    await expect(curve.locator("p.chart-note")).to_contain_text(f"4 sampled of {lookups} lookups")
     box = await curve.locator("svg").bounding_box()
     assert box is not None
     assert box["width"] >= 300, box

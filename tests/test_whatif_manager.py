@@ -13,19 +13,15 @@ from pathlib import Path
 import pytest
 
 from manager.appkeys import CONTROLLER, CURVE_RECORDS, CURVES
-from manager.misscurve import is_sampled, sampling_threshold
 from manager.samplingrate import INITIAL_RATE
 from manager.whatif import RecordedMinute, replay
 from manager.whatif_report import percent
 from tests.test_manager import PASSWORD, TOKEN, System, running_system
+from tests.test_samplingrate import sampled_keys
 from tests.test_whatif_report import MINUTE, SETTINGS, SETTLE_SECONDS, record_run
 
 # Two keys in the sample at the manager's first rate (and so at every higher one).
-SAMPLED_KEYS = [
-    key
-    for key in (f"key-{n}" for n in range(10_000))
-    if is_sampled(key.encode(), sampling_threshold(INITIAL_RATE))
-][:2]
+SAMPLED_KEYS = sampled_keys(INITIAL_RATE, 2)
 
 
 async def post_samples(system: System, lookups: int, samples: list[list[object]]) -> None:
