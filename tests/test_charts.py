@@ -26,6 +26,7 @@ from manager.metrics import MinuteStats
 from manager.misscurve import POOL_SIZES
 from manager.records import Activity
 from manager.settings import CacheSettings
+from tests.processes import early_in_a_minute
 from tests.test_manager import PASSWORD, TOKEN, free_port_range
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -479,7 +480,9 @@ def test_no_prediction_without_a_sampled_lookup(
 
 @pytest.fixture
 async def manager(tmp_path: Path) -> AsyncIterator[tuple[TestServer, ClientSession]]:
-    """A real manager (one local node process), and a session logged in to it."""
+    """A real manager (one local node process), and a session logged in to it,
+    early enough in a minute that the curve's first window lasts the test."""
+    await early_in_a_minute()
     base = with_data_dir(Config(), tmp_path / "data")
     config = replace(
         base,

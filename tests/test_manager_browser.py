@@ -27,6 +27,7 @@ from imagecache.config import Config, with_data_dir
 from manager.app import create_app as create_manager
 from manager.samplingrate import INITIAL_RATE
 from tests.browser import OUTPUT, needs_chromium, open_page
+from tests.processes import early_in_a_minute
 from tests.test_manager import PASSWORD, TOKEN, free_port_range
 from tests.test_samplingrate import sampled_keys
 
@@ -61,7 +62,9 @@ title => Array.from(
 
 @pytest.fixture
 async def base_url(tmp_path: Path) -> AsyncIterator[str]:
-    """The manager with its pool of one node, on a free port of 127.0.0.1."""
+    """The manager with its pool of one node, on a free port of 127.0.0.1, early
+    enough in a minute that the curve's first window lasts a test."""
+    await early_in_a_minute(20)
     base = with_data_dir(Config(), tmp_path / "data")
     config = replace(
         base,

@@ -34,6 +34,7 @@ from manager.misscurve import is_sampled, sampling_threshold
 from manager.samplingrate import INITIAL_RATE
 from manager.settings import CacheSettings
 from tests.conftest import DEAD_URL
+from tests.processes import early_in_a_minute
 from tests.test_manager import PASSWORD, TOKEN, free_port_range
 
 IMAGES = 60
@@ -70,7 +71,9 @@ class Running:
 @asynccontextmanager
 async def running(tmp_path: Path, gateway_rate: float = 1.0) -> AsyncIterator[Running]:
     """A manager with a local pool of node processes that samples every key, and
-    a gateway (with its fast path) that posts to it, starting at ``gateway_rate``."""
+    a gateway (with its fast path) that posts to it, starting at ``gateway_rate``;
+    early enough in a minute that the curve's first window lasts the test."""
+    await early_in_a_minute()
     base = with_data_dir(Config(), tmp_path / "data")
     config = replace(
         base,

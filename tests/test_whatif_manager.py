@@ -16,6 +16,7 @@ from manager.appkeys import CONTROLLER, CURVE_RECORDS, CURVES
 from manager.samplingrate import INITIAL_RATE
 from manager.whatif import RecordedMinute, replay
 from manager.whatif_report import percent
+from tests.processes import early_in_a_minute
 from tests.test_manager import PASSWORD, TOKEN, System, running_system
 from tests.test_samplingrate import sampled_keys
 from tests.test_whatif_report import MINUTE, SETTINGS, SETTLE_SECONDS, record_run
@@ -83,8 +84,7 @@ def page_totals(page: str) -> dict[str, tuple[str, str]]:
 async def test_the_whatif_page_replays_the_recorded_run(tmp_path: Path) -> None:
     # The manager's own first sample and curve window fall in the minute it starts
     # in, which the page leaves out as partial until the minute ends: start early in one.
-    if datetime.now(UTC).second >= 45:
-        await asyncio.sleep(61 - datetime.now(UTC).second)
+    await early_in_a_minute(15)
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'imagecache.db'}"
     run = await record_run(url, now - 23 * MINUTE, 20)

@@ -220,10 +220,7 @@ class PoolController:
         miss rate and the lookups it was measured over), kept in the history.
         Raises PoolError when the backend fails; the pool keeps its nodes then.
         """
-        if not MIN_NODES <= target <= MAX_NODES:
-            raise ResizeError(
-                f"the pool must keep {MIN_NODES} to {MAX_NODES} nodes; {target} is outside"
-            )
+        _check_size(target)
         async with self._lock:
             return await self._resize(target, cause, miss_rate, lookups)
 
@@ -234,10 +231,8 @@ class PoolController:
         resize fails (PoolError, StorageError) the settings in force before
         are stored and pushed again, and the error is raised: nothing changed.
         """
-        if target is not None and not MIN_NODES <= target <= MAX_NODES:
-            raise ResizeError(
-                f"the pool must keep {MIN_NODES} to {MAX_NODES} nodes; {target} is outside"
-            )
+        if target is not None:
+            _check_size(target)
         async with self._lock:
             before = await self.settings()
             # Stored first: the nodes a grow starts read their settings from the store.
@@ -521,3 +516,11 @@ class PoolController:
             await self._membership.wait_for_gateways(epoch, self._gateway_wait_seconds)
         except StorageError as error:
             raise PoolError(str(error)) from error
+
+
+def _check_size(target: int) -> None:
+    """Raises ResizeError for a pool size outside 1..8."""
+    if not MIN_NODES <= target <= MAX_NODES:
+        raise ResizeError(
+            f"the pool must keep {MIN_NODES} to {MAX_NODES} nodes; {target} is outside"
+        )
