@@ -99,27 +99,27 @@ import itertools
 import os
 import platform
 import random
-import signal
 import sys
-import tempfile
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Final, TypeVar
 
-import uvloop
-
 from benchkit import (
     HOST,
+    KIB,
+    MIB,
     Children,
-    Terminated,
     free_port,
-    imagecache_command,
+    node_argv,
+    print_table_header,
     progress,
-    terminate,
+    run_guarded,
+    run_on_uvloop,
+    show_log_tails,
     wait_until_listening,
 )
 from cachenode.client import NodeClient
@@ -146,8 +146,6 @@ from manager.samplingrate import MAX_SAMPLED_PER_SECOND, TARGET_SAMPLED_KEYS
 from manager.settings import CacheSettings, Mode
 
 T = TypeVar("T")
-KIB: Final = 1 << 10
-MIB: Final = 1 << 20
 MINUTE_SECONDS: Final = 60.0  # what a bench minute stands for, for settling and stabilization
 GOAL_ERROR: Final = 0.05  # |predicted - measured| at every size
 GOAL_FLAPS: Final = 0  # on a steady workload
@@ -297,20 +295,7 @@ def start_nodes(
     started = []
     for _ in range(count):
         port = free_port()
-        argv = [
-            *imagecache_command(),
-            "--log-level",
-            "WARNING",
-            "node",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--capacity-mb",
-            f"{capacity_mb:g}",
-            "--policy",
-            policy,
-        ]
+        argv = node_argv(port, capacity_mb, "--policy", policy)
         process = children.start(argv, core=0, stdout=log, stderr=log)
         started.append((process, port))
     for process, port in started:
@@ -692,8 +677,7 @@ def print_accuracy(results: Sequence[WorkloadResult], warmup: int) -> list[float
     print()
     header = f"{'workload':<11}{'':<11}" + "".join(f"{n:>7}" for n in POOL_SIZES)
     header += f"{'worst':>8}{'goal':>7}  flag"
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     worst_all = []
     for result in results:
         name = result.workload.name
@@ -732,8 +716,7 @@ def print_spread(results: Sequence[WorkloadResult], args: argparse.Namespace) ->
     )
     print()
     header = f"{'workload':<11}{'seeds':>6}{'median':>8}{'mean':>7}{'max':>7}{'<= goal':>9}  rates"
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for result in results:
         if not result.spread:
             continue
@@ -766,8 +749,7 @@ def print_policies(
         f"{'workload':<11}{'policy':<12}{'resizes':>8}{'in band':>8}{'flaps':>6}{'goal':>5}"
         f"{'flag':>6}{'node-min':>9}{'mean miss':>10}  sizes (from minute)"
     )
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for result in results:
         steady = result.workload.steady
         for policy in (*POLICIES, ORACLE, ORIGINAL) if steady else (*POLICIES, ORACLE):
@@ -793,8 +775,7 @@ def print_policies(
         f"{'workload':<11}{'ratio':>9}{'predictive':>11}{'pred/ratio':>11}{'oracle':>8}"
         f"{'orac/ratio':>11}{'miss ratio':>11}{'miss pred':>10}{'miss orac':>10}"
     )
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for result in results:
         ratio, predictive = result.policies["ratio"], result.policies["predictive"]
         oracle = result.policies[ORACLE]
@@ -928,27 +909,6 @@ def print_header(args: argparse.Namespace) -> None:
     print()
 
 
-def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop; SIGTERM (like Ctrl-C) cancels the work cleanly."""
-
-    async def guarded() -> T:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        try:
-            return await coroutine
-        finally:
-            loop.remove_signal_handler(signal.SIGTERM)
-
-    try:
-        return uvloop.run(guarded())
-    except asyncio.CancelledError:
-        raise Terminated(128 + signal.SIGTERM) from None
-    finally:
-        signal.signal(signal.SIGTERM, terminate)
-
-
 def parse_skews(text: str) -> list[float]:
     skews = [float(part) for part in text.split(",") if part.strip()]
     if not skews or any(not 0 <= s <= 3 for s in skews):
@@ -1027,35 +987,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.traffic > 0:
         parser.error("--traffic must be positive")
 
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     children = Children(pin=False)
-    started = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-autoscale-") as name:
-            log_path = Path(name) / "nodes.log"
-            with open(log_path, "wb") as log:
-                try:
-                    ports = start_nodes(
-                        children, max(POOL_SIZES), args.capacity_mb, args.policy, log
-                    )
-                    progress(f"8 nodes on ports {', '.join(map(str, ports))}")
-                    results = run_async(benchmark(args, ports))
-                except KeyboardInterrupt:
-                    progress("interrupted")
-                    return 130
-                except Terminated:
-                    progress("terminated")
-                    raise
-                except BaseException:
-                    lines = log_path.read_text(errors="replace").splitlines()[-20:]
-                    if lines:
-                        progress("node log (last lines):\n" + "\n".join(lines))
-                    raise
-                finally:
-                    children.close()
-    finally:
-        progress(f"total time {time.perf_counter() - started:.0f} s; every node stopped")
+    outcome: list[list[WorkloadResult]] = []  # what work() measured, printed after the cleanup
+
+    def work(directory: Path) -> int:
+        with open(directory / "nodes.log", "wb") as log:
+            ports = start_nodes(children, max(POOL_SIZES), args.capacity_mb, args.policy, log)
+            progress(f"8 nodes on ports {', '.join(map(str, ports))}")
+            outcome.append(run_on_uvloop(benchmark(args, ports)))
+        return 0
+
+    status = run_guarded(
+        work,
+        prefix="bench-autoscale-",
+        cleanup=children.close,
+        stopped="every node stopped",
+        on_failure=lambda directory: show_log_tails(directory, "nodes.log"),
+    )
+    if status:
+        return status
+    (results,) = outcome
     print_header(args)
     print_checks(results, args.warmup_minutes)
     print_accuracy(results, args.warmup_minutes)

@@ -35,20 +35,15 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import math
 import os
-import random
 import re
 import resource
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -58,13 +53,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from PIL import Image
-
 from benchkit import (
+    GATEWAY_WORKER,
+    HOST,
+    KIB,
+    MIB,
+    NODE_READY,
     Children,
     Cores,
     Server,
-    Terminated,
     child_pids,
     command_line,
     cpu_seconds,
@@ -73,27 +70,30 @@ from benchkit import (
     get_from_each,
     imagecache_command,
     machine_cpu,
+    node_argv,
+    noise_png,
+    parse_size,
+    pin_load_generator,
+    print_table_header,
     progress,
     prometheus_values,
     ratio_of,
-    terminate,
+    read_ready_line,
+    run_guarded,
+    show_log_tails,
     verdict,
     wait_until_listening,
 )
 
-HOST: Final = "127.0.0.1"
-KIB: Final = 1 << 10
-MIB: Final = 1 << 20
 INSTALL_HINT: Final = "apt-get install -y nginx-light wrk"
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 IMAGE_WIDTH: Final = 185  # pixels; the height follows from the wanted file size
+IMAGE_SEED: Final = 20240601
 # Goal from the issue: the gateway serves cache hits at least at this share of
 # nginx's rate for the same file on the same core.
 GOAL_RATIO: Final = 0.5
 # Goal from the issue for --workers N (N > 1): requests per second of server CPU
 # at least this share of nginx's with N worker processes on the same N cores.
 GOAL_PER_CPU: Final = 0.8
-GATEWAY_WORKER: Final = "gateway-worker"  # in a gateway worker's command line
 NGINX_WORKER: Final = "nginx: worker process"  # an nginx worker's title
 START_TIMEOUT: Final = 30.0
 # A server using less of its core than this was held back by something else.
@@ -102,30 +102,6 @@ PROFILE_TOP: Final = 22
 
 
 # -- child processes -----------------------------------------------------------
-
-
-def _read_ready_line(
-    process: subprocess.Popen[bytes], pattern: bytes, what: str
-) -> re.Match[bytes]:
-    """Read the child's stdout until a line matches ``pattern`` (its "ready" line)."""
-    assert process.stdout is not None
-    descriptor = process.stdout.fileno()
-    deadline = time.monotonic() + START_TIMEOUT
-    received = b""
-    while True:
-        match = re.search(pattern, received)
-        if match is not None:
-            return match
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RuntimeError(f"{what} did not say it was ready within {START_TIMEOUT:g} s")
-        readable, _, _ = select.select([descriptor], [], [], remaining)
-        if readable:
-            chunk = os.read(descriptor, 4096)
-            if not chunk:
-                process.wait(timeout=5)
-                raise RuntimeError(f"{what} exited with status {process.returncode}")
-            received += chunk
 
 
 def _binary(name: str, *fallbacks: str) -> str:
@@ -141,23 +117,12 @@ def _binary(name: str, *fallbacks: str) -> str:
 def start_node(children: Children, workdir: Path, cores: Cores) -> Server:
     with open(workdir / "node.log", "wb") as log:
         process = children.start(
-            [
-                *imagecache_command(),
-                "--log-level",
-                "WARNING",
-                "node",
-                "--host",
-                HOST,
-                "--port",
-                "0",
-                "--capacity-mb",
-                "256",
-            ],
+            node_argv(0, 256),
             core=cores,
             stdout=subprocess.PIPE,
             stderr=log,
         )
-    match = _read_ready_line(process, rb"cachenode listening on [0-9.]+:(\d+)", "the node")
+    match = read_ready_line(process, NODE_READY, "the node", START_TIMEOUT)
     port = int(match.group(1))
     wait_until_listening(process, port, "the node")
     return Server("node", port, process.pid)
@@ -195,7 +160,7 @@ def start_gateway(
             env=env,
         )
     # With workers, the parent says so once every worker listens.
-    _read_ready_line(process, rb"gateway on http://", "the gateway")
+    read_ready_line(process, rb"gateway on http://", "the gateway", START_TIMEOUT)
     wait_until_listening(process, port, "the gateway")
     worker_pids = workers_of(process.pid, GATEWAY_WORKER, workers) if workers > 1 else []
     return Server("gateway", port, process.pid), worker_pids
@@ -293,16 +258,6 @@ def children_cpu() -> float:
 
 
 # -- the image and the HTTP checks -------------------------------------------------
-
-
-def noise_png(size: int, seed: int = 20240601) -> tuple[bytes, tuple[int, int]]:
-    """A PNG of random pixels of about ``size`` bytes (noise does not compress)."""
-    # Each row is 3 bytes a pixel and a filter byte; the rest is a few chunk headers.
-    height = max(1, round(size / (3 * IMAGE_WIDTH + 1)))
-    pixels = random.Random(seed).randbytes(IMAGE_WIDTH * height * 3)
-    buffer = io.BytesIO()
-    Image.frombytes("RGB", (IMAGE_WIDTH, height), pixels).save(buffer, format="PNG")
-    return buffer.getvalue(), (IMAGE_WIDTH, height)
 
 
 def upload(port: int, key: str, image: bytes) -> None:
@@ -848,16 +803,6 @@ def print_profile(profile: Profile, gateway: Cell, args: argparse.Namespace) -> 
 # -- output ---------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)[bB]?\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 100K, 1M)")
-    size = int(match.group(1)) * {"": 1, "K": KIB, "M": MIB}[match.group(2).upper()]
-    if size < 1:
-        raise argparse.ArgumentTypeError("sizes must be positive")
-    return size
-
-
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -909,8 +854,7 @@ def print_results(
         f"{'p99.9':>8}{'max ms':>8}{'MB/s':>8}{'CPU s/1k':>10}{'cores':>7}{'wrk':>6}"
         f"{'other':>7}{'steal':>7}{'B/resp':>9}  errors"
     )
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for number in range(args.rounds):
         for name in ("imagecache", "nginx"):
             sample = cells[name].samples[number]
@@ -931,8 +875,7 @@ def print_results(
         f"{'all rounds':<21}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'MB/s':>8}{'CPU s/1k':>10}"
         f"{'us/req':>8}{'cores':>7}{'wrk':>6}{'other':>7}{'B/resp':>9}{'expected':>10}  checks"
     )
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for name, cell in cells.items():
         checks = [
             f"{cell.bad_status} non-2xx/3xx",
@@ -989,8 +932,7 @@ def print_results(
         )
     print()
     header = f"{'':<26}{'all rounds':>11}{'per round':>20}  goal"
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     rows: list[tuple[str, float, Callable[[Sample], float], str]] = [
         (
             "throughput (req/s)",
@@ -1052,7 +994,7 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     _binary("nginx", "/usr/sbin/nginx")
     key = f"bench-{args.size // KIB}k" if args.size % KIB == 0 else f"bench-{args.size}"
     path = f"/image/{key}"
-    image, (width, height) = noise_png(args.size)
+    image, (width, height) = noise_png(args.size, IMAGE_SEED, IMAGE_WIDTH)
     image_text = f"a {len(image):,} B PNG ({width}x{height} random pixels)"
 
     cores = args.server_cores
@@ -1265,7 +1207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("wrk needs at least one connection per thread")
 
     available = sorted(os.sched_getaffinity(0))
-    args.pin = len(available) >= 2
     if not 1 <= args.workers <= max(1, len(available)):
         parser.error(f"--workers must be from 1 to the number of usable cores ({len(available)})")
     # The servers get the first N cores; wrk the next one, or, when none is left, the
@@ -1274,38 +1215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.client_cores = (
         (available[args.workers],) if len(available) > args.workers else args.server_cores
     )
-    if args.pin:
-        os.sched_setaffinity(0, set(args.client_cores))
-    else:
-        progress("fewer than 2 cores: nothing is pinned, figures are not comparable")
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started ignoring it
+    args.pin = pin_load_generator(args.client_cores, len(available))
     children = Children(args.pin)
-    started = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-gateway-") as name:
-            directory = Path(name)
-            try:
-                return 0 if benchmark(children, args, directory) else 1
-            except KeyboardInterrupt:
-                progress("interrupted")
-                return 130
-            except Terminated:
-                progress("terminated")
-                raise
-            except SystemExit:
-                raise
-            except BaseException:
-                for log in ("node.log", "gateway.log", "nginx/error.log"):
-                    path = directory / log
-                    if path.exists() and path.stat().st_size:
-                        progress(f"{log} (last lines):")
-                        progress("\n".join(path.read_text(errors="replace").splitlines()[-20:]))
-                raise
-            finally:
-                children.close()
-    finally:
-        progress(f"total time {time.perf_counter() - started:.0f} s; every server stopped")
+    return run_guarded(
+        lambda directory: 0 if benchmark(children, args, directory) else 1,
+        prefix="bench-gateway-",
+        cleanup=children.close,
+        stopped="every server stopped",
+        on_failure=lambda directory: show_log_tails(
+            directory, "node.log", "gateway.log", "nginx/error.log"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,8 @@ import argparse
 import asyncio
 import collections
 import itertools
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,10 +37,18 @@ from typing import Final
 import aiohttp
 import uvloop
 
-from benchkit import Terminated, progress, terminate, verdict
-from resize import HOST, Up, noise_png, start_up, stop_up
+from benchkit import (
+    HOST,
+    Up,
+    UpSlot,
+    noise_png,
+    progress,
+    run_guarded,
+    verdict,
+)
 
 IMAGE_KEY: Final = "flood-probe"
+IMAGE_WIDTH: Final = 100  # pixels, as bench/resize.py's
 READ_TIMEOUT: Final = 10.0  # seconds; a slower read counts as an error
 LOGIN_TIMEOUT: Final = 30.0
 WARM_UP_SECONDS: Final = 1.0  # reads before each measured phase, not counted
@@ -170,7 +176,7 @@ async def benchmark(up: Up, args: argparse.Namespace) -> bool:
     timeout = aiohttp.ClientTimeout(total=READ_TIMEOUT)
     connector = aiohttp.TCPConnector(limit=args.readers + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        await upload(http, up, noise_png(args.size_kb * 1024, seed=1))
+        await upload(http, up, noise_png(args.size_kb * 1024, 1, IMAGE_WIDTH)[0])
         progress(f"reading {IMAGE_KEY} idle for {args.seconds:g} s")
         idle = await measure(http, up, "idle", args)
         progress(f"reading it again during a flood of {args.flooders} clients")
@@ -253,38 +259,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seconds < 1:
         parser.error("--seconds must be at least 1")
 
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    up: Up | None = None
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-login-flood-") as name:
-            try:
-                up = start_up(Path(name), args.log_level, workers=1)
-                progress(
-                    f"imagecache up (pid {up.process.pid}): gateway on port {up.gateway_port}, "
-                    f"manager on {up.manager_port}"
-                )
-                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                    passed = runner.run(benchmark(up, args))
-                return 0 if passed else 1
-            except KeyboardInterrupt:
-                progress("interrupted")
-                return 130
-            except Terminated:
-                progress("terminated")
-                raise
-            except SystemExit:
-                raise
-            except BaseException:
-                if up is not None:
-                    progress("imagecache up (last lines):")
-                    progress("\n".join(up.output().splitlines()[-30:]))
-                raise
-            finally:
-                if up is not None:
-                    stop_up(up)
-    finally:
-        progress("every process stopped")
+    slot = UpSlot()
+
+    def work(directory: Path) -> int:
+        up = slot.start(directory, args.log_level, workers=1)
+        progress(
+            f"imagecache up (pid {up.process.pid}): gateway on port {up.gateway_port}, "
+            f"manager on {up.manager_port}"
+        )
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            passed = runner.run(benchmark(up, args))
+        return 0 if passed else 1
+
+    return run_guarded(
+        work,
+        prefix="bench-login-flood-",
+        cleanup=slot.stop,
+        stopped="every process stopped",
+        on_failure=slot.show_output,
+    )
 
 
 if __name__ == "__main__":

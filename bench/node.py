@@ -25,33 +25,37 @@ import asyncio
 import math
 import os
 import re
-import select
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import IO, Any, Final, TypeVar, cast
-
-import uvloop
+from typing import IO, Final, cast
 
 from benchkit import (
+    HOST,
+    KIB,
+    MIB,
+    NODE_READY,
     Children,
     Server,
-    Terminated,
     cpu_seconds,
     free_port,
-    imagecache_command,
     machine_cpu,
+    node_argv,
+    parse_size,
+    pin_load_generator,
+    print_table_header,
     progress,
     ratio_of,
-    terminate,
+    read_ready_line,
+    run_guarded,
+    run_on_uvloop,
+    show_log_tails,
     verdict,
     wait_until_listening,
 )
@@ -59,13 +63,9 @@ from cachenode.client import NodeClient
 from cachenode.protocol import HEADER, HEADER_SIZE, MAGIC_REQUEST, MAGIC_RESPONSE, Opcode
 from cachenode.status import Status
 
-HOST: Final = "127.0.0.1"
-KIB: Final = 1 << 10
-MIB: Final = 1 << 20
 SERVER_CORE: Final = 0
 CLIENT_CORE: Final = 1
 INSTALL_HINT: Final = "apt-get install -y memcached libmemcached-tools"
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 CRLF: Final = b"\r\n"
 # Values up to this size are sent in one buffer with their request line or
 # header; bigger ones go out as separate buffers so they are never copied.
@@ -82,9 +82,6 @@ MEMASLAP_KEY_LENGTH: Final = 32
 GOAL_THROUGHPUT: Final = 0.8
 GOAL_CPU: Final = 2.0
 GOAL_CPU_FROM_SIZE: Final = 100 * KIB
-
-
-T = TypeVar("T")
 
 
 class Op(Enum):
@@ -148,49 +145,12 @@ def start_memcached(children: Children, memory_mb: int, largest_value: int) -> S
 
 
 def start_node(children: Children, capacity_mb: int, max_item_mb: int, log: IO[bytes]) -> Server:
-    argv = [
-        *imagecache_command(),
-        "--log-level",
-        "WARNING",
-        "node",
-        "--host",
-        HOST,
-        "--port",
-        "0",
-        "--capacity-mb",
-        str(capacity_mb),
-        "--max-item-mb",
-        str(max_item_mb),
-        "--policy",
-        "lru",
-    ]
+    argv = node_argv(0, capacity_mb, "--max-item-mb", str(max_item_mb), "--policy", "lru")
     process = children.start(argv, core=SERVER_CORE, stdout=subprocess.PIPE, stderr=log)
-    assert process.stdout is not None
-    port = _read_listening_port(process, process.stdout)
+    match = read_ready_line(process, NODE_READY, "the node", timeout=15)
+    port = int(match.group(1))
     wait_until_listening(process, port, "the node", timeout=10)
     return Server("node", port, process.pid)
-
-
-def _read_listening_port(process: subprocess.Popen[bytes], stdout: IO[bytes]) -> int:
-    """The port of the node's ``cachenode listening on HOST:PORT`` line."""
-    deadline = time.monotonic() + 15
-    received = b""
-    descriptor = stdout.fileno()
-    while b"\n" not in received:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RuntimeError("the node did not report its port within 15 s")
-        readable, _, _ = select.select([descriptor], [], [], remaining)
-        if readable:
-            chunk = os.read(descriptor, 4096)
-            if not chunk:
-                process.wait(timeout=5)
-                raise RuntimeError(f"the node exited with status {process.returncode}")
-            received += chunk
-    match = re.search(rb"cachenode listening on [0-9.]+:(\d+)", received)
-    if match is None:
-        raise RuntimeError(f"unexpected first line from the node: {received!r}")
-    return int(match.group(1))
 
 
 # -- /proc ----------------------------------------------------------------------
@@ -847,17 +807,6 @@ def format_size(size: int) -> str:
     return f"{size} B"
 
 
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)[bB]?\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1K, 100K, 1M)")
-    number, unit = int(match.group(1)), match.group(2).upper()
-    size = number * {"": 1, "K": KIB, "M": MIB}[unit]
-    if size < 1:
-        raise argparse.ArgumentTypeError("sizes must be positive")
-    return size
-
-
 def parse_sizes(text: str) -> list[int]:
     return [parse_size(part) for part in text.split(",") if part.strip()]
 
@@ -890,8 +839,7 @@ def print_results(
         f"{'system':<17}{'op':<5}{'size':>8}{'depth':>6}{'ops/s':>11}{'p50 ms':>9}"
         f"{'p99 ms':>9}{'CPU s/1k':>10}{'gen':>6}{'MB/s':>8}{'other':>7}{'steal':>7}  notes"
     )
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for size in sizes:
         for op in Op:
             for system in systems:
@@ -923,8 +871,7 @@ def print_results(
         f"{'node via':<13}{'op':<5}{'size':>8}{'throughput':>12}{'per round':>18}"
         f"{'CPU/op':>9}{'per round':>18}  goal check"
     )
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for rival in rivals:
         for size in sizes:
             for op in Op:
@@ -976,8 +923,7 @@ def print_memaslap(
         f"{'size':>8}{'memcached TPS':>15}{'CPU s/1k':>10}{'node TPS':>11}{'CPU s/1k':>10}"
         f"{'TPS ratio':>11}{'CPU ratio':>11}{'per-round TPS ratio':>21}  goal"
     )
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for size in sizes:
         theirs = runs["memcached", size]
         mine = runs["node", size]
@@ -1027,7 +973,7 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> No
         System(node, Proto.TEXT),
         System(node, Proto.BINARY),
     ]
-    cells = run_async(run_comparison(systems, sizes, args))
+    cells = run_on_uvloop(run_comparison(systems, sizes, args))
 
     print_results(cells, systems, sizes, args)
     sys.stdout.flush()
@@ -1085,7 +1031,7 @@ def memory_check(children: Children, args: argparse.Namespace, workdir: Path) ->
         node_log.close()
     empty = memory_kib(node.pid)
     started = time.perf_counter()
-    stats = run_async(fill_node(node.port, count, size))
+    stats = run_on_uvloop(fill_node(node.port, count, size))
     elapsed = time.perf_counter() - started
     full = memory_kib(node.pid)
     goal_mb = 1.10 * capacity_mb + 40
@@ -1102,8 +1048,7 @@ def memory_check(children: Children, args: argparse.Namespace, workdir: Path) ->
     )
     print()
     header = f"{'':<28}{'MB':>9}  goal <= 1.10 x {capacity_mb} + 40 = {goal_mb:.1f} MB"
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     print(f"{'VmRSS empty node':<28}{empty['VmRSS'] / KIB:>9.1f}")
     print(f"{'VmRSS after the fill':<28}{rss_mb:>9.1f}  {verdict(rss_mb <= goal_mb)}")
     print(f"{'VmHWM (peak RSS)':<28}{hwm_mb:>9.1f}  {verdict(hwm_mb <= goal_mb)}")
@@ -1112,28 +1057,6 @@ def memory_check(children: Children, args: argparse.Namespace, workdir: Path) ->
             print(f"{name:<28}{full[name] / KIB:>9.1f}")
     print()
     return rss_mb <= goal_mb and hwm_mb <= goal_mb
-
-
-def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop; SIGTERM (like Ctrl-C) cancels the work cleanly instead of
-    landing as an exception inside some protocol callback."""
-
-    async def guarded() -> T:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        try:
-            return await coroutine
-        finally:
-            loop.remove_signal_handler(signal.SIGTERM)
-
-    try:
-        return uvloop.run(guarded())
-    except asyncio.CancelledError:
-        raise Terminated(128 + signal.SIGTERM) from None
-    finally:
-        signal.signal(signal.SIGTERM, terminate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1185,41 +1108,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         parser.error("--rounds, --connections, --depth and the durations must be positive")
 
-    args.pin = (os.cpu_count() or 1) >= 2
-    if args.pin:
-        os.sched_setaffinity(0, {CLIENT_CORE})
-    else:
-        progress("fewer than 2 cores: nothing is pinned, figures are not comparable")
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started ignoring it
+    args.pin = pin_load_generator(CLIENT_CORE, os.cpu_count() or 1)
     children = Children(args.pin)
-    started = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-node-") as name:
-            directory = Path(name)
-            try:
-                if args.memory:
-                    return 0 if memory_check(children, args, directory) else 1
-                benchmark(children, args, directory)
-            except KeyboardInterrupt:
-                progress("interrupted")
-                return 130
-            except Terminated:
-                progress("terminated")
-                raise
-            except SystemExit:
-                raise
-            except BaseException:
-                log = directory / "node.log"
-                if log.exists() and log.stat().st_size:
-                    progress("node log (last lines):")
-                    progress("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
-                raise
-            finally:
-                children.close()
-    finally:
-        progress(f"total time {time.perf_counter() - started:.0f} s; every server stopped")
-    return 0
+
+    def work(directory: Path) -> int:
+        if args.memory:
+            return 0 if memory_check(children, args, directory) else 1
+        benchmark(children, args, directory)
+        return 0
+
+    return run_guarded(
+        work,
+        prefix="bench-node-",
+        cleanup=children.close,
+        stopped="every server stopped",
+        on_failure=lambda directory: show_log_tails(directory, "node.log"),
+    )
 
 
 if __name__ == "__main__":

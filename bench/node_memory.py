@@ -17,29 +17,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 from benchkit import (
+    HOST,
+    MIB,
     Children,
-    Terminated,
     free_port,
-    imagecache_command,
-    progress,
-    terminate,
+    node_argv,
+    print_table_header,
+    run_guarded,
     verdict,
     wait_until_listening,
 )
 from cachenode.protocol import MAGIC_REQUEST, Opcode, encode_header
 
-HOST: Final = "127.0.0.1"
-MIB: Final = 1 << 20
 SETTLE_SECONDS: Final = 5.0
 # "Freed": back within this much of the RSS before the round.
 FREED_SLACK_MB: Final = 10.0
@@ -91,20 +88,13 @@ def start_node(
 ) -> tuple[int, int]:
     """The node's pid and port."""
     port = free_port()
-    argv = [
-        *imagecache_command(),
-        "--log-level",
-        "ERROR",  # not a line per refused SET
-        "node",
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--capacity-mb",
-        str(capacity_mb),
+    argv = node_argv(
+        port,
+        capacity_mb,
         "--max-item-mb",
         str(max_item_mb),
-    ]
+        log_level="ERROR",  # not a line per refused SET
+    )
     with open(log, "wb") as output:
         process = children.start(argv, core=0, stdout=subprocess.DEVNULL, stderr=output)
     wait_until_listening(process, port, "the node", timeout=15)
@@ -123,8 +113,7 @@ def measure(args: argparse.Namespace, children: Children, workdir: Path) -> bool
         f"{'':<34}{'VmRSS MB':>9}  goals: <= {args.capacity_mb} + {HEADROOM_MB:.0f}"
         f" = {goal_mb:.0f} MB; {SETTLE_SECONDS:.0f} s after: <= before + {FREED_SLACK_MB:.0f}"
     )
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     before = rss_mb(pid)
     print(f"{'before':<34}{before:>9.1f}")
     passed = True
@@ -165,24 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         or not 0 < args.sent_mb < args.value_mb
     ):
         parser.error("--sent-mb must be positive and below --value-mb")
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     children = Children(pin=False)
-    started = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-node-memory-") as name:
-            try:
-                return 0 if measure(args, children, Path(name)) else 1
-            except KeyboardInterrupt:
-                progress("interrupted")
-                return 130
-            except Terminated:
-                progress("terminated")
-                raise
-            finally:
-                children.close()
-    finally:
-        progress(f"total time {time.perf_counter() - started:.0f} s; the node stopped")
+    return run_guarded(
+        lambda directory: 0 if measure(args, children, directory) else 1,
+        prefix="bench-node-memory-",
+        cleanup=children.close,
+        stopped="the node stopped",
+    )
 
 
 if __name__ == "__main__":

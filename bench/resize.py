@@ -25,20 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import io
 import itertools
 import math
 import os
 import random
 import re
 import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,37 +41,29 @@ from typing import Final
 
 import aiohttp
 import uvloop
-from PIL import Image
 
+import benchkit
 from benchkit import (
-    Terminated,
-    child_pids,
-    command_line,
-    die_with_parent,
-    free_port,
+    KIB,
+    MIB,
+    Up,
+    UpSlot,
     get_from_each,
-    imagecache_command,
+    print_table_header,
     progress,
     prometheus_values,
     ratio_of,
-    terminate,
+    run_guarded,
     verdict,
 )
 from cachenode.client import NodeClient
 from imagecache.ring import Ring
 
-HOST: Final = "127.0.0.1"
-KIB: Final = 1 << 10
-MIB: Final = 1 << 20
-BANNER: Final = "imagecache is up"
-START_TIMEOUT: Final = 60.0
-STOP_TIMEOUT: Final = 30.0
 READ_TIMEOUT: Final = 10.0  # seconds; a read slower than this counts as an error
 ADMIN_TIMEOUT: Final = 300.0  # seconds for one configure_cache call
 UPLOADS_IN_FLIGHT: Final = 8
 IMAGE_WIDTH: Final = 100  # pixels; the height follows from the wanted file size
 HASH_SAMPLE: Final = 100_000  # synthetic keys for the ring's share of moved keys
-PORT_SPAN: Final = 40  # free ports wanted from the first node port up
 DEFAULT_STEPS: Final = "1,2,4,8,4,2,1"
 MIN_NODES: Final = 1
 MAX_NODES: Final = 8
@@ -91,126 +77,6 @@ MIGRATION_LINE: Final = re.compile(
     r"(?: (\d+) outdated,)? in ([\d.]+) s"
 )
 READ_AROUND_LINE: Final = "failed, reading around it"
-GATEWAY_WORKER: Final = "gateway-worker"  # in a gateway worker's command line
-
-
-# -- the imagecache up process ----------------------------------------------------
-
-
-def _free_port_range(span: int, avoid: Sequence[int]) -> int:
-    """A first port with ``span`` bindable ports after it (probed, best effort)."""
-    for _ in range(100):
-        first = free_port()
-        if first + span >= 65000 or any(first <= p < first + span for p in avoid):
-            continue
-        ports = range(first, first + span)
-        if all(_can_bind(port) for port in ports):
-            return first
-    raise RuntimeError(f"no {span} free ports in a row on {HOST}")
-
-
-def _can_bind(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-@dataclass
-class Up:
-    """``imagecache up`` running in ``workdir``, its output in ``log``."""
-
-    process: subprocess.Popen[bytes]
-    workdir: Path
-    log: Path
-    gateway_port: int
-    manager_port: int
-    first_node_port: int
-    workers: int  # gateway processes; with one, the gateway runs in the up process itself
-
-    @property
-    def gateway(self) -> str:
-        return f"http://{HOST}:{self.gateway_port}"
-
-    @property
-    def database(self) -> Path:
-        return self.workdir / "imagecache-data" / "imagecache.db"
-
-    def output(self, offset: int = 0) -> str:
-        with open(self.log, "rb") as log:
-            log.seek(offset)
-            return log.read().decode(errors="replace")
-
-    def output_size(self) -> int:
-        return self.log.stat().st_size
-
-    def gateway_processes(self) -> tuple[int, ...]:
-        """The processes that serve the gateway's port, each with counters of its own."""
-        if self.workers == 1:
-            return (self.process.pid,)
-        return tuple(
-            pid
-            for pid in child_pids(self.process.pid)
-            if GATEWAY_WORKER in " ".join(command_line(pid))
-        )
-
-
-def start_up(workdir: Path, log_level: str, workers: int) -> Up:
-    """Start ``imagecache up`` in ``workdir`` (its own process group) and wait for its banner."""
-    gateway_port = free_port()
-    manager_port = free_port()
-    first_node_port = _free_port_range(PORT_SPAN, (gateway_port, manager_port))
-    # Only this run's settings: no configuration file or variable of the caller's.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("IMAGECACHE_")}
-    env |= {
-        "PYTHONUNBUFFERED": "1",
-        "IMAGECACHE_GATEWAY_HOST": HOST,
-        "IMAGECACHE_GATEWAY_PORT": str(gateway_port),
-        "IMAGECACHE_MANAGER_HOST": HOST,
-        "IMAGECACHE_MANAGER_PORT": str(manager_port),
-        "IMAGECACHE_FIRST_NODE_PORT": str(first_node_port),
-        "IMAGECACHE_MANAGER_URL": f"http://{HOST}:{manager_port}",
-    }
-    log_path = workdir / "up.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [*imagecache_command(), "--log-level", log_level, "up", "--workers", str(workers)],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Its own process group: the nodes it starts can be found and stopped with it.
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-    up = Up(process, workdir, log_path, gateway_port, manager_port, first_node_port, workers)
-    deadline = time.monotonic() + START_TIMEOUT
-    while BANNER not in up.output():
-        if process.poll() is not None:
-            raise RuntimeError(f"imagecache up exited with status {process.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"imagecache up did not say {BANNER!r} within {START_TIMEOUT:g} s")
-        time.sleep(0.1)
-    return up
-
-
-def stop_up(up: Up) -> None:
-    """SIGTERM (it stops its nodes), then SIGKILL to its whole process group if need be."""
-    if up.process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            up.process.terminate()
-        try:
-            up.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            progress(f"imagecache up did not stop within {STOP_TIMEOUT:g} s: killing it")
-    # Its process group is its own (start_new_session): this reaches any node left behind.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(up.process.pid, signal.SIGKILL)
-    up.process.wait()
 
 
 # -- the working set ---------------------------------------------------------------
@@ -218,12 +84,7 @@ def stop_up(up: Up) -> None:
 
 def noise_png(size: int, seed: int) -> bytes:
     """A PNG of random pixels of about ``size`` bytes (noise does not compress)."""
-    # Each row is 3 bytes a pixel and a filter byte; the rest is a few chunk headers.
-    height = max(1, round(size / (3 * IMAGE_WIDTH + 1)))
-    pixels = random.Random(seed).randbytes(IMAGE_WIDTH * height * 3)
-    buffer = io.BytesIO()
-    Image.frombytes("RGB", (IMAGE_WIDTH, height), pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return benchkit.noise_png(size, seed, IMAGE_WIDTH)[0]
 
 
 def working_set(count: int, size: int) -> dict[str, bytes]:
@@ -719,8 +580,7 @@ def print_results(
         f"{f'{HASH_SAMPLE // 1000}k':>8}"
         f"{'ratio':>7}  {'manager: moved/listed, copied, MB, s':<38}{'cached':>9}{'stray':>7}"
     )
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for step in steps:
         old, new = step.sizes
         migration = step.migration
@@ -749,8 +609,7 @@ def print_results(
         f"{'reads/s':>9}{'p50 ms':>8}{'p99 before':>11}{'p99 during':>11}{'p99 after':>10}"
         f"{'errors':>8}{'cores':>7}{'misses':>8}{'node err':>9}"
     )
-    print(header)
-    print("-" * len(header))
+    print_table_header(header)
     for step in steps:
         old, new = step.sizes
         before, during, after = (step.windows[w] for w in ("before", "during", "after"))
@@ -1024,47 +883,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rate < 0 or args.settle_seconds < 1:
         parser.error("--rate must not be negative, --settle-seconds at least 1")
 
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started ignoring it
-    started = time.perf_counter()
-    up: Up | None = None
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-resize-") as name:
-            directory = Path(name)
-            try:
-                up = start_up(directory, args.log_level, args.workers)
-                progress(
-                    f"imagecache up (pid {up.process.pid}) in {directory}: gateway on port "
-                    f"{up.gateway_port}, manager on {up.manager_port}, nodes from "
-                    f"{up.first_node_port}"
-                )
-                progress(
-                    "(the dashboard password and gateway token it made up are not needed: the "
-                    "gateway forwards configure_cache to the manager with its own token)"
-                )
-                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                    passed = runner.run(benchmark(up, args, args.steps))
-                return 0 if passed else 1
-            except KeyboardInterrupt:
-                progress("interrupted")
-                return 130
-            except Terminated:
-                progress("terminated")
-                raise
-            except SystemExit:
-                raise
-            except BaseException:
-                if up is not None:
-                    progress("imagecache up (last lines):")
-                    progress("\n".join(up.output().splitlines()[-30:]))
-                raise
-            finally:
-                if up is not None:
-                    stop_up(up)
-                    if args.keep_log:
-                        shutil.copyfile(up.log, args.keep_log)
-    finally:
-        progress(f"total time {time.perf_counter() - started:.0f} s; every process stopped")
+    slot = UpSlot()
+
+    def work(directory: Path) -> int:
+        up = slot.start(directory, args.log_level, args.workers)
+        progress(
+            f"imagecache up (pid {up.process.pid}) in {directory}: gateway on port "
+            f"{up.gateway_port}, manager on {up.manager_port}, nodes from "
+            f"{up.first_node_port}"
+        )
+        progress(
+            "(the dashboard password and gateway token it made up are not needed: the "
+            "gateway forwards configure_cache to the manager with its own token)"
+        )
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            passed = runner.run(benchmark(up, args, args.steps))
+        return 0 if passed else 1
+
+    def cleanup() -> None:
+        slot.stop()
+        if slot.up is not None and args.keep_log:
+            shutil.copyfile(slot.up.log, args.keep_log)
+
+    return run_guarded(
+        work,
+        prefix="bench-resize-",
+        cleanup=cleanup,
+        stopped="every process stopped",
+        on_failure=slot.show_output,
+    )
 
 
 if __name__ == "__main__":
