@@ -3,7 +3,7 @@
 The command runs as ``python -m imagecache up`` in a temporary working
 directory (so ``./imagecache-data`` lands there), on free ports given through
 its environment variables. The test then makes the seven calls of the HTTP API
-contract (DESIGN.md) against the gateway's port, stops the process with
+contract (the README's API) against the gateway's port, stops the process with
 SIGINT (to it alone, and to its whole process group as a terminal's Ctrl-C
 does), and checks that it exited 0 and left no cache node running.
 """

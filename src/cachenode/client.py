@@ -20,6 +20,7 @@ from cachenode.errors import NodeError, NodeReplyError, NodeTimeout, NodeUnavail
 from cachenode.inplace import receive_in_place
 from cachenode.leases import MAX_LEASE_SECONDS
 from cachenode.protocol import (
+    COALESCE_LIMIT,
     DEFAULT_KEYS_COUNT,
     MAGIC_REQUEST,
     MAGIC_RESPONSE,
@@ -36,8 +37,6 @@ from cachenode.protocol import (
 )
 from cachenode.status import Status
 
-# Values up to this size are copied behind their header into one write.
-_COALESCE_LIMIT = 16 * 1024
 # check_soon queues behind at most this many requests; beyond, the caller
 # takes the slower way, which may open another connection.
 _SEND_SOON_MAX_IN_FLIGHT = 32
@@ -187,7 +186,7 @@ class _Connection(asyncio.Protocol):
         header = encode_header(
             MAGIC_REQUEST, opcode, request_id, key, len(value), 0, flags, version, extras
         )
-        if len(value) <= _COALESCE_LIMIT:
+        if len(value) <= COALESCE_LIMIT:
             self._transport.write(header + value)
         else:
             self._transport.writelines((header, value))

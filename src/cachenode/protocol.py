@@ -14,6 +14,9 @@ from enum import IntEnum
 
 from cachenode.errors import ProtocolError
 from cachenode.status import Status
+
+# The key limit is the store's; the decoder refuses longer keys before reading them.
+from cachenode.store import MAX_KEY_LENGTH as MAX_KEY_LENGTH
 from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput, Value
 
 MAGIC_REQUEST = 0xCA
@@ -21,7 +24,9 @@ MAGIC_RESPONSE = 0xCB
 # magic, opcode, status, key length, extras length, value length, request id, flags, version
 HEADER = struct.Struct(">BBHHHIIIQ")
 HEADER_SIZE = HEADER.size  # 28
-MAX_KEY_LENGTH = 250
+# Values up to this size are sent in one buffer behind their header; bigger
+# ones go out as a buffer of their own, so they are never copied.
+COALESCE_LIMIT = 16 * 1024
 # Extras sit between the header and the key: a write ticket (SET, ADD), or
 # milliseconds (a read lease asked for and granted by CHECK; how long read
 # leases still run, in the replies of DELETE and CLEAR).

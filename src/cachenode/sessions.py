@@ -20,6 +20,7 @@ from cachenode.errors import CacheNodeError, InvalidConfig, InvalidKey, Protocol
 from cachenode.leases import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS
 from cachenode.node import Node
 from cachenode.protocol import (
+    COALESCE_LIMIT,
     DEFAULT_KEYS_COUNT,
     HEADER,
     HEADER_SIZE,
@@ -49,10 +50,6 @@ _GET_BYTE = bytes([_GET])
 _OK = int(Status.OK)
 # Opcodes whose requests may carry extras: a write ticket, or a read lease's time.
 _TAKES_EXTRAS = frozenset({int(Opcode.SET), int(Opcode.ADD), int(Opcode.CHECK)})
-
-# Values up to this size are sent in one buffer with their header; bigger
-# ones go out as a separate buffer so they are never copied.
-_COALESCE_LIMIT = 16 * 1024
 
 
 class Session(Protocol):
@@ -241,7 +238,7 @@ class BinarySession:
             item.flags,
             item.version,
         )
-        if len(value) <= _COALESCE_LIMIT:
+        if len(value) <= COALESCE_LIMIT:
             return [header + value]
         return [header, value]
 
@@ -571,7 +568,7 @@ class TextSession:
                 value = item.value
                 cas = item.version if with_cas else None
                 header = text.value_header(key, item.flags, len(value), cas)
-                if len(value) <= _COALESCE_LIMIT:
+                if len(value) <= COALESCE_LIMIT:
                     out.append(header + value + text.CRLF)
                 else:
                     out += (header, value, text.CRLF)

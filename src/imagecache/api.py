@@ -1,4 +1,4 @@
-"""The JSON API (shared/DESIGN.md): every call is a POST under /api answering JSON.
+"""The JSON API (the README's "Using it"): every call is a POST under /api answering JSON.
 
 Booleans are the strings "true"/"false"; errors are
 ``{"success": "false", "error": {"code": N, "message": "..."}}`` with status N.

@@ -32,11 +32,3 @@ class Ring:
             if score > best_score:
                 best, best_score = node_id, score
         return best
-
-    def ranked(self, key: bytes) -> list[str]:
-        """Every node, the owner of ``key`` first, then who would own it next."""
-        scores = {
-            node_id: int.from_bytes(blake2b(key, digest_size=8, key=salt).digest(), "big")
-            for node_id, salt in zip(self.node_ids, self._salts, strict=True)
-        }
-        return sorted(scores, key=scores.__getitem__, reverse=True)

@@ -1,4 +1,4 @@
-"""The automatic resizing policy (shared/DESIGN.md, "Autoscaler semantics").
+"""The automatic resizing policy (docs/design.md, "Autoscaler evidence").
 
 ``decide`` is a pure function of the pool size, the last minute's figures,
 the settings and the time since the last resize; the loop that calls it every

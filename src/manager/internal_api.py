@@ -1,7 +1,7 @@
 """The manager's API for gateways: configure_cache, getNumNodes, getRate, miss_curve,
 and key_samples (the gateways' samples of their lookups, for the miss curve).
 
-Gateways forward the public ``/api/...`` admin calls here (shared/DESIGN.md
+Gateways forward the public ``/api/...`` admin calls here (the README's API
 gives their answers); the shared token guards it.
 """
 

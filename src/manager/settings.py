@@ -87,7 +87,7 @@ class CacheSettings:
         return settings
 
 
-# The API's parameter names (shared/DESIGN.md) and this module's.
+# The API's parameter names (README, "The admin API") and this module's.
 API_NAMES = {
     "cacheSize": "capacity_mb",
     "policy": "policy",
