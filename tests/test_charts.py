@@ -20,7 +20,9 @@ from aiohttp.test_utils import TestServer
 from imagecache.config import Config, with_data_dir
 from manager.app import create_app as create_manager
 from manager.appkeys import CURVES
-from manager.charts import Chart, MissThresholds, render_charts, render_curve
+from manager.charts import render_charts
+from manager.chartsvg import Chart, MissThresholds
+from manager.curvechart import render_curve
 from manager.curves import CurveWindow, MissCurves
 from manager.metrics import MinuteStats
 from manager.misscurve import POOL_SIZES

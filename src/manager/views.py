@@ -42,7 +42,9 @@ from manager.auth import (
     retry_after,
 )
 from manager.backends.base import NodeHandle, PoolError
-from manager.charts import Chart, MissThresholds, render_charts, render_curve
+from manager.charts import render_charts
+from manager.chartsvg import Chart, MissThresholds
+from manager.curvechart import render_curve
 from manager.forms import read_form
 from manager.pool import ResizeError
 from manager.records import FAILED_CAUSE
