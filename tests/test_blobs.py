@@ -3,11 +3,13 @@ then what only one adapter promises. S3 runs against a moto server on loopback."
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -242,6 +244,85 @@ async def test_folder_put_leaves_no_temp_files(tmp_path: Path) -> None:
     await store.put("abcdef", b"two", "image/png")
 
     assert sorted(p.name for p in (tmp_path / "blobs" / "ab").iterdir()) == ["abcdef"]
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """The loop's default executor, counting the work handed to its threads."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.handed = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        self.handed += 1
+        return super().submit(*args, **kwargs)
+
+
+@pytest.fixture
+def counting_executor() -> Iterator[CountingExecutor]:
+    executor = CountingExecutor()
+    yield executor
+    executor.shutdown()
+
+
+def drop_from_page_cache(path: Path, keep_first: int = 0) -> None:
+    """Evict ``path``'s pages (it was fsynced), then read its first ``keep_first`` bytes back."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past them
+        if keep_first:
+            os.pread(fd, keep_first, 0)
+    finally:
+        os.close(fd)
+
+
+def cached_prefix(path: Path) -> int:
+    """How many of the file's first bytes a no-wait read gets from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(path.stat().st_size)], 0, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="reads in the loop need Linux")
+async def test_folder_reads_a_cached_blob_without_a_thread(
+    tmp_path: Path, counting_executor: CountingExecutor
+) -> None:
+    store = FolderBlobStore(tmp_path / "blobs")
+    data = random.Random(1).randbytes(300_000)
+    await store.put("abcdef", data, "image/png")
+    asyncio.get_running_loop().set_default_executor(counting_executor)
+
+    assert await store.get("abcdef") == data
+    assert counting_executor.handed == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="reads in the loop need Linux")
+@pytest.mark.parametrize("cached", [0, 8192], ids=["none-cached", "first-pages-cached"])
+async def test_folder_reads_what_the_page_cache_lacks_in_a_thread(
+    tmp_path: Path, counting_executor: CountingExecutor, cached: int
+) -> None:
+    store = FolderBlobStore(tmp_path / "blobs")
+    data = random.Random(2).randbytes(300_000)
+    await store.put("abcdef", data, "image/png")
+    drop_from_page_cache(tmp_path / "blobs" / "ab" / "abcdef", keep_first=cached)
+    if cached_prefix(tmp_path / "blobs" / "ab" / "abcdef") not in (cached, 0):
+        pytest.skip("this file system does not let the test evict the blob's pages")
+    asyncio.get_running_loop().set_default_executor(counting_executor)
+
+    assert await store.get("abcdef") == data
+    assert counting_executor.handed == 1
+
+
+async def test_folder_reads_an_empty_blob(tmp_path: Path) -> None:
+    store = FolderBlobStore(tmp_path / "blobs")
+    await store.put("abcdef", b"", "image/png")
+
+    assert await store.get("abcdef") == b""
 
 
 async def test_folder_os_errors_become_storage_errors(tmp_path: Path) -> None:
