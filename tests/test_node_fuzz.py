@@ -179,7 +179,7 @@ def expected_binary_replies(stream: bytes) -> tuple[list[tuple[int, int]], tuple
     of nothing refuses only the frame the stream ends in.
     """
     decoder = FrameDecoder(MAGIC_REQUEST, MAX_ITEM)
-    decoder.budget = ReceiveBudget(lambda: 0)
+    decoder.buffer.budget = ReceiveBudget(lambda: 0)
     decoder.feed(stream)
     owed: list[tuple[int, int]] = []
     try:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import pytest
 
 from cachenode import __version__
+from cachenode.binarysession import BinarySession
 from cachenode.leases import Leases
 from cachenode.node import Node
 from cachenode.protocol import (
@@ -27,10 +28,11 @@ from cachenode.protocol import (
     encode_request,
 )
 from cachenode.readleases import MAX_READ_LEASE_SECONDS
-from cachenode.sessions import BinarySession, TextSession, session_for
+from cachenode.server import session_for
 from cachenode.status import Status
 from cachenode.store import DEFAULT_TOMBSTONE_SECONDS, MIB, Policy, Store, counted_size
 from cachenode.streaminput import Value
+from cachenode.textsession import TextSession
 
 WALL_TIME = 1_700_000_000.0
 WRITES = (Opcode.SET, Opcode.ADD)
@@ -1272,7 +1274,7 @@ def test_a_bad_request_gets_one_log_line_in_either_protocol(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     node = make_node()
-    with caplog.at_level(logging.INFO, logger="cachenode.sessions"):
+    with caplog.at_level(logging.INFO, logger="cachenode"):
         call(BinarySession(node), 0x7F)
         assert len(caplog.records) == 1
         assert "unknown opcode 0x7f" in caplog.records[0].getMessage()

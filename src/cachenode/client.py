@@ -116,9 +116,9 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._decoder.feed(data)
         self._deliver()
-        if self._decoder.missing and self._transport is not None:
+        if self._decoder.buffer.missing and self._transport is not None:
             # The rest of a large value is on its way.
-            receive_in_place(self._transport, self, self._decoder, self._deliver)
+            receive_in_place(self._transport, self, self._decoder.buffer, self._deliver)
 
     def _deliver(self) -> None:
         """Resolve the requests whose replies the decoder now holds."""

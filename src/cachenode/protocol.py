@@ -17,7 +17,7 @@ from cachenode.status import Status
 
 # The key limit is the store's; the decoder refuses longer keys before reading them.
 from cachenode.store import MAX_KEY_LENGTH as MAX_KEY_LENGTH
-from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput, Value
+from cachenode.streaminput import COLLECT_THRESHOLD, ReceiveBuffer, Value
 
 MAGIC_REQUEST = 0xCA
 MAGIC_RESPONSE = 0xCB
@@ -198,49 +198,47 @@ def decode_keys_entries(value: Value) -> list[tuple[bytes, int]]:
     return entries
 
 
-class FrameDecoder(StreamInput):
+class FrameDecoder:
     """Splits a byte stream into frames of one direction (requests or responses).
 
     ``max_value_length`` is the largest value to buffer; a bigger but legal
     frame comes out as ``OversizedFrame`` and its body is skipped as it
     arrives, so an oversized SET costs no memory and keeps the connection.
-    So does a value to collect that ``budget`` has no room for (``busy``).
+    So does a value to collect that its buffer's budget has no room for (``busy``).
     """
 
     def __init__(self, magic: int, max_value_length: int = MAX_VALUE_LENGTH) -> None:
-        super().__init__()
+        self.buffer = ReceiveBuffer()  # what was received: feed it, or ``feed`` here
         self._magic = magic
         self.max_value_length = max_value_length  # may change between feeds
         self._partial: Frame | None = None  # the frame whose value is being collected
 
+    def feed(self, data: bytes) -> None:
+        self.buffer.feed(data)
+
     @property
     def idle(self) -> bool:
         """True when every byte fed so far has come out as frames."""
-        return self._pos >= len(self._data) and not self._skip and self._partial is None
-
-    def discard(self) -> None:
-        super().discard()
-        self._partial = None
+        return self.buffer.idle
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as frames."""
-        collected = 0
-        if self._partial is not None:  # its header and key were consumed with the first part
-            partial = self._partial
-            collected = HEADER_SIZE + len(partial.extras) + len(partial.key) + self._filled
-        return collected + len(self._data) - self._pos
+        partial = self._partial
+        # The header and key of a frame being collected were consumed with its first part.
+        head = 0 if partial is None else HEADER_SIZE + len(partial.extras) + len(partial.key)
+        return head + self.buffer.held
 
     def next_frame(self) -> Frame | OversizedFrame | None:
+        buffer = self.buffer
         if self._partial is not None:
-            if self.missing:
+            if buffer.missing:
                 return None
             frame, self._partial = self._partial, None
-            frame.value = self._collected()
+            frame.value = buffer.collected()
             return frame
-        data = self._data
-        pos = self._pos
-        if self._skip or len(data) - pos < HEADER_SIZE:
+        data, pos = buffer.peek()
+        if buffer.skipping or len(data) - pos < HEADER_SIZE:
             return None
         (
             magic,
@@ -263,28 +261,29 @@ class FrameDecoder(StreamInput):
         extras_start = pos + HEADER_SIZE
         key_start = extras_start + extras_length
         value_start = key_start + key_length
-        if value_length > self.max_value_length:
-            if len(data) < value_start:
-                return None
-            key = bytes(data[key_start:value_start])
-            extras = bytes(data[extras_start:key_start])
-            self._skip_from(data, value_start, value_length)
-            return OversizedFrame(opcode, request_id, key, value_length, extras)
         end = value_start + value_length
         if len(data) < end:
-            if value_length >= COLLECT_THRESHOLD and len(data) >= value_start:
-                key = bytes(data[key_start:value_start])
-                extras = bytes(data[extras_start:key_start])
-                if not self._collect(data, value_start, value_length):
-                    self._skip_from(data, value_start, value_length)
-                    return OversizedFrame(opcode, request_id, key, value_length, extras, busy=True)
-                self._partial = Frame(opcode, request_id, key, b"", status, flags, version, extras)
+            refused = value_length > self.max_value_length
+            if len(data) < value_start or not (refused or value_length >= COLLECT_THRESHOLD):
+                return None
+        elif value_length <= self.max_value_length:
+            key = bytes(data[key_start:value_start])  # of a bytes chunk: the slice itself
+            extras = bytes(data[extras_start:key_start]) if extras_length else b""
+            if value_length:
+                value = buffer.take(value_start, end)
+            else:
+                value = b""
+                buffer.consume(end)
+            return Frame(opcode, request_id, key, value, status, flags, version, extras)
+        else:
+            refused = True
+        key = bytes(data[key_start:value_start])
+        extras = bytes(data[extras_start:key_start])
+        if not refused and buffer.collect(value_start, value_length):
+            self._partial = Frame(opcode, request_id, key, b"", status, flags, version, extras)
             return None
-        key = bytes(data[key_start:value_start])  # of a bytes chunk: the slice itself
-        extras = bytes(data[extras_start:key_start]) if extras_length else b""
-        value = self._value_of(data, value_start, end) if value_length else b""
-        self._pos = end
-        return Frame(opcode, request_id, key, value, status, flags, version, extras)
+        buffer.skip(value_start, value_length)
+        return OversizedFrame(opcode, request_id, key, value_length, extras, busy=not refused)
 
 
 def _header_error(

@@ -1,8 +1,9 @@
 """The cache node's TCP server: feeds each connection's bytes to its session.
 
-All protocol work happens in ``cachenode.sessions``; this module only moves
-bytes, applies back-pressure (per connection, and across connections through
-the receive budget) and manages the listening socket's lifetime.
+All protocol work happens in the sessions (``cachenode.sessions``); this
+module picks a connection's session by its first byte, moves bytes, applies
+back-pressure (per connection, and across connections through the receive
+budget) and manages the listening socket's lifetime.
 """
 
 from __future__ import annotations
@@ -15,13 +16,25 @@ import ssl
 from dataclasses import dataclass
 from typing import cast
 
+from cachenode.binarysession import BinarySession
 from cachenode.inplace import receive_in_place
 from cachenode.node import Node
-from cachenode.sessions import Session, session_for
+from cachenode.protocol import MAGIC_REQUEST
+from cachenode.sessions import RefusedSession, Session
 from cachenode.store import DEFAULT_MAX_ITEM_SIZE, MIB, Policy, Store
 from cachenode.streaminput import ReceiveBudget, Value
+from cachenode.textsession import TextSession
 
 log = logging.getLogger(__name__)
+
+
+def session_for(first_byte: int, node: Node) -> Session:
+    """The session that speaks the protocol a connection's first byte announces."""
+    if first_byte == MAGIC_REQUEST:
+        return BinarySession(node)
+    if not node.text_protocol:
+        return RefusedSession(b"SERVER_ERROR the text protocol is off on this node\r\n")
+    return TextSession(node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +110,7 @@ class Connection(asyncio.Protocol):
         # gigabytes later: a value half received goes now, with its share of
         # the node's receive budget.
         if self._session is not None:
-            self._session.input.discard()
+            self._session.buffer.discard()
             self._session = None
         self.lost.set_result(None)
 
@@ -105,11 +118,11 @@ class Connection(asyncio.Protocol):
         session = self._session
         if session is None:
             session = self._session = session_for(data[0], self._node)
-            session.input.budget = self._receiving
+            session.buffer.budget = self._receiving
         self._send(session, session.receive(data))
-        if session.input.missing:  # the rest of a large value is on its way
+        if session.buffer.missing:  # the rest of a large value is on its way
             assert self.transport is not None
-            receive_in_place(self.transport, self, session.input, self._answer)
+            receive_in_place(self.transport, self, session.buffer, self._answer)
 
     def _answer(self) -> None:
         """Reply to what the session's input holds after bytes arrived in place."""

@@ -10,12 +10,13 @@ invalid line comes out as ``BadCommand``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from functools import partial
 
 from cachenode.errors import ProtocolError
 from cachenode.protocol import MAX_KEY_LENGTH
-from cachenode.streaminput import COLLECT_THRESHOLD, StreamInput, Value
+from cachenode.streaminput import COLLECT_THRESHOLD, ReceiveBuffer, Value
 
 MAX_LINE_LENGTH = 2048
 MAX_UINT32 = (1 << 32) - 1
@@ -169,41 +170,31 @@ def server_error(message: str) -> bytes:
     return b"SERVER_ERROR " + message.encode() + CRLF
 
 
-class TextDecoder(StreamInput):
+class TextDecoder:
     """Splits a byte stream of memcached text commands into command objects."""
 
     def __init__(self, max_value_length: int) -> None:
-        super().__init__()
+        self.buffer = ReceiveBuffer()  # what was received: feed it, or ``feed`` here
         self.max_value_length = max_value_length  # may change between feeds
-        # A collected value's CRLF comes through _data like any other bytes.
+        # A collected value's CRLF comes through the buffer like any other bytes.
         self._collecting: StoreCommand | None = None  # the command whose value is collected
+
+    def feed(self, data: bytes) -> None:
+        self.buffer.feed(data)
 
     @property
     def idle(self) -> bool:
         """True when no partial command is buffered."""
-        return self._pos >= len(self._data) and not self._skip and self._collecting is None
+        return self.buffer.idle
 
     def next_command(self) -> TextCommand | None:
-        if self._skip:
+        buffer = self.buffer
+        if buffer.skipping:
             return None
-        data, pos = self._data, self._pos
         if self._collecting is not None:
-            if self.missing or len(data) - pos < len(CRLF):
-                return None
-            if data[pos : pos + len(CRLF)] != CRLF:
-                raise ProtocolError("bad data chunk")
-            self._pos = pos + len(CRLF)
-            command, self._collecting = self._collecting, None
-            value = self._collected()
-            return StoreCommand(
-                command.only_if_absent,
-                command.key,
-                command.flags,
-                command.exptime,
-                value,
-                command.noreply,
-            )
-        newline = data.find(b"\n", pos, pos + MAX_LINE_LENGTH + 1)
+            return self._collected_command()
+        newline = buffer.find_line_end(MAX_LINE_LENGTH + 1)
+        data, pos = buffer.peek()
         if newline < 0:
             if len(data) - pos > MAX_LINE_LENGTH:
                 raise ProtocolError("line too long")
@@ -213,38 +204,41 @@ class TextDecoder(StreamInput):
         name = parts[0] if parts else b""
         if name == b"set" or name == b"add":
             return self._storage_command(parts, line_end)
-        self._pos = line_end
-        if name == b"get" or name == b"gets":
-            return _retrieve(parts)
-        if name == b"delete":
-            return _delete(parts)
-        if name == b"flush_all":
-            return _flush_all(parts)
-        if name == b"stats":
-            return _stats(parts)
-        if name == b"version" and len(parts) == 1:
-            return Version()
-        if name == b"quit" and len(parts) == 1:
-            return Quit()
-        return BadCommand(ERROR)
+        buffer.consume(line_end)
+        parse = _PARSERS.get(name)
+        return parse(parts) if parse is not None else BadCommand(ERROR)
+
+    def _collected_command(self) -> TextCommand | None:
+        """The set/add whose value was collected, once the value and its CRLF are in."""
+        buffer = self.buffer
+        data, pos = buffer.peek()
+        if buffer.missing or len(data) - pos < len(CRLF):
+            return None
+        if data[pos : pos + len(CRLF)] != CRLF:
+            raise ProtocolError("bad data chunk")
+        buffer.consume(pos + len(CRLF))
+        command, self._collecting = self._collecting, None
+        assert command is not None
+        return replace(command, value=buffer.collected())
 
     def _storage_command(self, parts: list[bytes], line_end: int) -> TextCommand | None:
-        data = self._data
+        buffer = self.buffer
+        data, _ = buffer.peek()
         fields = _storage_fields(parts)
         if fields is None:
-            self._pos = line_end
+            buffer.consume(line_end)
             return BadCommand(BAD_FORMAT)
         key, flags, exptime, length, noreply = fields
         if length > self.max_value_length or len(key) > MAX_KEY_LENGTH:
-            self._skip_from(data, line_end, length + len(CRLF))
+            buffer.skip(line_end, length + len(CRLF))
             if len(key) > MAX_KEY_LENGTH:
                 return BadCommand(BAD_FORMAT)
             return OversizedStore(key, length, noreply)
         end = line_end + length
         if len(data) < end + len(CRLF):
             if length >= COLLECT_THRESHOLD and len(data) < end:
-                if not self._collect(data, line_end, length):
-                    self._skip_from(data, line_end, length + len(CRLF))
+                if not buffer.collect(line_end, length):
+                    buffer.skip(line_end, length + len(CRLF))
                     return OversizedStore(key, length, noreply, busy=True)
                 self._collecting = StoreCommand(
                     parts[0] == b"add", key, flags, exptime, b"", noreply
@@ -252,8 +246,8 @@ class TextDecoder(StreamInput):
             return None
         if data[end : end + len(CRLF)] != CRLF:
             raise ProtocolError("bad data chunk")
-        value = self._value_of(data, line_end, end)
-        self._pos = end + len(CRLF)
+        value = buffer.take(line_end, end)
+        buffer.consume(end + len(CRLF))
         return StoreCommand(parts[0] == b"add", key, flags, exptime, value, noreply)
 
 
@@ -318,6 +312,23 @@ def _flush_all(parts: list[bytes]) -> TextCommand:
     if delay is None:
         return BadCommand(BAD_FORMAT)
     return FlushAll(delay, noreply)
+
+
+def _bare(command: TextCommand, parts: list[bytes]) -> TextCommand:
+    """``command`` when its line is its name alone (version, quit)."""
+    return command if len(parts) == 1 else BadCommand(ERROR)
+
+
+# The parser of each command's line but set and add, which carry a data block.
+_PARSERS: dict[bytes, Callable[[list[bytes]], TextCommand]] = {
+    b"get": _retrieve,
+    b"gets": _retrieve,
+    b"delete": _delete,
+    b"flush_all": _flush_all,
+    b"stats": _stats,
+    b"version": partial(_bare, Version()),
+    b"quit": partial(_bare, Quit()),
+}
 
 
 def _is_text_key(key: bytes) -> bool:
