@@ -57,7 +57,7 @@ from benchkit import (
     verdict,
 )
 from cachenode.client import NodeClient
-from imagecache.ring import Ring
+from cachenode.routing import Ring
 
 READ_TIMEOUT: Final = 10.0  # seconds; a read slower than this counts as an error
 ADMIN_TIMEOUT: Final = 300.0  # seconds for one configure_cache call
@@ -568,7 +568,7 @@ def print_results(
         f"windows: {args.settle_seconds:g} s before the configure_cache call, the call itself, "
         f"{args.settle_seconds:g} s after it returned. Hits: the gateway's Prometheus counters\n"
         f"imagecache_gateway_cache_hits_total / (+ cache_misses_total), deltas over each "
-        f"window{summed}. moved: working-set keys whose owner\nchanged (imagecache.ring.Ring "
+        f"window{summed}. moved: working-set keys whose owner\nchanged (cachenode.routing.Ring "
         "over the node ids of "
         f"the nodes table before and after); ideal: 1 - smaller/larger pool;\n"
         f"{HASH_SAMPLE // 1000}k: the same share over {HASH_SAMPLE:,} synthetic keys "

@@ -29,11 +29,11 @@ import aiohttp
 
 from cachenode.client import NodeClient
 from cachenode.errors import NodeError
+from cachenode.routing import parse_address
 from imagecache.app import every
 from imagecache.blobs import FolderBlobStore
 from imagecache.cachepool import CachePool
 from imagecache.catalog import ImageCatalog
-from imagecache.config import parse_address
 from imagecache.database import Database
 from imagecache.invalidation import Invalidator
 from imagecache.membership import RENEW_SECONDS, MembershipFollower

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from cachenode.client import NodeClient
-from imagecache.config import Config, parse_address, with_data_dir
+from cachenode.routing import parse_address
+from imagecache.config import Config, with_data_dir
 from imagecache.database import Database
 from manager.appkeys import AUTOSCALER, BACKEND, CONTROLLER, RECORDS
 from manager.autoscaler import (

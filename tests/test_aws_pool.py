@@ -18,7 +18,8 @@ import pytest
 from aiobotocore.session import AioSession, get_session
 
 from cachenode.client import NodeClient
-from imagecache.config import AwsConfig, parse_address
+from cachenode.routing import parse_address
+from imagecache.config import AwsConfig
 from manager.backends.aws import AwsPool, open_aws_pool
 from manager.backends.base import NodeHandle, PoolError
 from tests.aws import REGION, aws_environment, moto_server  # noqa: F401

@@ -22,14 +22,14 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
 from cachenode.client import NodeClient
+from cachenode.routing import Ring, parse_address
 from imagecache.app import create_app as create_gateway
 from imagecache.appkeys import SERVICE
-from imagecache.config import AwsConfig, Config, ConfigError, load_config, parse_address
-from imagecache.ring import Ring
+from imagecache.config import AwsConfig, Config, ConfigError, load_config
 from manager.app import create_app as create_manager
 from manager.appkeys import CONTROLLER, RECORDS
 from manager.backends.base import NodeHandle
-from manager.pool import FOLLOWED_CAUSE
+from manager.resizehistory import FOLLOWED_CAUSE
 from tests.aws import aws_environment, moto_server  # noqa: F401
 from tests.conftest import NodeProcess, image_bytes, start_node_process
 from tests.test_aws_pool import (  # noqa: F401

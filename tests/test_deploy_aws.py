@@ -25,7 +25,8 @@ from aiobotocore.session import get_session
 from cfnlint.decode import cfn_yaml  # type: ignore[import-untyped]
 
 from cachenode.client import NodeClient
-from imagecache.config import AwsConfig, Config, load_config, parse_address
+from cachenode.routing import parse_address
+from imagecache.config import AwsConfig, Config, load_config
 from manager.backends.aws import open_aws_pool
 from tests.aws import REGION, aws_environment, moto_server  # noqa: F401
 from tests.conftest import NodeProcess, start_node_process

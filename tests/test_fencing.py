@@ -57,7 +57,8 @@ from PIL import Image as PILImage
 from PIL import PngImagePlugin, UnidentifiedImageError
 
 from cachenode.client import CachedItem, NodeClient
-from imagecache.config import load_config, parse_address
+from cachenode.routing import parse_address
+from imagecache.config import load_config
 from manager.app import backend_ctx
 from manager.app import create_app as create_manager
 from manager.appkeys import BACKEND

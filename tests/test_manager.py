@@ -19,9 +19,10 @@ from aiohttp.test_utils import TestServer
 from PIL import Image as PILImage
 
 from cachenode.client import NodeClient
+from cachenode.routing import parse_address
 from imagecache.app import create_app as create_gateway
 from imagecache.appkeys import POOL
-from imagecache.config import Config, parse_address, with_data_dir
+from imagecache.config import Config, with_data_dir
 from manager.app import create_app as create_manager
 from manager.appkeys import AUTOSCALER, BACKEND, CONTROLLER, RECORDS
 from tests.conftest import image_bytes

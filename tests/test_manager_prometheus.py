@@ -23,8 +23,9 @@ from prometheus_client.samples import Sample
 
 from cachenode.client import NodeAccess, NodeClient
 from cachenode.protocol import MissKind
+from cachenode.routing import parse_address
 from cachenode.store import ITEM_OVERHEAD, MIB
-from imagecache.config import Config, parse_address, with_data_dir
+from imagecache.config import Config, with_data_dir
 from imagecache.database import Database
 from manager.app import create_app as create_manager
 from manager.appkeys import BACKEND, CONTROLLER, RECORDS

@@ -8,9 +8,8 @@ from pathlib import Path
 import aiohttp
 
 from cachenode.client import NodeClient
+from cachenode.routing import Ring, parse_address
 from imagecache.appkeys import SERVICE
-from imagecache.config import parse_address
-from imagecache.ring import Ring
 from manager.appkeys import CONTROLLER
 from manager.backends.base import NodeHandle
 from tests.conftest import image_bytes

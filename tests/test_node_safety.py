@@ -21,9 +21,9 @@ import pytest
 from cachenode.client import LeaseGranted, NodeClient
 from cachenode.errors import NodeTimeout
 from cachenode.node import Node
+from cachenode.routing import Ring
 from cachenode.server import NodeConfig, NodeServer
 from cachenode.store import DEFAULT_TOMBSTONE_SECONDS, MIB, Store
-from imagecache.ring import Ring
 from manager.backends.base import NodeHandle
 from manager.migration import move_keys
 from tests.conftest import NodeProcess, start_node_process

@@ -14,7 +14,7 @@ import json
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypedDict, Unpack, cast
 
 from cachenode.errors import NodeError, NodeReplyError, NodeTimeout, NodeUnavailable, ProtocolError
 from cachenode.inplace import receive_in_place
@@ -35,6 +35,7 @@ from cachenode.protocol import (
     decode_keys_entries,
     encode_header,
 )
+from cachenode.routing import parse_address
 from cachenode.status import Status
 
 # check_soon queues behind at most this many requests; beyond, the caller
@@ -215,8 +216,24 @@ class _Connection(asyncio.Protocol):
                 future.set_exception(error)
 
 
+class ClientOptions(TypedDict, total=False):
+    """The keyword arguments of ``NodeClient``, for ``NodeClient.at``."""
+
+    pool_size: int
+    timeout: float
+    connect_timeout: float
+    access: NodeAccess
+
+
 class NodeClient:
     """Talks to the node at ``host:port``; use as ``async with`` or call ``close``."""
+
+    @classmethod
+    def at(cls, address: str, **options: Unpack[ClientOptions]) -> NodeClient:
+        """A client of the node at ``address`` (``host:port``); raises
+        AddressError (a ValueError) when it is not one."""
+        host, port = parse_address(address)
+        return cls(host, port, **options)
 
     def __init__(
         self,

@@ -34,9 +34,8 @@ from cachenode.client import (
 )
 from cachenode.errors import NodeError, NodeReplyError
 from cachenode.protocol import MissKind
+from cachenode.routing import Ring
 from cachenode.status import Status
-from imagecache.config import parse_address
-from imagecache.ring import Ring
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,10 +132,8 @@ class CachePool:
             del self._members[member.node_id]
         for node_id, address in wanted.items():
             if node_id not in self._members:
-                host, port = parse_address(address)
-                client = NodeClient(
-                    host,
-                    port,
+                client = NodeClient.at(
+                    address,
                     timeout=self._timeout,
                     connect_timeout=self._timeout,
                     access=self._node_access,

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cachenode.client import NodeAccess
+from cachenode.routing import AddressError, parse_address
 
 DEFAULT_DATA_DIR = Path("imagecache-data")
 MIB = 1 << 20
@@ -185,7 +186,10 @@ class Config:
                 f" not {self.gateway.max_image_pixels}"
             )
         for node in self.gateway.nodes:
-            parse_address(node)
+            try:
+                parse_address(node)
+            except AddressError as error:
+                raise ConfigError(str(error)) from None
         if self.manager.pool not in ("local", "aws"):
             raise ConfigError(f"manager.pool must be 'local' or 'aws', not {self.manager.pool!r}")
         if self.manager.pool == "aws" and not self.manager.asg_name:
@@ -248,14 +252,6 @@ def _validate_announcements(manager: ManagerConfig) -> None:
             "manager.notify_retry_seconds must be above 0 and at most 3600,"
             f" not {manager.notify_retry_seconds:g}"
         )
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``host:port`` as a pair; raises ConfigError when it is not one."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"not a host:port address: {address!r}")
-    return host, int(port)
 
 
 # Environment variables and the setting each one sets, with its parser.

@@ -19,9 +19,9 @@ from typing import Any
 
 from cachenode.client import OPEN_ACCESS, NodeAccess, NodeClient
 from cachenode.errors import NodeError
-from imagecache.config import ConfigError, parse_address
 from manager.backends.base import NodeHandle
 from manager.metrics import MetricsStore, MinuteStats, PoolSample, minute_of
+from manager.nodestats import uptime_of
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ class _Reading:
     @classmethod
     def from_stats(cls, stats: dict[str, Any]) -> _Reading:
         """Raises KeyError, TypeError or ValueError for a STATS reply without the counters."""
-        uptime = stats.get("uptime")
         return cls(
             lookups=int(stats["lookups"]),
             hits=int(stats["hits"]),
@@ -62,7 +61,7 @@ class _Reading:
             deletes=int(stats["deletes"]),
             items=int(stats["items"]),
             bytes=int(stats["bytes"]),
-            uptime=float(uptime) if isinstance(uptime, int | float) else None,
+            uptime=uptime_of(stats),
             missing=int(stats.get("missing_lookups", 0)),
             uncacheable=int(stats.get("uncacheable_lookups", 0)),
         )
@@ -211,7 +210,7 @@ class Collector:
         try:
             client = self._client(node)
             reading = _Reading.from_stats(await client.stats())
-        except (NodeError, ConfigError, KeyError, TypeError, ValueError) as error:
+        except (NodeError, KeyError, TypeError, ValueError) as error:
             if node.node_id not in self._failing:
                 self._failing.add(node.node_id)
                 log.warning(
@@ -227,10 +226,8 @@ class Collector:
         known = self._clients.get(node.node_id)
         if known is not None:
             return known[1]
-        host, port = parse_address(node.address)
-        client = NodeClient(
-            host,
-            port,
+        client = NodeClient.at(
+            node.address,
             pool_size=1,
             timeout=self._timeout,
             connect_timeout=self._timeout,

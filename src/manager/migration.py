@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 from cachenode.client import OPEN_ACCESS, CachedItem, LeaseGranted, NodeAccess, NodeClient
 from cachenode.errors import NodeError
-from imagecache.config import parse_address
+from cachenode.routing import Ring
 from imagecache.errors import StorageError
-from imagecache.ring import Ring
 from manager.backends.base import NodeHandle
 
 log = logging.getLogger(__name__)
@@ -69,9 +68,8 @@ async def move_keys(
 
     def client(node: NodeHandle) -> NodeClient:
         if node.node_id not in clients:
-            host, port = parse_address(node.address)
-            clients[node.node_id] = NodeClient(
-                host, port, pool_size=2, timeout=5, access=node_access
+            clients[node.node_id] = NodeClient.at(
+                node.address, pool_size=2, timeout=5, access=node_access
             )
         return clients[node.node_id]
 
@@ -104,8 +102,7 @@ async def drop_keys_owned_elsewhere(
     """Delete from each source the keys it no longer owns under ``ring``; returns how many."""
     dropped = 0
     for source in sources:
-        host, port = parse_address(source.address)
-        async with NodeClient(host, port, timeout=5, access=node_access) as origin:
+        async with NodeClient.at(source.address, timeout=5, access=node_access) as origin:
             try:
                 foreign = [
                     k async for k, _ in origin.iter_keys(BATCH) if ring.owner(k) != source.node_id

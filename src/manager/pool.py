@@ -20,24 +20,23 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from cachenode.client import OPEN_ACCESS, NodeAccess, NodeClient
-from cachenode.errors import NodeError
+from cachenode.client import OPEN_ACCESS, NodeAccess
+from cachenode.routing import Ring
 from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool
 from imagecache.catalog import ImageCatalog
-from imagecache.config import parse_address
 from imagecache.errors import StorageError
 from imagecache.invalidation import Invalidator
 from imagecache.membership import MembershipFollower
 from imagecache.poolmembers import MembershipStore, NodeRecord
-from imagecache.ring import Ring
 from imagecache.service import ImageService
 from manager.backends.base import NodeHandle, PoolBackend, PoolError
 from manager.migration import MigrationReport, drop_keys_owned_elsewhere, move_keys
+from manager.nodecalls import clearing, configuring, pinging, succeeding
 from manager.notify import ResizeNotice
 from manager.records import FAILED_CAUSE, ManagerRecords
+from manager.resizehistory import Reconciliation, ResizeHistory, change_of, ids_of
 from manager.settings import MAX_NODES, MIN_NODES, CacheSettings
 
 log = logging.getLogger(__name__)
@@ -58,34 +57,6 @@ class Resize:
     after: int
 
 
-@dataclass(frozen=True, slots=True)
-class Reconciliation:
-    """What ``PoolController.reconcile`` changed: the nodes that joined and left."""
-
-    joined: list[NodeHandle]
-    left: list[NodeHandle]
-
-    def __bool__(self) -> bool:
-        return bool(self.joined or self.left)
-
-    def cause(self) -> str:
-        """The change as the activity history's cause."""
-        parts = []
-        if self.left:
-            parts.append(f"{_ids(self.left)} left (no longer running)")
-        if self.joined:
-            parts.append(f"{_ids(self.joined)} joined")
-        return f"{FOLLOWED_CAUSE} {', '.join(parts)}"
-
-
-# The cause of a membership change the backend made (reconcile), not the manager.
-FOLLOWED_CAUSE = "pool follows its nodes:"
-
-
-def _ids(nodes: Sequence[NodeHandle]) -> str:
-    return ", ".join(n.node_id for n in nodes)
-
-
 class PoolController:
     def __init__(
         self,
@@ -100,7 +71,7 @@ class PoolController:
         """``announce``: told of every resize recorded, taken or failed; it must not
         block (manager.notify.Notifier.announce queues it)."""
         self._backend = backend
-        self._announce = announce
+        self._history = ResizeHistory(records, announce)
         self._node_access = node_access
         self._catalog = catalog
         self._membership = members
@@ -179,28 +150,11 @@ class PoolController:
             change = Reconciliation(joined=joined, left=left)
             if change:
                 cause = change.cause()
-                activity_id: int | None = None
-                with contextlib.suppress(StorageError):
-                    activity_id = await self._records.add_activity(
-                        before,
-                        self.size,
-                        cause,
-                        None,
-                        duration_seconds=time.monotonic() - started,
-                    )
-                if self.size != before:  # a replacement keeps the size: history only
-                    self._announce(
-                        ResizeNotice(
-                            activity_id,
-                            before,
-                            self.size,
-                            self.size,
-                            cause,
-                            None,
-                            failed=False,
-                            at=datetime.now(UTC),
-                        )
-                    )
+                await self._history.keep(
+                    change_of(before, self.size, self.size, cause, None, failed=False),
+                    started,
+                    announced=self.size != before,  # a replacement keeps the size: history only
+                )
                 log.info("pool follows its backend, %d -> %d: %s", before, self.size, cause)
             return change
 
@@ -273,50 +227,19 @@ class PoolController:
         except PoolError as error:
             # Kept in the activity history (and counted by /metrics) with the size kept.
             failure = f"{FAILED_CAUSE} {cause}: {error}"
-            activity_id = None
-            with contextlib.suppress(StorageError):
-                activity_id = await self._records.add_activity(
-                    before,
-                    len(self._members),
-                    failure,
-                    miss_rate,
-                    duration_seconds=time.monotonic() - started,
-                    lookups=lookups,
-                )
-            self._announce(
-                ResizeNotice(
-                    activity_id,
-                    before,
-                    target,
-                    len(self._members),
-                    failure,
-                    miss_rate,
-                    failed=True,
-                    at=datetime.now(UTC),
-                )
+            await self._history.keep(
+                change_of(before, target, self.size, failure, miss_rate, failed=True),
+                started,
+                lookups,
             )
             raise
         if target != before:
             self.last_resize = time.monotonic()
-            activity_id = await self._records.add_activity(
-                before,
-                target,
-                cause,
-                miss_rate,
-                duration_seconds=self.last_resize - started,
-                lookups=lookups,
-            )
-            self._announce(
-                ResizeNotice(
-                    activity_id,
-                    before,
-                    target,
-                    target,
-                    cause,
-                    miss_rate,
-                    failed=False,
-                    at=datetime.now(UTC),
-                )
+            await self._history.keep(
+                change_of(before, target, target, cause, miss_rate, failed=False),
+                started,
+                lookups,
+                must_keep=True,
             )
             log.info(
                 "pool resized %d -> %d in %.1f s: %s",
@@ -355,19 +278,24 @@ class PoolController:
         """Copy to the joining nodes the keys they now own, then route to them."""
         old = list(self._members)
         everyone = old + list(joining)
-        self.last_migration = await move_keys(
-            old,
-            Ring([n.node_id for n in everyone]),
-            {n.node_id: n for n in everyone},
-            self._catalog.versions,
-            node_access=self._node_access,
-        )
+        ring = await self._move_keys(old, everyone)
         self._members = everyone
         await self._publish()  # every gateway routes to them from now on
         # The old owners drop the copies they handed over.
-        await drop_keys_owned_elsewhere(
-            old, Ring([n.node_id for n in everyone]), node_access=self._node_access
+        await drop_keys_owned_elsewhere(old, ring, node_access=self._node_access)
+
+    async def _move_keys(self, sources: Sequence[NodeHandle], owners: Sequence[NodeHandle]) -> Ring:
+        """Copy from ``sources`` the keys that ``owners`` own by the ring of the
+        owners, which it returns (``last_migration``: what moved)."""
+        ring = Ring([n.node_id for n in owners])
+        self.last_migration = await move_keys(
+            sources,
+            ring,
+            {n.node_id: n for n in owners},
+            self._catalog.versions,
+            node_access=self._node_access,
         )
+        return ring
 
     async def _join_answering(self, nodes: Sequence[NodeHandle]) -> list[NodeHandle]:
         """Join those of ``nodes`` that answer, as a grow joins its new nodes;
@@ -380,7 +308,7 @@ class PoolController:
         try:
             await self._prepare_joining(answering)
         except PoolError as error:
-            log.warning("nodes %s did not join, tried again later: %s", _ids(answering), error)
+            log.warning("nodes %s did not join, tried again later: %s", ids_of(answering), error)
             return []
         await self._warm_and_route(answering)
         return answering
@@ -396,7 +324,7 @@ class PoolController:
         vanished = [n for n in self._members if n not in running]
         if not vanished:
             return []
-        log.warning("members %s are no longer running; they leave the pool", _ids(vanished))
+        log.warning("members %s are no longer running; they leave the pool", ids_of(vanished))
         self._members = [n for n in self._members if n not in vanished]
         await self._publish(leaving=vanished)
         await self._publish()
@@ -406,13 +334,7 @@ class PoolController:
         """Hand the leaving nodes' keys to their new owners, stop routing to them, stop them."""
         # The newest nodes leave: the oldest hold the longest-lived keys.
         staying, leaving = self._members[:-count], self._members[-count:]
-        self.last_migration = await move_keys(
-            leaving,
-            Ring([n.node_id for n in staying]),
-            {n.node_id: n for n in staying},
-            self._catalog.versions,
-            node_access=self._node_access,
-        )
+        await self._move_keys(leaving, staying)
         self._members = staying
         # Leaving: no gateway reads from them from now on, and all still invalidate them ...
         await self._publish(leaving=leaving)
@@ -436,7 +358,7 @@ class PoolController:
         """Empty every node, refusing fills of anything not newer than what is stored."""
         async with self._lock:  # not while a resize moves keys around
             floor = await self._catalog.current_version() + 1
-            await asyncio.gather(*(self._on_node(n, "clear", floor) for n in self.members))
+            await succeeding(self.members, clearing(floor), self._node_access)
 
     async def delete_all(self, blobs: BlobStore) -> int:
         """Delete every image as the gateway's ``delete_all`` does (the outbox, every
@@ -453,42 +375,21 @@ class PoolController:
 
     async def ping_all(self) -> dict[str, bool]:
         """Which members answer PING, by node id."""
-        answers = await asyncio.gather(*(self._on_node(n, "ping") for n in self.members))
-        return {n.node_id: ok for n, ok in zip(self.members, answers, strict=True)}
+        answering = await succeeding(self.members, pinging, self._node_access)
+        return {n.node_id: n in answering for n in self.members}
 
     async def _configure(
         self, nodes: Sequence[NodeHandle], settings: CacheSettings, strict: bool = True
     ) -> None:
-        results = await asyncio.gather(*(self._on_node(n, "config", settings) for n in nodes))
-        failed = [n.address for n, ok in zip(nodes, results, strict=True) if not ok]
-        if failed and strict:
-            raise PoolError(f"could not configure cache node(s) {', '.join(failed)}")
+        configured = await self._configured(nodes, settings)
+        if strict:
+            _all_of(nodes, configured, "configure")
 
     async def _configured(
         self, nodes: Sequence[NodeHandle], settings: CacheSettings
     ) -> list[NodeHandle]:
         """Give ``nodes`` the settings; returns those that took them, in order."""
-        results = await asyncio.gather(*(self._on_node(n, "config", settings) for n in nodes))
-        return [n for n, ok in zip(nodes, results, strict=True) if ok]
-
-    async def _on_node(self, node: NodeHandle, action: str, argument: object = None) -> bool:
-        host, port = parse_address(node.address)
-        try:
-            async with NodeClient(
-                host, port, pool_size=1, timeout=5, access=self._node_access
-            ) as client:
-                if action == "config":
-                    assert isinstance(argument, CacheSettings)
-                    await client.config(capacity_mb=argument.capacity_mb, policy=argument.policy)
-                elif action == "clear":
-                    assert isinstance(argument, int)
-                    await client.clear(version=argument)
-                else:
-                    await client.ping()
-        except NodeError as error:
-            log.warning("cache node %s: %s failed: %s", node.address, action, error)
-            return False
-        return True
+        return await succeeding(nodes, configuring(settings), self._node_access)
 
     async def _clear_strictly(self, nodes: Sequence[NodeHandle]) -> None:
         """Empty ``nodes``; raises PoolError if one fails.
@@ -499,10 +400,7 @@ class PoolController:
         """
         if not nodes:
             return
-        results = await asyncio.gather(*(self._on_node(n, "clear", 0) for n in nodes))
-        failed = [n.address for n, ok in zip(nodes, results, strict=True) if not ok]
-        if failed:
-            raise PoolError(f"could not clear cache node(s) {', '.join(failed)}")
+        _all_of(nodes, await succeeding(nodes, clearing(0), self._node_access), "clear")
 
     async def _publish(
         self, joining: Sequence[NodeHandle] = (), leaving: Sequence[NodeHandle] = ()
@@ -516,6 +414,13 @@ class PoolController:
             await self._membership.wait_for_gateways(epoch, self._gateway_wait_seconds)
         except StorageError as error:
             raise PoolError(str(error)) from error
+
+
+def _all_of(nodes: Sequence[NodeHandle], done: Sequence[NodeHandle], action: str) -> None:
+    """Raises PoolError naming the ``nodes`` that are not ``done``."""
+    failed = [n.address for n in nodes if n not in done]
+    if failed:
+        raise PoolError(f"could not {action} cache node(s) {', '.join(failed)}")
 
 
 def _check_size(target: int) -> None:

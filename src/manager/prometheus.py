@@ -35,12 +35,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from cachenode.client import NodeAccess, NodeClient
+from cachenode.client import NodeAccess
 from cachenode.errors import NodeError
-from imagecache.config import ConfigError, parse_address
+from cachenode.routing import AddressError
 from manager.appkeys import COLLECTOR, CONFIG, CONTROLLER, CURVES, RECORDS
 from manager.backends.base import NodeHandle
 from manager.metrics import MinuteStats
+from manager.nodestats import read_stats
 
 log = logging.getLogger(__name__)
 
@@ -232,18 +233,8 @@ def _per_node(
 async def read_node(node: NodeHandle, access: NodeAccess) -> NodeStats | None:
     """The node's STATS figures, or None when it does not answer them in ``NODE_TIMEOUT``."""
     try:
-        host, port = parse_address(node.address)
-        async with asyncio.timeout(NODE_TIMEOUT):
-            async with NodeClient(
-                host,
-                port,
-                pool_size=1,
-                timeout=NODE_TIMEOUT,
-                connect_timeout=NODE_TIMEOUT,
-                access=access,
-            ) as client:
-                return NodeStats.from_stats(await client.stats())
-    except (NodeError, ConfigError, TimeoutError, OSError) as error:
+        return NodeStats.from_stats(await read_stats(node, access, NODE_TIMEOUT))
+    except (NodeError, AddressError, TimeoutError, OSError) as error:
         # The collector warns about a node that stops answering; once is enough.
         log.debug("node %s (%s) left out of the scrape: %s", node.node_id, node.address, error)
     except (KeyError, TypeError, ValueError) as error:

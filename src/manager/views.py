@@ -5,17 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 
-from cachenode.client import NodeAccess, NodeClient
-from cachenode.errors import NodeError
-from imagecache.config import ConfigError, parse_address
 from imagecache.flash import set_flash, take_flash
 from manager.appkeys import (
     ANNOUNCEMENTS,
@@ -41,11 +37,12 @@ from manager.auth import (
     local_path,
     retry_after,
 )
-from manager.backends.base import NodeHandle, PoolError
+from manager.backends.base import PoolError
 from manager.charts import render_charts
 from manager.chartsvg import Chart, MissThresholds
 from manager.curvechart import render_curve
 from manager.forms import read_form
+from manager.nodestats import node_health
 from manager.pool import ResizeError
 from manager.records import FAILED_CAUSE
 from manager.settings import (
@@ -62,9 +59,6 @@ log = logging.getLogger(__name__)
 
 SPAN_MINUTES = 30
 _WHOLE_NUMBER = re.compile("0*[1-9][0-9]{0,3}")  # 1 or more
-# How long the Memory Configuration page waits for a node's STATS: a node
-# that is slower than this is shown as not answering, and the page is not held up.
-HEALTH_TIMEOUT_SECONDS = 0.5
 # Resizes shown as marks on the charts: more than a 30-minute span can hold.
 CHART_RESIZES = 100
 # The settings form's labels (templates/manager/config.html), by API and by
@@ -196,65 +190,6 @@ async def logout(request: web.Request) -> web.Response:
     response = _redirect("/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     return response
-
-
-@dataclass(frozen=True, slots=True)
-class NodeHealth:
-    """One node as its STATS showed it just now (``answers`` False: no figures)."""
-
-    answers: bool
-    items: int = 0
-    megabytes: float = 0.0
-    hit_rate: float | None = None  # over the node's lifetime; None before any lookup
-    uptime_seconds: float | None = None
-
-    @property
-    def uptime(self) -> str:
-        """The uptime as a person reads it: 45 s, 12 min, 3 h 05 min, 2 d 4 h."""
-        if self.uptime_seconds is None:
-            return "\N{EN DASH}"
-        seconds = int(self.uptime_seconds)
-        if seconds < 60:
-            return f"{seconds} s"
-        if seconds < 3600:
-            return f"{seconds // 60} min"
-        if seconds < 86400:
-            return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-        return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
-
-
-async def node_health(nodes: Sequence[NodeHandle], access: NodeAccess) -> dict[str, NodeHealth]:
-    """Every node's STATS, read concurrently, each within HEALTH_TIMEOUT_SECONDS."""
-    answers = await asyncio.gather(*(_health_of(node, access) for node in nodes))
-    return {node.node_id: health for node, health in zip(nodes, answers, strict=True)}
-
-
-async def _health_of(node: NodeHandle, access: NodeAccess) -> NodeHealth:
-    try:
-        host, port = parse_address(node.address)
-        async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
-            async with NodeClient(
-                host,
-                port,
-                pool_size=1,
-                timeout=HEALTH_TIMEOUT_SECONDS,
-                connect_timeout=HEALTH_TIMEOUT_SECONDS,
-                access=access,
-            ) as client:
-                stats = await client.stats()
-        lookups, hits = int(stats["lookups"]), int(stats["hits"])
-        uptime = stats.get("uptime")
-        return NodeHealth(
-            answers=True,
-            items=int(stats["items"]),
-            megabytes=int(stats["bytes"]) / (1 << 20),
-            hit_rate=hits / lookups if lookups else None,
-            uptime_seconds=float(uptime) if isinstance(uptime, int | float) else None,
-        )
-    except (NodeError, ConfigError, OSError, TimeoutError, KeyError, TypeError, ValueError):
-        # Not logged: the page asks every few seconds, and the collector
-        # already logs a node that stops answering (once per failure streak).
-        return NodeHealth(answers=False)
 
 
 async def config_page(request: web.Request) -> web.Response:

@@ -30,7 +30,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from cachenode.client import OPEN_ACCESS, NodeAccess, NodeClient
 from cachenode.errors import NodeError
-from imagecache.config import AwsConfig, ConfigError, parse_address
+from cachenode.routing import AddressError, parse_address
+from imagecache.config import AwsConfig
 from manager.backends.base import NodeHandle, PoolError
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ class AwsPool:
         try:
             address = self._resolve_address(instance_id, private_ip)
             parse_address(address)
-        except ConfigError as error:
+        except AddressError as error:
             raise PoolError(f"bad node address for instance {instance_id}: {error}") from error
         except Exception as error:
             # The resolver is the caller's code; whatever it raises, the manager
@@ -387,10 +388,8 @@ def _in_service(group: dict[str, Any]) -> list[str]:
 
 async def _answers(handle: NodeHandle, node_access: NodeAccess) -> bool:
     """Whether the node at ``handle.address`` answers PING now."""
-    host, port = parse_address(handle.address)
-    client = NodeClient(
-        host,
-        port,
+    client = NodeClient.at(
+        handle.address,
         pool_size=1,
         timeout=_PROBE_TIMEOUT,
         connect_timeout=_PROBE_CONNECT_TIMEOUT,

@@ -1,15 +1,29 @@
-"""Which cache node owns a key: rendezvous (highest random weight) hashing.
+"""Client-side routing: node addresses, and which node owns a key.
 
-Every node gets a score per key; the highest score owns it. Adding or removing
-a node moves only the keys that node wins or held (about 1/N of them), and
-every gateway computes the same owner from the same membership, with no ring
-state to keep in sync.
+Owners come from rendezvous (highest random weight) hashing: every node gets
+a score per key and the highest score owns it. Adding or removing a node
+moves only the keys that node wins or held (about 1/N of them), and every
+client computes the same owner from the same membership, with no ring state
+to keep in sync. The gateway routes reads by it, and the manager moves keys
+by it when the pool resizes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from hashlib import blake2b
+
+
+class AddressError(ValueError):
+    """Not a ``host:port`` node address."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` as a pair; raises AddressError when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AddressError(f"not a host:port address: {address!r}")
+    return host, int(port)
 
 
 class Ring:
