@@ -25,14 +25,11 @@ from cachenode.server import NodeConfig, NodeServer
 from imagecache.app import create_app, gateway_site
 from imagecache.appkeys import FAST_PATH_COUNTERS, KEPT_COPIES, POOL
 from imagecache.config import Config
-from imagecache.fastpath import (
-    REPORT_SECONDS,
-    FastPathCounters,
-    FastPathSite,
-    parse_image_request,
-)
+from imagecache.fastpath import FastPathCounters, FastPathSite
+from imagecache.fastrequests import parse_image_request
 from imagecache.keptcopies import etag_matches
 from imagecache.memfiles import MIN_FILE_BYTES, MemoryFiles
+from imagecache.versionchecks import REPORT_SECONDS
 from tests.conftest import image_bytes
 
 

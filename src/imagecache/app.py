@@ -58,7 +58,8 @@ CLEAN_UP_SECONDS = 600.0
 def gateway_site(
     runner: web.AppRunner, host: str, port: int, *, idle_timeout: float = 75.0
 ) -> FastPathSite:
-    """The gateway's listening site: connections start on the fast path for cache hits.
+    """The gateway's listening site: connections start on the fast path for cache hits
+    (unless gateway.fast_path is off).
 
     ``idle_timeout`` closes fast-path connections that send nothing for that
     long, as aiohttp's keep-alive timeout (75 s by default) does for its own.
@@ -78,7 +79,7 @@ def gateway_site(
             sampler=app[KEY_SAMPLER],
         )
 
-    return FastPathSite(runner, host, port, fast_path)
+    return FastPathSite(runner, host, port, fast_path if app[CONFIG].gateway.fast_path else None)
 
 
 def create_app(config: Config, *, key_sample_rate: float = SAMPLING_RATE) -> web.Application:

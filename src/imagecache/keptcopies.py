@@ -15,12 +15,6 @@ from dataclasses import dataclass
 from imagecache.memfiles import MemoryFile, MemoryFiles
 from imagecache.webguards import SECURITY_HEADERS
 
-# The headers aiohttp's responses get from webguards.add_security_headers.
-_SECURITY_HEADER_LINES = b"".join(
-    b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in SECURITY_HEADERS
-)
-
-
 # A sample bucket above every sampling threshold: the copy's lookups are never sampled.
 NEVER_SAMPLED = 1 << 32
 
@@ -59,6 +53,34 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
     return b"*" in tokens or etag in tokens or b"W/" + etag in tokens
 
 
+def image_header_fields(
+    version: int, content_type: str | None = None, length: int = 0
+) -> list[tuple[str, str]]:
+    """The headers of an image response, in the order sent: a 200's with
+    ``content_type`` and ``length`` (the body's size), a 304's without.
+
+    Both ways a gateway answers a read send these: the image handler of
+    ``pages`` (aiohttp adds Date and Server after them) and the fast path
+    (``prepared`` makes them bytes once per copy).
+    no-cache: browsers revalidate every time (cheap: a 304), so an updated
+    image shows at once, never a stale copy. The security headers are those
+    aiohttp's other responses get from webguards.add_security_headers.
+    """
+    typed = [] if content_type is None else [("Content-Type", content_type)]
+    sized = [] if content_type is None else [("Content-Length", str(length))]
+    return [
+        *typed,
+        *sized,
+        ("ETag", etag_of(version)),
+        ("Cache-Control", "no-cache"),
+        *SECURITY_HEADERS,
+    ]
+
+
+def _header_lines(fields: list[tuple[str, str]]) -> bytes:
+    return b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in fields)
+
+
 def prepared(
     version: int,
     content_type: str,
@@ -71,12 +93,8 @@ def prepared(
     and its bytes in an in-memory file when ``files`` can make one;
     ``sample_bucket``: its key's bucket for the miss curve's sample."""
     etag = etag_of(version).encode()
-    common = b"ETag: %s\r\nCache-Control: no-cache\r\n%s" % (etag, _SECURITY_HEADER_LINES)
-    headers = b"Content-Type: %s\r\nContent-Length: %d\r\n%s" % (
-        content_type.encode(),
-        len(body),
-        common,
-    )
+    headers = _header_lines(image_header_fields(version, content_type, len(body)))
+    common = _header_lines(image_header_fields(version))
     file = files.make(body) if files is not None else None
     if file is None:
         return KeptImage(version, etag, headers, common, body, sample_bucket=sample_bucket)

@@ -12,7 +12,7 @@ from imagecache.appkeys import CONFIG, FLASH_SECRET, KEPT_COPIES, KEY_SAMPLER, S
 from imagecache.errors import BadRequest, ImagecacheError, ImageNotFound
 from imagecache.flash import set_flash, take_flash
 from imagecache.images import KEY_RULE, check_key
-from imagecache.keptcopies import etag_matches, etag_of
+from imagecache.keptcopies import etag_matches, etag_of, image_header_fields
 from imagecache.uploads import read_upload
 
 
@@ -89,13 +89,12 @@ async def image(request: web.Request) -> web.StreamResponse:
     request.app[KEY_SAMPLER].looked_up(found.key, len(found.data))
     # The fast path serves later hits of this key from this copy (fastpath.py).
     request.app[KEPT_COPIES].keep(found.key, found.version, found.content_type, found.data)
+    # The same headers as the fast path's (keptcopies.image_header_fields).
     etag = etag_of(found.version)
-    # no-cache: browsers revalidate every time (cheap: a 304), so an updated
-    # image shows at once, never a stale copy.
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if etag_matches(request.headers.get("If-None-Match", "").encode(), etag.encode()):
-        return web.Response(status=304, headers=headers)
-    return web.Response(body=found.data, content_type=found.content_type, headers=headers)
+        return web.Response(status=304, headers=image_header_fields(found.version))
+    headers = image_header_fields(found.version, found.content_type, len(found.data))
+    return web.Response(body=found.data, headers=headers)
 
 
 _HTTP_ERRORS: dict[int, type[web.HTTPException]] = {
