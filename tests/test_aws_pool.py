@@ -20,7 +20,7 @@ from aiobotocore.session import AioSession, get_session
 from cachenode.client import NodeClient
 from cachenode.routing import parse_address
 from imagecache.config import AwsConfig
-from manager.backends.aws import AwsPool, open_aws_pool
+from manager.backends.aws import AwsPool
 from manager.backends.base import NodeHandle, PoolError
 from tests.aws import REGION, aws_environment, moto_server  # noqa: F401
 from tests.conftest import NodeProcess, start_node_process
@@ -151,7 +151,7 @@ async def test_grow_and_shrink_from_one_to_three_to_two_to_one(
     aws: AwsConfig, clients: tuple[Any, Any], group: str, fleet: NodeFleet
 ) -> None:
     autoscaling, ec2 = clients
-    async with open_aws_pool(
+    async with AwsPool(
         group, NODE_PORT, aws, resolve_address=fleet.resolve, ready_timeout=30, poll_seconds=0.05
     ) as pool:
         [first] = await pool.nodes()
@@ -207,7 +207,7 @@ async def test_grow_of_unreachable_nodes_fails_in_time_and_gives_capacity_back(
         resolved.append(instance_id)
         return dead
 
-    async with open_aws_pool(
+    async with AwsPool(
         group, NODE_PORT, aws, resolve_address=resolve, ready_timeout=0.5, poll_seconds=0.05
     ) as pool:
         started = time.monotonic()
@@ -232,7 +232,7 @@ async def test_refused_resizes_change_nothing(
     await autoscaling.update_auto_scaling_group(AutoScalingGroupName=group, MinSize=1)
     [member] = in_service(await describe_group(autoscaling, group))
 
-    async with open_aws_pool(group, NODE_PORT, aws) as pool:
+    async with AwsPool(group, NODE_PORT, aws) as pool:
         with pytest.raises(PoolError, match="MaxSize is 8"):
             await pool.grow(8)
         with pytest.raises(ValueError, match="at least 1"):
@@ -250,7 +250,7 @@ async def test_refused_resizes_change_nothing(
 
 async def test_a_missing_group_fails_at_start(aws: AwsConfig) -> None:
     with pytest.raises(PoolError, match="no Auto Scaling group named 'nowhere'"):
-        async with open_aws_pool("nowhere", NODE_PORT, aws):
+        async with AwsPool("nowhere", NODE_PORT, aws):
             pass
 
 

@@ -27,7 +27,7 @@ from cfnlint.decode import cfn_yaml  # type: ignore[import-untyped]
 from cachenode.client import NodeClient
 from cachenode.routing import parse_address
 from imagecache.config import AwsConfig, Config, load_config
-from manager.backends.aws import open_aws_pool
+from manager.backends.aws import AwsPool
 from tests.aws import REGION, aws_environment, moto_server  # noqa: F401
 from tests.conftest import NodeProcess, start_node_process
 
@@ -531,7 +531,7 @@ async def test_stack_deploys_and_the_manager_pool_drives_its_node_group(
     assert gateway.blobs.prefix == "images/"
 
     # The manager's pool drives the group the stack made.
-    async with open_aws_pool(
+    async with AwsPool(
         group_name,
         NODE_PORT,
         AwsConfig(REGION, moto_server),

@@ -16,24 +16,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypedDict, Unpack, cast
 
-from cachenode.errors import NodeError, NodeReplyError, NodeTimeout, NodeUnavailable, ProtocolError
-from cachenode.inplace import receive_in_place
+from cachenode.connection import Connection, abandon_if_cancelled
+from cachenode.errors import NodeError, NodeReplyError, NodeTimeout, NodeUnavailable
 from cachenode.leases import MAX_LEASE_SECONDS
 from cachenode.protocol import (
-    COALESCE_LIMIT,
     DEFAULT_KEYS_COUNT,
-    MAGIC_REQUEST,
-    MAGIC_RESPONSE,
-    MAX_REQUEST_ID,
     MILLISECONDS,
     TICKET,
     Frame,
-    FrameDecoder,
     MissKind,
     Opcode,
-    OversizedFrame,
     decode_keys_entries,
-    encode_header,
 )
 from cachenode.routing import parse_address
 from cachenode.status import Status
@@ -59,16 +52,19 @@ OPEN_ACCESS = NodeAccess()  # nodes without a token, in the clear
 
 @dataclass(frozen=True, slots=True)
 class CachedItem:
+    """An item as the node holds it: its value, its flags and its version."""
+
     value: bytes
     flags: int
     version: int
 
-
-def _cached_item(frame: Frame) -> CachedItem:
-    # A large value may come as a view of the read it arrived in (or of the
-    # buffer it was collected in): callers get bytes, for web frameworks and
-    # hashing alike, at the cost of one copy of such values only.
-    return CachedItem(bytes(frame.value), frame.flags, frame.version)
+    @classmethod
+    def of(cls, frame: Frame) -> CachedItem:
+        """The item a reply carries."""
+        # A large value may come as a view of the read it arrived in (or of the
+        # buffer it was collected in): callers get bytes, for web frameworks and
+        # hashing alike, at the cost of one copy of such values only.
+        return cls(bytes(frame.value), frame.flags, frame.version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,136 +80,6 @@ class LeaseGranted:
     it), writing with ``ticket``: the lease is also a write ticket."""
 
     ticket: int
-
-
-class _Connection(asyncio.Protocol):
-    """One TCP connection with its in-flight requests."""
-
-    def __init__(self, address: str) -> None:
-        self._address = address
-        self._decoder = FrameDecoder(MAGIC_RESPONSE)
-        self._pending: dict[int, asyncio.Future[Frame]] = {}
-        self._next_id = 1
-        self._transport: asyncio.Transport | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self.closed = False
-        # Kept: asyncio.get_running_loop() costs a getpid() system call each time.
-        self._loop = asyncio.get_running_loop()
-        self.lost: asyncio.Future[None] = self._loop.create_future()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail_all(NodeUnavailable(f"connection to {self._address} lost"))
-        self._writable.set()
-        self.lost.set_result(None)
-
-    def data_received(self, data: bytes) -> None:
-        self._decoder.feed(data)
-        self._deliver()
-        if self._decoder.buffer.missing and self._transport is not None:
-            # The rest of a large value is on its way.
-            receive_in_place(self._transport, self, self._decoder.buffer, self._deliver)
-
-    def _deliver(self) -> None:
-        """Resolve the requests whose replies the decoder now holds."""
-        try:
-            while (frame := self._decoder.next_frame()) is not None:
-                if isinstance(frame, OversizedFrame):  # cannot happen: no limit is set
-                    raise ProtocolError("oversized response")
-                if frame.status == Status.MALFORMED:
-                    # The node could not parse what we sent and is closing.
-                    self._fail_all(
-                        NodeReplyError(
-                            Status.MALFORMED, bytes(frame.value).decode("utf-8", "replace")
-                        )
-                    )
-                    self.close()
-                    return
-                future = self._pending.pop(frame.request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(frame)
-        except ProtocolError as error:
-            self._fail_all(NodeUnavailable(f"bad reply from {self._address}: {error}"))
-            self.close()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    async def request(
-        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int, extras: bytes
-    ) -> asyncio.Future[Frame]:
-        """Send one request; the returned future resolves to its reply frame."""
-        if not self._writable.is_set():
-            await self._writable.wait()
-        if self.closed or self._transport is None or self._transport.is_closing():
-            raise NodeUnavailable(f"connection to {self._address} is closed")
-        return self.send(opcode, key, value, flags, version, extras)
-
-    @property
-    def ready(self) -> bool:
-        """Open, and not pushing back: ``send`` may be called."""
-        return (
-            not self.closed
-            and self._writable.is_set()
-            and self._transport is not None
-            and not self._transport.is_closing()
-        )
-
-    def send(
-        self,
-        opcode: Opcode,
-        key: bytes,
-        value: bytes,
-        flags: int,
-        version: int,
-        extras: bytes = b"",
-    ) -> asyncio.Future[Frame]:
-        """``request`` for a connection known to be ready."""
-        assert self._transport is not None
-        request_id = self._next_id
-        self._next_id = request_id + 1 if request_id < MAX_REQUEST_ID else 1
-        future: asyncio.Future[Frame] = self._loop.create_future()
-        self._pending[request_id] = future
-        header = encode_header(
-            MAGIC_REQUEST, opcode, request_id, key, len(value), 0, flags, version, extras
-        )
-        if len(value) <= COALESCE_LIMIT:
-            self._transport.write(header + value)
-        else:
-            self._transport.writelines((header, value))
-        return future
-
-    def abandon(self) -> None:
-        """Give up on this connection at once (fail closed): what is still in
-        this side's buffers (the rest of a large value) is dropped, not sent
-        late, and the connection is not used again. Bytes the node already
-        received may still be applied when it wakes up: a late versioned write
-        is refused by its write ticket's age (docs/protocol.md)."""
-        self.closed = True
-        if self._transport is not None:
-            self._transport.abort()
-
-    def close(self) -> None:
-        self.closed = True
-        if self._transport is not None:
-            self._transport.close()
-
-    def _fail_all(self, error: Exception) -> None:
-        self.closed = True
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error)
 
 
 class ClientOptions(TypedDict, total=False):
@@ -256,8 +122,8 @@ class NodeClient:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._pool_size = pool_size
-        self._connections: list[_Connection] = []
-        self._connecting: asyncio.Task[_Connection] | None = None
+        self._connections: list[Connection] = []
+        self._connecting: asyncio.Task[Connection] | None = None
 
     async def __aenter__(self) -> NodeClient:
         return self
@@ -287,7 +153,7 @@ class NodeClient:
         frame = await self._call(Opcode.GET, key, accept=(Status.NOT_FOUND,))
         if frame.status == Status.NOT_FOUND:
             return None
-        return _cached_item(frame)
+        return CachedItem.of(frame)
 
     async def lease(self, key: bytes, seconds: float) -> CachedItem | LeaseGranted | LeaseHeld:
         """The item; or, on a miss, the lease to fill it for ``seconds`` (at most 60),
@@ -302,7 +168,7 @@ class NodeClient:
             return LeaseGranted(frame.version)
         if frame.status == Status.LEASED:
             return LeaseHeld(frame.flags / 1000)
-        return _cached_item(frame)
+        return CachedItem.of(frame)
 
     async def ticket(self) -> int:
         """A write ticket, for versioned writes of what this client reads from now on."""
@@ -340,7 +206,7 @@ class NodeClient:
         for connection in self._connections:
             if connection.ready and connection.in_flight < _SEND_SOON_MAX_IN_FLIGHT:
                 future = connection.send(Opcode.CHECK, key, b"", min(requests, _MAX_U32), 0, extras)
-                future.add_done_callback(functools.partial(_abandon_if_cancelled, connection))
+                future.add_done_callback(functools.partial(abandon_if_cancelled, connection))
                 return future
         return None
 
@@ -457,11 +323,13 @@ class NodeClient:
         key: bytes = b"",
         value: bytes = b"",
         *,
+        accept: tuple[Status, ...] = (),
         flags: int = 0,
         version: int = 0,
         extras: bytes = b"",
-        accept: tuple[Status, ...] = (),
     ) -> Frame:
+        """The reply to one request: OK, or one of the statuses it ``accept``s;
+        any other status raises NodeReplyError."""
         try:
             async with asyncio.timeout(self.timeout):
                 connection = await self._connection()
@@ -481,7 +349,7 @@ class NodeClient:
             )
         return frame
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> Connection:
         self._connections = [c for c in self._connections if not c.closed]
         idle = min(self._connections, key=lambda c: c.in_flight, default=None)
         if idle is not None and (idle.in_flight == 0 or len(self._connections) >= self._pool_size):
@@ -494,17 +362,17 @@ class NodeClient:
             return idle
         return await asyncio.shield(self._connecting)
 
-    def _opened(self, task: asyncio.Task[_Connection]) -> None:
+    def _opened(self, task: asyncio.Task[Connection]) -> None:
         self._connecting = None
         if not task.cancelled() and task.exception() is None:
             self._connections.append(task.result())
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(self.address),
+                    lambda: Connection(self.address),
                     self.host,
                     self.port,
                     ssl=self._tls,
@@ -520,7 +388,7 @@ class NodeClient:
             raise NodeUnavailable(f"cannot connect to {self.address}: {error}") from error
         return connection
 
-    async def _authenticate(self, connection: _Connection) -> None:
+    async def _authenticate(self, connection: Connection) -> None:
         """Send the token first on a new connection (AUTH); raises NodeUnavailable
         when the node refuses it."""
         reply = await connection.send(Opcode.AUTH, b"", self._token, 0, 0)
@@ -537,11 +405,6 @@ def _seconds_of(frame: Frame) -> float:
     if len(frame.extras) != MILLISECONDS.size:
         return 0.0
     return float(MILLISECONDS.unpack(frame.extras)[0]) / 1000
-
-
-def _abandon_if_cancelled(connection: _Connection, future: asyncio.Future[Frame]) -> None:
-    if future.cancelled():
-        connection.abandon()
 
 
 def _status(code: int) -> Status:

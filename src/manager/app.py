@@ -205,9 +205,9 @@ async def blobs_ctx(app: web.Application) -> AsyncIterator[None]:
 async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG].manager
     if config.pool == "aws":
-        from manager.backends.aws import open_aws_pool
+        from manager.backends.aws import AwsPool
 
-        async with open_aws_pool(
+        async with AwsPool(
             config.asg_name,
             config.node_port,
             app[CONFIG].aws,

@@ -36,7 +36,14 @@ from manager.migration import MigrationReport, drop_keys_owned_elsewhere, move_k
 from manager.nodecalls import clearing, configuring, pinging, succeeding
 from manager.notify import ResizeNotice
 from manager.records import FAILED_CAUSE, ManagerRecords
-from manager.resizehistory import Reconciliation, ResizeHistory, change_of, ids_of
+from manager.resizehistory import (
+    NO_EVIDENCE,
+    Evidence,
+    Reconciliation,
+    ResizeHistory,
+    change_of,
+    ids_of,
+)
 from manager.settings import MAX_NODES, MIN_NODES, CacheSettings
 
 log = logging.getLogger(__name__)
@@ -176,7 +183,7 @@ class PoolController:
         """
         _check_size(target)
         async with self._lock:
-            return await self._resize(target, cause, miss_rate, lookups)
+            return await self._resize(target, cause, Evidence(miss_rate, lookups))
 
     async def configure(self, settings: CacheSettings, target: int | None, cause: str) -> None:
         """Store ``settings`` and resize to ``target`` nodes (None: keep the size) as one unit.
@@ -203,13 +210,7 @@ class PoolController:
             # (node_restarted): its failure here is logged, not an error.
             await self._configure(self._members, settings, strict=False)
 
-    async def _resize(
-        self,
-        target: int,
-        cause: str,
-        miss_rate: float | None = None,
-        lookups: int | None = None,
-    ) -> Resize:
+    async def _resize(self, target: int, cause: str, evidence: Evidence = NO_EVIDENCE) -> Resize:
         """``resize`` with the lock held."""
         before = len(self._members)
         started = time.monotonic()
@@ -228,17 +229,17 @@ class PoolController:
             # Kept in the activity history (and counted by /metrics) with the size kept.
             failure = f"{FAILED_CAUSE} {cause}: {error}"
             await self._history.keep(
-                change_of(before, target, self.size, failure, miss_rate, failed=True),
+                change_of(before, target, self.size, failure, evidence.miss_rate, failed=True),
                 started,
-                lookups,
+                evidence.lookups,
             )
             raise
         if target != before:
             self.last_resize = time.monotonic()
             await self._history.keep(
-                change_of(before, target, target, cause, miss_rate, failed=False),
+                change_of(before, target, target, cause, evidence.miss_rate, failed=False),
                 started,
-                lookups,
+                evidence.lookups,
                 must_keep=True,
             )
             log.info(

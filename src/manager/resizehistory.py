@@ -22,6 +22,18 @@ from manager.records import ManagerRecords
 
 
 @dataclass(frozen=True, slots=True)
+class Evidence:
+    """What the autoscaler measured before a resize: the miss rate, and the
+    lookups it was measured over (None for a resize without evidence)."""
+
+    miss_rate: float | None = None
+    lookups: int | None = None
+
+
+NO_EVIDENCE = Evidence()
+
+
+@dataclass(frozen=True, slots=True)
 class Reconciliation:
     """What ``PoolController.reconcile`` changed: the nodes that joined and left."""
 

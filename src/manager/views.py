@@ -80,22 +80,15 @@ _FIELD_NAME = re.compile(r"\b(" + "|".join(map(re.escape, FIELD_LABELS)) + r")\b
 ECHO_MAX_CHARS = 100
 
 
+# Every page and form, declared at its handler.
+routes = web.RouteTableDef()
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/", home)
-    app.router.add_get("/login", login_page)
-    app.router.add_post("/login", login)
-    app.router.add_post("/logout", logout)
-    app.router.add_get("/config", config_page)
-    app.router.add_get("/config/pool", pool_fragment)
-    app.router.add_post("/config/settings", save_settings)
-    app.router.add_post("/config/resize", resize)
-    app.router.add_post("/config/clear", clear_cache)
-    app.router.add_post("/config/delete_all", delete_all)
-    app.router.add_get("/stats", stats_page)
-    app.router.add_get("/stats/charts", charts_fragment)
-    app.router.add_get("/activity", activity_page)
+    app.router.add_routes(routes)
 
 
+@routes.get("/")
 async def home(request: web.Request) -> web.Response:
     return _redirect("/config")
 
@@ -119,11 +112,13 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
     return response
 
 
+@routes.get("/login")
 async def login_page(request: web.Request) -> web.Response:
     target = local_path(request.query.get("next", DEFAULT_NEXT))
     return render(request, "login.html", page="login", next=target)
 
 
+@routes.post("/login")
 async def login(request: web.Request) -> web.Response:
     """Log in, or refuse: 401 for a wrong password, 429 (after a short delay)
     while the client must wait after too many, 503 while too many logins wait
@@ -185,6 +180,7 @@ def _login_refused(
     return response
 
 
+@routes.post("/logout")
 async def logout(request: web.Request) -> web.Response:
     request.app[SESSIONS].end(request.cookies.get(SESSION_COOKIE))
     response = _redirect("/login")
@@ -192,6 +188,7 @@ async def logout(request: web.Request) -> web.Response:
     return response
 
 
+@routes.get("/config")
 async def config_page(request: web.Request) -> web.Response:
     return await _render_config(request)
 
@@ -235,6 +232,7 @@ async def _pool_context(request: web.Request) -> dict[str, Any]:
     }
 
 
+@routes.get("/config/pool")
 async def pool_fragment(request: web.Request) -> web.Response:
     """The pool's part of Memory Configuration, for the page to refresh itself with."""
     # flash=None: a message waiting for the next page is not taken by this fragment.
@@ -263,6 +261,7 @@ def _echo(text: str) -> str:
     return text[:ECHO_MAX_CHARS].encode("utf-8", "replace").decode("utf-8")
 
 
+@routes.post("/config/settings")
 async def save_settings(request: web.Request) -> web.Response:
     """Save the settings, or show the form again as the user filled it in (400),
     naming the refused fields by their labels."""
@@ -291,6 +290,7 @@ async def save_settings(request: web.Request) -> web.Response:
     )
 
 
+@routes.post("/config/resize")
 async def resize(request: web.Request) -> web.Response:
     form = await read_form(request)
     controller = request.app[CONTROLLER]
@@ -319,11 +319,13 @@ async def resize(request: web.Request) -> web.Response:
     )
 
 
+@routes.post("/config/clear")
 async def clear_cache(request: web.Request) -> web.Response:
     await request.app[CONTROLLER].clear()
     return _flash_redirect(request, "/config", "success", "Every cache node was cleared.")
 
 
+@routes.post("/config/delete_all")
 async def delete_all(request: web.Request) -> web.Response:
     form = await read_form(request)
     if form.get("confirm") != "delete":
@@ -337,10 +339,12 @@ async def delete_all(request: web.Request) -> web.Response:
     )
 
 
+@routes.get("/stats")
 async def stats_page(request: web.Request) -> web.Response:
     return render(request, "stats.html", page="stats", charts=await _charts(request))
 
 
+@routes.get("/stats/charts")
 async def charts_fragment(request: web.Request) -> web.Response:
     return render(request, "charts.html", charts=await _charts(request))
 
@@ -370,6 +374,7 @@ async def _charts(request: web.Request) -> list[Chart]:
     ]
 
 
+@routes.get("/activity")
 async def activity_page(request: web.Request) -> web.Response:
     resizes = await request.app[RECORDS].list_activity(200)
     return render(

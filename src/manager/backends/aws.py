@@ -12,16 +12,16 @@ through ``nodes()``, which the manager's reconcile loop reads.
 Clients come from the standard AWS credential chain (environment, shared files,
 instance profile); nothing here reads or stores a credential.
 
-Use it as ``async with open_aws_pool(...) as pool:``, or call ``start()`` and
-``close()`` on an ``AwsPool`` yourself.
+Use it as ``async with AwsPool(...) as pool:``, or call ``start()`` and
+``close()`` yourself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -112,6 +112,14 @@ class AwsPool:
             self._forget_clients()
             await stack.aclose()
             raise
+
+    async def __aenter__(self) -> AwsPool:
+        """The pool, started (``start``); it closes on exit."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     async def close(self) -> None:
         """Close the AWS clients. The instances keep running: they are the pool."""
@@ -232,7 +240,7 @@ class AwsPool:
 
     async def _group(self) -> dict[str, Any]:
         if self._autoscaling is None:
-            raise PoolError("the AWS pool is not started (use open_aws_pool or start())")
+            raise PoolError("the AWS pool is not started (use async with, or start())")
         with _aws_errors(f"describe Auto Scaling group {self.group_name!r}"):
             response = await self._autoscaling.describe_auto_scaling_groups(
                 AutoScalingGroupNames=[self.group_name]
@@ -339,38 +347,6 @@ class AwsPool:
             await self._autoscaling.terminate_instance_in_auto_scaling_group(
                 InstanceId=instance_id, ShouldDecrementDesiredCapacity=True
             )
-
-
-@asynccontextmanager
-async def open_aws_pool(
-    group_name: str,
-    node_port: int,
-    aws: AwsConfig,
-    *,
-    resolve_address: Resolver | None = None,
-    ready_timeout: float = 300,
-    poll_seconds: float = 5,
-    node_access: NodeAccess = OPEN_ACCESS,
-) -> AsyncIterator[AwsPool]:
-    """Yield a started AwsPool (see AwsPool for the arguments); close it on exit.
-
-    Raises PoolError when the group cannot be described at start, so that a bad
-    setup fails at start-up, not at the first resize.
-    """
-    pool = AwsPool(
-        group_name,
-        node_port,
-        aws,
-        resolve_address=resolve_address,
-        ready_timeout=ready_timeout,
-        poll_seconds=poll_seconds,
-        node_access=node_access,
-    )
-    await pool.start()
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 def _launch_order(entry: tuple[datetime, NodeHandle]) -> tuple[datetime, str]:
