@@ -27,11 +27,9 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
-    Column,
     Integer,
     MetaData,
     String,
-    Table,
     delete,
     func,
     insert,
@@ -40,16 +38,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import ColumnElement
 
 from imagecache.database import (
-    MYSQL_TABLE,
-    RowId,
     Store,
     Timestamp,
     bump,
     counter,
+    key,
     naive_utc,
     naive_utc_now,
+    required,
+    table,
 )
 from imagecache.errors import StorageError
 
@@ -62,36 +62,24 @@ _VERSION = "version"
 
 _schema = MetaData()
 
-images_table = Table(
+images_table = table(
     "images",
     _schema,
-    Column("key", String(250), primary_key=True),
-    Column("version", BigInteger, nullable=False),
-    Column("blob_name", String(128), nullable=False),
-    Column("content_type", String(100), nullable=False),
-    Column("size", BigInteger, nullable=False),
-    Column("width", Integer, nullable=False),
-    Column("height", Integer, nullable=False),
-    Column("uploaded_at", Timestamp, nullable=False),
-    **MYSQL_TABLE,
+    key("key", String(250)),
+    *required(version=BigInteger, blob_name=String(128), content_type=String(100)),
+    *required(size=BigInteger, width=Integer, height=Integer, uploaded_at=Timestamp),
 )
 
-journal_table = Table(
+journal_table = table(
     "blob_journal",
     _schema,
-    Column("blob_name", String(128), primary_key=True),
-    Column("state", String(16), nullable=False),
-    Column("created_at", Timestamp, nullable=False),
-    **MYSQL_TABLE,
+    key("blob_name", String(128)),
+    *required(state=String(16), created_at=Timestamp),
 )
 
-outbox_table = Table(
-    "invalidations",
-    _schema,
-    Column("id", RowId, primary_key=True, autoincrement=True),
-    Column("key", String(250), nullable=False),  # EVERY_KEY: every key
-    Column("version", BigInteger, nullable=False),
-    **MYSQL_TABLE,
+# The key EVERY_KEY: every key.
+outbox_table = table(
+    "invalidations", _schema, *required(key=String(250), version=BigInteger), row_id=True
 )
 
 
@@ -185,25 +173,15 @@ class ImageCatalog(Store):
         with self._db.failures(f"commit the upload of {key!r}"):
             async with self._db.write() as conn:
                 version = await bump(conn, _VERSION)
-                state = (
-                    await conn.execute(
-                        select(journal_table.c.state)
-                        .where(journal_table.c.blob_name == blob_name)
-                        .with_for_update()
-                    )
-                ).scalar_one_or_none()
+                journal = journal_table.c
+                state = await _locked(conn, journal.state, journal.blob_name == blob_name)
                 if state != UPLOADING:
                     raise StorageError(
                         f"blob {blob_name} of {key!r} is not being uploaded "
                         f"(journal says {state or 'nothing'}); upload it again"
                     )
-                replaced = (
-                    await conn.execute(
-                        select(images_table.c.blob_name)
-                        .where(images_table.c.key == key)
-                        .with_for_update()
-                    )
-                ).scalar_one_or_none()
+                images = images_table.c
+                replaced = await _locked(conn, images.blob_name, images.key == key)
                 record = ImageRecord(
                     key, version, blob_name, content_type, size, width, height, datetime.now(UTC)
                 )
@@ -379,3 +357,8 @@ async def _journal_garbage(conn: AsyncConnection, blob_names: Sequence[str]) -> 
         insert(journal_table),
         [{"blob_name": name, "state": GARBAGE, "created_at": now} for name in blob_names],
     )
+
+
+async def _locked(conn: AsyncConnection, column: Any, where: ColumnElement[bool]) -> Any:
+    """``column`` of the row ``where`` selects, locked until the transaction ends; None: no row."""
+    return (await conn.execute(select(column).where(where).with_for_update())).scalar_one_or_none()

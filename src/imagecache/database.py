@@ -26,7 +26,7 @@ databases of older versions keep working.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
@@ -34,9 +34,10 @@ from contextlib import (
     contextmanager,
     nullcontext,
 )
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -44,6 +45,7 @@ from sqlalchemy import (
     DateTime,
     Integer,
     MetaData,
+    Row,
     String,
     Table,
     event,
@@ -53,7 +55,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import URL, Connection, Dialect, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -68,6 +70,11 @@ WRITE = "imagecache_write"
 # MySQL's error for ADD COLUMN of a column that exists (ER_DUP_FIELDNAME).
 _MYSQL_DUPLICATE_COLUMN = 1060
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Record = TypeVar("_Record", bound="DataclassInstance")
+
 # Naive UTC on both databases; MySQL's DATETIME keeps only whole seconds unless told.
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 # An auto-increment id: 64 bits on MySQL; SQLite only auto-increments INTEGER.
@@ -75,13 +82,41 @@ RowId = BigInteger().with_variant(Integer(), "sqlite")
 # Keys compare byte for byte (case-sensitive) and sort alike on both databases.
 MYSQL_TABLE: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
 
+
+def table(
+    name: str,
+    schema: MetaData,
+    *columns: Column[Any],
+    row_id: bool = False,
+    mysql: Mapping[str, Any] = MYSQL_TABLE,
+) -> Table:
+    """The table ``name`` of ``schema``: its ``columns``, after an auto-increment
+    ``id`` primary key (``RowId``) if ``row_id``, with the MySQL options ``mysql``."""
+    first = [Column("id", RowId, primary_key=True, autoincrement=True)] if row_id else []
+    return Table(name, schema, *first, *columns, **mysql)
+
+
+def key(name: str, type_: Any) -> Column[Any]:
+    """The primary key column ``name``, of ``type_``, set by the store (not numbered)."""
+    return Column(name, type_, primary_key=True)
+
+
+def required(**types: Any) -> list[Column[Any]]:
+    """A NOT NULL column of each name, of its type, in that order."""
+    return [Column(name, type_, nullable=False) for name, type_ in types.items()]
+
+
+def optional(**types: Any) -> list[Column[Any]]:
+    """A nullable column of each name (NULL: not recorded), of its type, in that order."""
+    return [Column(name, type_, nullable=True) for name, type_ in types.items()]
+
+
 # Numbers that only grow (the image version, the membership epoch), one row each.
-counters_table = Table(
+counters_table = table(
     "counters",
     MetaData(),
-    Column("name", String(32), primary_key=True),
-    Column("value", BigInteger, nullable=False),
-    **MYSQL_TABLE,
+    key("name", String(32)),
+    *required(value=BigInteger),
 )
 
 
@@ -117,7 +152,8 @@ async def open_database(
 
 
 class Database:
-    """The metadata database, opened once per process; the stores are built on it.
+    """The metadata database, opened once per process; the stores are built on it
+    (or, named ``store``, a database of its own: the metrics store).
 
     The stores' methods read in ``read()`` and write in ``write()``, both
     within ``failures(action)``: so each raises StorageError when the database
@@ -126,32 +162,48 @@ class Database:
     """
 
     def __init__(
-        self, engine: AsyncEngine, write_gate: AbstractAsyncContextManager[Any], where: str
+        self,
+        engine: AsyncEngine,
+        write_gate: AbstractAsyncContextManager[Any],
+        where: str,
+        store: str = "metadata",
     ) -> None:
         self._engine = engine
         self._writer = engine.execution_options(**{WRITE: True})
         self._write_gate = write_gate
         self._where = where
+        self._store = store
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str) -> AsyncIterator[Database]:
+    async def open(cls, url: str, store: str = "metadata") -> AsyncIterator[Database]:
         """The database at ``url``; the stores create their own tables.
 
         ``url`` is ``sqlite+aiosqlite:///path/to/file.db`` (the folder is
         created) or ``mysql+aiomysql://user:password@host:port/database``.
         The connections are closed on exit. Raises ValueError for a URL of
-        another kind, StorageError when the database cannot be used.
+        another kind, StorageError (naming the ``store``) when the database
+        cannot be used.
         """
-        engine, write_gate, where = await open_database(url, "metadata")
+        engine, write_gate, where = await open_database(url, store)
+        database = cls(engine, write_gate, where, store)
         try:
-            yield cls(engine, write_gate, where)
+            yield database
         finally:
-            await engine.dispose()
+            await database.close()
+
+    async def close(self) -> None:
+        """Close the connections (again: nothing)."""
+        await self._engine.dispose()
 
     def read(self) -> AbstractAsyncContextManager[AsyncConnection]:
         """A connection for reads (in autocommit on SQLite)."""
         return self._engine.connect()
+
+    @property
+    def dialect(self) -> Dialect:
+        """The database's SQL dialect (what statements compile for)."""
+        return self._engine.dialect
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
@@ -161,7 +213,7 @@ class Database:
 
     def failures(self, action: str) -> AbstractContextManager[None]:
         """Turns database failures into StorageError saying what could not be done."""
-        return storage_failures("metadata store", self._where, action)
+        return storage_failures(f"{self._store} store", self._where, action)
 
     async def create(self, schema: MetaData, counters: Sequence[str] = ()) -> None:
         """Create the tables of ``schema`` and the ``counters`` (at 0) that are absent.
@@ -284,6 +336,18 @@ async def bump(conn: AsyncConnection, name: str) -> int:
 def naive_utc(moment: datetime) -> datetime:
     """``moment`` in UTC without its zone, as the ``Timestamp`` columns keep it."""
     return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def record_of(kind: type[_Record], row: Row[Any], *timestamps: str) -> _Record:
+    """The ``kind`` (a dataclass) of ``row``: each field the column of its name,
+    the ``timestamps`` (naive UTC, as ``Timestamp`` columns keep them) made
+    timezone-aware UTC, a NULL one None. Columns no field names are left out."""
+    columns = row._mapping
+    values = {field.name: columns[field.name] for field in fields(kind) if field.name in columns}
+    for name in timestamps:
+        if values[name] is not None:
+            values[name] = values[name].replace(tzinfo=UTC)
+    return kind(**values)
 
 
 def naive_utc_now() -> datetime:

@@ -20,6 +20,7 @@ newer than those has arrived meanwhile (docs/design.md).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 from imagecache.cachepool import CachePool
 from imagecache.catalog import EVERY_KEY, ImageCatalog, ImageRecord, Invalidation
@@ -36,21 +37,16 @@ HEAL_ONE_BY_ONE_LIMIT = 1000
 FENCE_TIMEOUT_SECONDS = 10.0
 
 
+@dataclass(frozen=True, slots=True)
 class Invalidator:
-    def __init__(
-        self,
-        catalog: ImageCatalog,
-        membership: MembershipStore,
-        view: MembershipFollower,
-        pool: CachePool,
-        *,
-        fence_timeout: float = FENCE_TIMEOUT_SECONDS,
-    ) -> None:
-        self._catalog = catalog
-        self._membership = membership
-        self._view = view
-        self._pool = pool
-        self._fence_timeout = fence_timeout
+    """Delivers the catalog's invalidations to the nodes of the gateway's ``view``
+    of the pool, marking in the membership store the nodes it could not tell."""
+
+    _catalog: ImageCatalog
+    _membership: MembershipStore
+    _view: MembershipFollower
+    _pool: CachePool
+    _fence_timeout: float = field(default=FENCE_TIMEOUT_SECONDS, kw_only=True)
 
     async def deliver(self, entry: Invalidation) -> None:
         """Make ``entry`` hold on every node of the pool: told, or dirty for every gateway.

@@ -22,12 +22,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     BigInteger,
-    Column,
     ColumnElement,
     Integer,
     MetaData,
     String,
-    Table,
     delete,
     insert,
     literal_column,
@@ -37,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from imagecache.database import MYSQL_TABLE, Store, bump, counters_table, lock_counter
+from imagecache.database import Store, bump, counters_table, key, lock_counter, required, table
 from imagecache.errors import StorageError
 
 NODE_STATES = frozenset({"active", "joining", "leaving"})
@@ -45,34 +43,23 @@ NODE_STATES = frozenset({"active", "joining", "leaving"})
 _EPOCH = "membership_epoch"
 
 _schema = MetaData()
+_ID = String(64)  # of a node, of a gateway
 
-nodes_table = Table(
+nodes_table = table(
     "nodes",
     _schema,
-    Column("node_id", String(64), primary_key=True),
-    Column("address", String(255), nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("position", Integer, nullable=False),
-    **MYSQL_TABLE,
+    key("node_id", _ID),
+    *required(address=String(255), state=String(16), position=Integer),
 )
 
 # Nodes that may have missed an invalidation; ``mark`` is the epoch that marked
 # them, so that lifting a mark cannot lift a newer one.
-dirty_table = Table(
-    "dirty_nodes",
-    _schema,
-    Column("node_id", String(64), primary_key=True),
-    Column("mark", BigInteger, nullable=False),
-    **MYSQL_TABLE,
-)
+dirty_table = table("dirty_nodes", _schema, key("node_id", _ID), *required(mark=BigInteger))
 
-gateways_table = Table(
-    "gateways",
-    _schema,
-    Column("gateway_id", String(64), primary_key=True),
-    Column("epoch", BigInteger, nullable=False),  # the membership epoch it has applied
-    Column("expires_us", BigInteger, nullable=False),  # its lease, on the database's clock
-    **MYSQL_TABLE,
+# A gateway's ``epoch`` is the membership epoch it has applied; ``expires_us``,
+# its lease, on the database's clock.
+gateways_table = table(
+    "gateways", _schema, key("gateway_id", _ID), *required(epoch=BigInteger, expires_us=BigInteger)
 )
 
 # How often ``wait_for_gateways`` looks again.

@@ -13,23 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    Column,
-    Integer,
-    MetaData,
-    Select,
-    String,
-    Table,
-    Text,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import Integer, MetaData, Select, String, Text, insert, select, update
 
-from imagecache.database import MYSQL_TABLE, RowId, Store, Timestamp, naive_utc_now
+from imagecache.database import (
+    RowId,
+    Store,
+    Timestamp,
+    naive_utc_now,
+    optional,
+    record_of,
+    required,
+    table,
+)
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -37,21 +35,18 @@ FAILED = "failed"
 
 _schema = MetaData()
 
-announcements_table = Table(
+announcements_table = table(
     "announcements",
     _schema,
-    Column("id", RowId, primary_key=True, autoincrement=True),
     # The activity row of the resize; NULL when the resize could not be recorded.
     # No index: Database.create makes none, and there are a row or two per resize.
-    Column("activity_id", RowId, nullable=True),
-    Column("channel", String(16), nullable=False),
-    Column("document", Text, nullable=False),  # the JSON sent
-    Column("state", String(16), nullable=False),
-    Column("tries", Integer, nullable=False),
-    Column("last_error", Text, nullable=True),
-    Column("created_at", Timestamp, nullable=False),
-    Column("delivered_at", Timestamp, nullable=True),
-    **MYSQL_TABLE,
+    *optional(activity_id=RowId),
+    # The document is the JSON sent.
+    *required(channel=String(16), document=Text, state=String(16), tries=Integer),
+    *optional(last_error=Text),
+    *required(created_at=Timestamp),
+    *optional(delivered_at=Timestamp),
+    row_id=True,
 )
 
 
@@ -147,16 +142,4 @@ class Announcements(Store):
         with self._db.failures(action):
             async with self._db.read() as conn:
                 rows = (await conn.execute(query)).all()
-        return [
-            Delivery(
-                id=row.id,
-                activity_id=row.activity_id,
-                channel=row.channel,
-                document=row.document,
-                state=row.state,
-                tries=row.tries,
-                last_error=row.last_error,
-                delivered_at=row.delivered_at.replace(tzinfo=UTC) if row.delivered_at else None,
-            )
-            for row in rows
-        ]
+        return [record_of(Delivery, row, "delivered_at") for row in rows]

@@ -117,13 +117,13 @@ class Sessions:
         clock: Callable[[], float] = time.time,
         max_sessions: int = MAX_SESSIONS,
     ) -> None:
+        # A separate key for flash-message cookies, derived so that one secret suffices.
+        self.flash_secret = hmac.new(secret, b"flash", hashlib.sha256).digest()
         self._secret = secret
         self._clock = clock
         self._max_sessions = max_sessions
         # session id -> when it expires, in order of login (so of expiry too).
         self._live: dict[str, int] = {}
-        # A separate key for flash-message cookies, derived so that one secret suffices.
-        self.flash_secret = hmac.new(secret, b"flash", hashlib.sha256).digest()
 
     def new_cookie(self) -> str:
         now = self._clock()

@@ -18,20 +18,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Double,
-    MetaData,
-    Row,
-    String,
-    Table,
-    delete,
-    insert,
-    select,
-)
+from sqlalchemy import BigInteger, Double, MetaData, Row, String, delete, insert, select
 
-from imagecache.database import MYSQL_TABLE, Database, RowId, Store, Timestamp, naive_utc
+from imagecache.database import (
+    Database,
+    Store,
+    Timestamp,
+    naive_utc,
+    optional,
+    required,
+    table,
+)
 from manager.curves import CurveWindow
 from manager.misscurve import POOL_SIZES
 
@@ -44,19 +41,16 @@ _schema = MetaData()
 # milliseconds, what-if is asked for rarely, and CREATE INDEX IF NOT EXISTS
 # is not MySQL syntax. Double: MySQL's FLOAT is single precision, too coarse
 # for a window's length to end exactly where the next one starts.
-curve_windows_table = Table(
+curve_windows_table = table(
     "curve_windows",
     _schema,
-    Column("id", RowId, primary_key=True, autoincrement=True),
-    Column("started", Timestamp, nullable=False),
-    Column("seconds", Double, nullable=False),
-    Column("capacity_mb", Double, nullable=False),
-    Column("policy", String(16), nullable=False),
-    Column("lookups", BigInteger, nullable=False),
-    Column("sampled_lookups", BigInteger, nullable=False),
-    *(Column(f"miss_{size}", Double, nullable=True) for size in POOL_SIZES),
-    **MYSQL_TABLE,
+    *required(started=Timestamp, seconds=Double, capacity_mb=Double, policy=String(16)),
+    *required(lookups=BigInteger, sampled_lookups=BigInteger),
+    *optional(**{f"miss_{size}": Double for size in POOL_SIZES}),
+    row_id=True,
 )
+# The columns of a window as it is, beside "started" and the predictions.
+_FIGURES = ("seconds", "capacity_mb", "policy", "lookups", "sampled_lookups")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,15 +67,9 @@ class RecordedWindow:
 
     @classmethod
     def of(cls, window: CurveWindow) -> RecordedWindow:
-        return cls(
-            started=window.started.astimezone(UTC),
-            seconds=window.seconds,
-            capacity_mb=window.capacity_mb,
-            policy=window.policy,
-            lookups=window.lookups,
-            sampled_lookups=window.sampled_lookups,
-            predicted_miss=tuple(window.predicted_miss),
-        )
+        started, predicted = window.started.astimezone(UTC), tuple(window.predicted_miss)
+        figures = {name: getattr(window, name) for name in _FIGURES}
+        return cls(started=started, predicted_miss=predicted, **figures)
 
 
 class CurveRecords(Store):
@@ -103,14 +91,8 @@ class CurveRecords(Store):
             raise ValueError(f"a window predicts {len(POOL_SIZES)} sizes, not {window}")
         started = naive_utc(window.started)
         prune = self._pruned_at is None or window.started - self._pruned_at >= PRUNE_EVERY
-        row = {
-            "started": started,
-            "seconds": window.seconds,
-            "capacity_mb": window.capacity_mb,
-            "policy": window.policy,
-            "lookups": window.lookups,
-            "sampled_lookups": window.sampled_lookups,
-        } | {
+        row = {"started": started} | {name: getattr(window, name) for name in _FIGURES}
+        row |= {
             f"miss_{size}": rate
             for size, rate in zip(POOL_SIZES, window.predicted_miss, strict=True)
         }

@@ -53,10 +53,6 @@ MAX_RETRY_DELAY_SECONDS = 600.0
 _SNS_SUBJECT_CHARS = 100
 
 
-class DeliveryError(Exception):
-    """One try of a delivery failed; the message says why, in a line."""
-
-
 @dataclass(frozen=True, slots=True)
 class ResizeNotice:
     """A resize the controller recorded, as the notifier announces it."""
@@ -100,6 +96,10 @@ class ResizeNotice:
 
 def _nodes(count: int) -> str:
     return "node" if count == 1 else "nodes"
+
+
+class DeliveryError(Exception):
+    """One try of a delivery failed; the message says why, in a line."""
 
 
 class Channel(Protocol):
@@ -228,7 +228,7 @@ class Notifier:
                 log.warning("an announcement's delivery is not recorded: %s", error)
                 ids = [None] * len(self._channels)
             for channel, delivery_id in zip(self._channels.values(), ids, strict=True):
-                self._spawn(channel, document, delivery_id, tries_before=0)
+                self._spawn(self._deliver(channel, document, delivery_id, tries_before=0))
 
     async def _record(self, notice: ResizeNotice) -> list[int]:
         document = json.dumps(notice.document())
@@ -237,24 +237,17 @@ class Notifier:
     def _resume(self, delivery: Delivery) -> None:
         channel = self._channels.get(delivery.channel)
         if channel is None:
-            self._spawn_task(self._give_up(delivery, "the channel is no longer configured"))
+            self._spawn(self._give_up(delivery, "the channel is no longer configured"))
             return
-        self._spawn(channel, json.loads(delivery.document), delivery.id, delivery.tries)
+        document = json.loads(delivery.document)
+        self._spawn(self._deliver(channel, document, delivery.id, delivery.tries))
 
     async def _give_up(self, delivery: Delivery, reason: str) -> None:
         with contextlib.suppress(StorageError):
             await self._store.failed(delivery.id, delivery.tries, reason)
 
-    def _spawn(
-        self,
-        channel: Channel,
-        document: dict[str, Any],
-        delivery_id: int | None,
-        tries_before: int,
-    ) -> None:
-        self._spawn_task(self._deliver(channel, document, delivery_id, tries_before))
-
-    def _spawn_task(self, work: Any) -> None:
+    def _spawn(self, work: Any) -> None:
+        """Run ``work`` (a delivery, a giving up) in a task of its own, which ``close`` cancels."""
         task = asyncio.create_task(work)
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
-    Column,
     Float,
     Integer,
     MetaData,
     String,
-    Table,
     Text,
     case,
     delete,
@@ -29,7 +27,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from imagecache.database import MYSQL_TABLE, RowId, Store, Timestamp, naive_utc_now
+from imagecache.database import (
+    Store,
+    Timestamp,
+    key,
+    naive_utc_now,
+    optional,
+    record_of,
+    required,
+    table,
+)
 
 _SETTINGS_ATTEMPTS = 5
 
@@ -41,29 +48,18 @@ FAILED_CAUSE = "failed:"
 
 _schema = MetaData()
 
-activity_table = Table(
+activity_table = table(
     "activity",
     _schema,
-    Column("id", RowId, primary_key=True, autoincrement=True),
-    Column("at", Timestamp, nullable=False),
-    Column("size_before", Integer, nullable=False),
-    Column("size_after", Integer, nullable=False),
-    Column("cause", Text, nullable=False),
-    Column("miss_rate", Float, nullable=True),
-    # Added later (NULL in rows of older versions): how long the resize took,
-    # and how many lookups the miss rate that caused it was measured over.
-    Column("duration_seconds", Float, nullable=True),
-    Column("lookups", BigInteger, nullable=True),
-    **MYSQL_TABLE,
+    *required(at=Timestamp, size_before=Integer, size_after=Integer, cause=Text),
+    # duration_seconds and lookups were added later (NULL in rows of older
+    # versions): how long the resize took, and how many lookups the miss rate
+    # that caused it was measured over.
+    *optional(miss_rate=Float, duration_seconds=Float, lookups=BigInteger),
+    row_id=True,
 )
 
-settings_table = Table(
-    "settings",
-    _schema,
-    Column("name", String(64), primary_key=True),
-    Column("value", Text, nullable=False),
-    **MYSQL_TABLE,
-)
+settings_table = table("settings", _schema, key("name", String(64)), *required(value=Text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,15 +126,9 @@ class ManagerRecords(Store):
         lookups: int | None = None,
     ) -> int:
         """Record one resize of the pool, ended now, in the activity history; its row's id."""
-        row = {
-            "at": naive_utc_now(),
-            "size_before": size_before,
-            "size_after": size_after,
-            "cause": cause,
-            "miss_rate": miss_rate,
-            "duration_seconds": duration_seconds,
-            "lookups": lookups,
-        }
+        row = {"at": naive_utc_now(), "size_before": size_before, "size_after": size_after}
+        row |= {"cause": cause, "miss_rate": miss_rate}
+        row |= {"duration_seconds": duration_seconds, "lookups": lookups}
         with self._db.failures("record the resize"):
             async with self._db.write() as conn:
                 result = await conn.execute(insert(activity_table), row)
@@ -174,16 +164,4 @@ class ManagerRecords(Store):
         with self._db.failures("read the activity history"):
             async with self._db.read() as conn:
                 rows = (await conn.execute(query)).all()
-        return [
-            Activity(
-                at=row.at.replace(tzinfo=UTC),
-                size_before=row.size_before,
-                size_after=row.size_after,
-                cause=row.cause,
-                miss_rate=row.miss_rate,
-                duration_seconds=row.duration_seconds,
-                lookups=row.lookups,
-                id=row.id,
-            )
-            for row in rows
-        ]
+        return [record_of(Activity, row, "at") for row in rows]

@@ -16,70 +16,39 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
-from contextlib import (
-    AbstractAsyncContextManager,
-    asynccontextmanager,
-)
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    DateTime,
-    Integer,
-    MetaData,
-    Table,
-    delete,
-    insert,
-    select,
-    text,
-)
-from sqlalchemy.dialects import mysql
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.schema import CreateTable
+from sqlalchemy import BigInteger, Column, Integer, MetaData, delete, insert, select, text
 
-from imagecache.database import (
-    WRITE,
-    RowId,
-    add_absent_columns,
-    open_database,
-    storage_failures,
-)
+from imagecache.database import Database, Timestamp, required, table
 from manager.metrics import MetricsStore, MinuteStats, PoolSample, minute_of
 
 RETENTION = timedelta(hours=2)
 # Pruning is one DELETE of at most a minute's samples; once a minute is plenty.
 PRUNE_EVERY = timedelta(minutes=1)
 _MINUTE = timedelta(minutes=1)
-# An execution option of the engine that runs write transactions; the SQLite
-# "begin" hook reads it.
-
-# Naive UTC on both databases; MySQL's DATETIME keeps only whole seconds unless told.
-_Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-# SQLite numbers rows itself only for a column declared exactly INTEGER PRIMARY KEY.
+# The figures of a sample, in PoolSample's order after "at".
+_FIGURES = ("lookups", "hits", "misses", "requests", "items", "bytes", "missing", "uncacheable")
+# Added after the others: a server default, so an older table can gain them.
+_ADDED_FIGURES = ("missing", "uncacheable")
 
 schema = MetaData()
 
 # No index on "at": pruning keeps the table at two hours of 5-second samples
 # (about 1,500 rows), which a scan reads in well under a millisecond, and
 # CREATE INDEX IF NOT EXISTS is not MySQL syntax.
-samples_table = Table(
+samples_table = table(
     "metric_samples",
     schema,
-    Column("id", RowId, primary_key=True, autoincrement=True),
-    Column("at", _Timestamp, nullable=False),
-    Column("workers", Integer, nullable=False),
-    Column("lookups", BigInteger, nullable=False),
-    Column("hits", BigInteger, nullable=False),
-    Column("misses", BigInteger, nullable=False),
-    Column("requests", BigInteger, nullable=False),
-    Column("items", BigInteger, nullable=False),
-    Column("bytes", BigInteger, nullable=False),
-    # Added after the others: a server default, so an older table can gain them.
-    Column("missing", BigInteger, nullable=False, server_default=text("0")),
-    Column("uncacheable", BigInteger, nullable=False, server_default=text("0")),
-    mysql_charset="utf8mb4",
+    *required(at=Timestamp, workers=Integer),
+    *required(**dict.fromkeys(_FIGURES[: -len(_ADDED_FIGURES)], BigInteger)),
+    *(
+        Column(name, BigInteger, nullable=False, server_default=text("0"))
+        for name in _ADDED_FIGURES
+    ),
+    row_id=True,
+    mysql={"mysql_charset": "utf8mb4"},
 )
 
 
@@ -90,13 +59,9 @@ class SqlMetrics(MetricsStore):
     cannot be reached, and ValueError for a naive datetime.
     """
 
-    def __init__(
-        self, engine: AsyncEngine, write_gate: AbstractAsyncContextManager[Any], where: str
-    ) -> None:
-        self._engine = engine
-        self._writer = engine.execution_options(**{WRITE: True})
-        self._write_gate = write_gate
-        self._where = where
+    def __init__(self, database: Database) -> None:
+        """Use ``open``: it creates the table."""
+        self._db = database
         self._pruned_at: datetime | None = None
 
     @classmethod
@@ -110,38 +75,20 @@ class SqlMetrics(MetricsStore):
         are closed on exit. Raises ValueError for a URL of another kind,
         StorageError when the database cannot be used.
         """
-        engine, write_gate, where = await open_database(url, "metrics")
-        store = cls(engine, write_gate, where)
-        try:
-            with storage_failures("metrics store", where, "create or update the table"):
-                async with store._write() as conn:
-                    # IF NOT EXISTS: the manager may start while another process creates it.
-                    await conn.execute(CreateTable(samples_table, if_not_exists=True))
-                    await add_absent_columns(conn, samples_table)
-            yield store
-        finally:
-            await store.close()
+        async with Database.open(url, "metrics") as database:
+            # IF NOT EXISTS: the manager may start while another process creates it.
+            await database.create(schema)
+            yield cls(database)
 
     async def put(self, sample: PoolSample) -> None:
         """Record ``sample``; at most once a minute, also delete samples older than RETENTION."""
         at = _naive(sample.at)
         prune = self._pruned_at is None or sample.at - self._pruned_at >= PRUNE_EVERY
-        with storage_failures("metrics store", self._where, "store a sample"):
-            async with self._write() as conn:
-                await conn.execute(
-                    insert(samples_table).values(
-                        at=at,
-                        workers=sample.workers,
-                        lookups=sample.lookups,
-                        hits=sample.hits,
-                        misses=sample.misses,
-                        requests=sample.requests,
-                        items=sample.items,
-                        bytes=sample.bytes,
-                        missing=sample.missing,
-                        uncacheable=sample.uncacheable,
-                    )
-                )
+        row = {"at": at, "workers": sample.workers}
+        row |= {name: getattr(sample, name) for name in _FIGURES}
+        with self._db.failures("store a sample"):
+            async with self._db.write() as conn:
+                await conn.execute(insert(samples_table), row)
                 if prune:
                     await conn.execute(
                         delete(samples_table).where(samples_table.c.at < at - RETENTION)
@@ -158,25 +105,14 @@ class SqlMetrics(MetricsStore):
         if first >= stop:
             return []
         t = samples_table.c
-        # PoolSample's fields in order; t["items"], as t.items is the collection's own method.
+        # PoolSample's fields in order; t[name], as t.items is the collection's own method.
         query = (
-            select(
-                t.at,
-                t.workers,
-                t.lookups,
-                t.hits,
-                t.misses,
-                t.requests,
-                t["items"],
-                t.bytes,
-                t.missing,
-                t.uncacheable,
-            )
+            select(*(t[name] for name in ("at", "workers", *_FIGURES)))
             .where(t.at >= _naive(first), t.at < _naive(stop))
             .order_by(t.at, t.id)
         )
-        with storage_failures("metrics store", self._where, "read the samples"):
-            async with self._engine.connect() as conn:
+        with self._db.failures("read the samples"):
+            async with self._db.read() as conn:
                 rows = (await conn.execute(query)).all()
         samples = [
             PoolSample(at.replace(tzinfo=UTC), *(int(value) for value in figures))
@@ -191,12 +127,7 @@ class SqlMetrics(MetricsStore):
 
     async def close(self) -> None:
         """Close the database connections (again: nothing)."""
-        await self._engine.dispose()
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._write_gate, self._writer.begin() as conn:
-            yield conn
+        await self._db.close()
 
 
 def _utc(moment: datetime) -> datetime:
