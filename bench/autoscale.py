@@ -125,6 +125,7 @@ from benchkit import (
 from cachenode.client import NodeClient
 from imagecache.cachepool import CachePool
 from imagecache.keysamples import KeySampler
+from imagecache.sampling import is_sampled, sampling_threshold
 from manager.autoscaler import (
     DEFAULT_SETTLE_SECONDS,
     STABILIZATION_JUDGEMENTS,
@@ -135,13 +136,7 @@ from manager.autoscaler import (
 )
 from manager.curves import MIN_SAMPLED_LOOKUPS, CurveWindow, MissCurves
 from manager.metrics import MinuteStats
-from manager.misscurve import (
-    ITEM_OVERHEAD,
-    POOL_SIZES,
-    MissCurve,
-    is_sampled,
-    sampling_threshold,
-)
+from manager.misscurve import ITEM_OVERHEAD, POOL_SIZES, MissCurve
 from manager.samplingrate import MAX_SAMPLED_PER_SECOND, TARGET_SAMPLED_KEYS
 from manager.settings import CacheSettings, Mode
 

@@ -112,7 +112,7 @@ def imagecache_command() -> list[str]:
     found = shutil.which("imagecache")
     if found is not None:
         return [found]
-    return [sys.executable, "-m", "imagecache"]
+    return [sys.executable, "-m", "launcher"]
 
 
 def node_argv(

@@ -57,7 +57,7 @@ def start_node_process(*extra_args: str, settings: dict[str, str] | None = None)
     """Run ``imagecache node`` on a free port (with ``settings``: IMAGECACHE_*
     variables, as the local pool passes them) and wait for its listening line."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "imagecache", "node", "--port", "0", *extra_args],
+        [sys.executable, "-m", "launcher", "node", "--port", "0", *extra_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -1,6 +1,6 @@
 """The system's parts as real processes for tests: a manager and gateways on free ports.
 
-Every part runs as ``python -m imagecache <part>`` in one data directory (they
+Every part runs as ``python -m launcher <part>`` in one data directory (they
 share its SQLite file and blob folder), configured only through its
 ``IMAGECACHE_*`` environment, with stdout and stderr appended to its own log
 file. Each process carries a tag in its environment that the cache nodes the
@@ -30,7 +30,7 @@ import aiohttp
 from cachenode.client import NodeClient
 from cachenode.errors import NodeError
 from cachenode.routing import parse_address
-from imagecache.app import every
+from imagecache.appbase import every
 from imagecache.blobs import FolderBlobStore
 from imagecache.cachepool import CachePool
 from imagecache.catalog import ImageCatalog
@@ -187,7 +187,7 @@ class PartProcess:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "imagecache",
+                "launcher",
                 self.command,
                 cwd=self.workdir,
                 env=self.environment,

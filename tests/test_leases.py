@@ -23,7 +23,7 @@ import pytest
 
 from cachenode.client import LeaseGranted, NodeClient
 from cachenode.server import NodeConfig, NodeServer
-from imagecache.app import every
+from imagecache.appbase import every
 from imagecache.blobs import FolderBlobStore
 from imagecache.cachepool import CachePool
 from imagecache.catalog import ImageCatalog, ImageRecord
@@ -320,7 +320,7 @@ def gateway_processes(data_dir: Path, node: NodeProcess, count: int) -> Iterator
                 "IMAGECACHE_MANAGER_URL": "http://127.0.0.1:9",
             }
             process = subprocess.Popen(
-                [sys.executable, "-m", "imagecache", "gateway"],
+                [sys.executable, "-m", "launcher", "gateway"],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,

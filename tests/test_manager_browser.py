@@ -24,8 +24,8 @@ from aiohttp.test_utils import TestServer
 from playwright.async_api import ConsoleMessage, Dialog, Page, Request, Response, expect
 
 from imagecache.config import Config, with_data_dir
+from imagecache.sampling import INITIAL_RATE
 from manager.app import create_app as create_manager
-from manager.samplingrate import INITIAL_RATE
 from tests.browser import OUTPUT, needs_chromium, open_page
 from tests.processes import early_in_a_minute
 from tests.test_manager import PASSWORD, TOKEN, free_port_range

@@ -27,11 +27,10 @@ from imagecache.config import Config, with_data_dir
 from imagecache.keptcopies import KeptCopies
 from imagecache.keysamples import REPORT_SECONDS, KeySampler, SampleReporter
 from imagecache.manager_link import ManagerLink
+from imagecache.sampling import INITIAL_RATE, is_sampled, sampling_threshold
 from manager.app import create_app as create_manager
 from manager.appkeys import CURVES
 from manager.curves import MissCurves
-from manager.misscurve import is_sampled, sampling_threshold
-from manager.samplingrate import INITIAL_RATE
 from manager.settings import CacheSettings
 from tests.conftest import DEAD_URL
 from tests.processes import early_in_a_minute

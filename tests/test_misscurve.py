@@ -7,14 +7,8 @@ import random
 
 import pytest
 
-from manager.misscurve import (
-    ITEM_OVERHEAD,
-    POOL_SIZES,
-    MiniatureCache,
-    MissCurve,
-    is_sampled,
-    sampling_threshold,
-)
+from imagecache.sampling import is_sampled, sampling_threshold
+from manager.misscurve import ITEM_OVERHEAD, POOL_SIZES, MiniatureCache, MissCurve
 
 NODE = 100_000  # bytes of one node in these tests
 

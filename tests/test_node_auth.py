@@ -145,7 +145,7 @@ def test_aws_mode_requires_a_node_token(tmp_path: Path) -> None:
 def test_the_node_command_takes_the_token_from_the_environment_not_only_the_flag() -> None:
     """A flag shows in ``ps`` to every user of the machine; the variable does not."""
     help_text = subprocess.run(
-        [sys.executable, "-m", "imagecache", "node", "--help"],
+        [sys.executable, "-m", "launcher", "node", "--help"],
         capture_output=True,
         text=True,
         check=True,

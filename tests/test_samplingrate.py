@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from imagecache.sampling import is_sampled, sampling_threshold
 from manager.curves import MissCurves
-from manager.misscurve import is_sampled, sampling_threshold
 from manager.samplingrate import (
     MAX_SAMPLED_PER_SECOND,
     MIN_RATE,

@@ -1,6 +1,6 @@
 """``imagecache up`` as a real process, checked the way the third party's grader checks it.
 
-The command runs as ``python -m imagecache up`` in a temporary working
+The command runs as ``python -m launcher up`` in a temporary working
 directory (so ``./imagecache-data`` lands there), on free ports given through
 its environment variables. The test then makes the seven calls of the HTTP API
 contract (the README's API) against the gateway's port, stops the process with
@@ -153,7 +153,7 @@ async def running_up(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "imagecache",
+        "launcher",
         "up",
         cwd=workdir,
         env=environment,
@@ -343,7 +343,7 @@ async def test_up_stops_a_node_that_a_crashed_run_left_on_its_ports(tmp_path: Pa
     shell = await asyncio.create_subprocess_exec(
         "sh",
         "-c",
-        f"{sys.executable} -m imagecache node --port {first_node_port} >/dev/null 2>&1 & sleep 3",
+        f"{sys.executable} -m launcher node --port {first_node_port} >/dev/null 2>&1 & sleep 3",
         start_new_session=True,
     )
     await shell.wait()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from imagecache.sampling import INITIAL_RATE
 from manager.appkeys import CONTROLLER, CURVE_RECORDS, CURVES
-from manager.samplingrate import INITIAL_RATE
 from manager.whatif import RecordedMinute, replay
 from manager.whatif_report import percent
 from tests.processes import early_in_a_minute

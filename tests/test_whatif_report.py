@@ -177,7 +177,7 @@ def run_whatif(
     }
     environment.pop("IMAGECACHE_CONFIG", None)
     return subprocess.run(
-        [sys.executable, "-m", "imagecache", "whatif", *args],
+        [sys.executable, "-m", "launcher", "whatif", *args],
         capture_output=True,
         text=True,
         env=environment,

@@ -40,7 +40,7 @@ CONNECTIONS = 32  # all on one of two workers: 2 in 2^32
 
 @dataclass
 class Command:
-    """A running ``python -m imagecache ...`` process and everything it printed."""
+    """A running ``python -m launcher ...`` process and everything it printed."""
 
     process: asyncio.subprocess.Process
     port: int  # the gateway's
@@ -80,13 +80,13 @@ class Command:
 async def started(
     workdir: Path, args: Sequence[str], environment: dict[str, str], port: int
 ) -> AsyncIterator[Command]:
-    """``python -m imagecache ARGS`` in ``workdir``; SIGKILLed with all its processes at the end."""
+    """``python -m launcher ARGS`` in ``workdir``; SIGKILLed with all its processes at the end."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGECACHE_")}
     env.update(environment, PYTHONUNBUFFERED="1")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "imagecache",
+        "launcher",
         *args,
         cwd=workdir,
         env=env,

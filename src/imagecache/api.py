@@ -1,7 +1,5 @@
-"""The JSON API (the README's "Using it"): every call is a POST under /api answering JSON.
-
-Booleans are the strings "true"/"false"; errors are
-``{"success": "false", "error": {"code": N, "message": "..."}}`` with status N.
+"""The JSON API (the README's "Using it"): every call is a POST under /api answering JSON
+(imagecache.answers gives its shape, which the manager's internal API shares).
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from imagecache.answers import CHALLENGE, failure, success
 from imagecache.appkeys import CONFIG, KEPT_COPIES, KEY_SAMPLER, MANAGER, SERVICE
 from imagecache.errors import ImagecacheError, Unauthorized
 from imagecache.uploads import read_fields, read_upload
@@ -29,22 +28,6 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(f"/api/{name}", forward_to_manager)
 
 
-def success(**fields: Any) -> web.Response:
-    return web.json_response({"success": "true", **fields})
-
-
-def failure(status: int, message: str) -> web.Response:
-    return web.json_response(
-        {"success": "false", "error": {"code": status, "message": message}},
-        status=status,
-        headers=_CHALLENGE if status == 401 else None,
-    )
-
-
-# RFC 9110: a 401 names the authentication scheme it wants.
-_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="imagecache"'}
-
-
 @web.middleware
 async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Every failure under /api in the error shape, with the same HTTP status; a
@@ -57,7 +40,7 @@ async def api_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except ImagecacheError as error:
         log_refusal(request, error.http_status, str(error))
         if not is_api:
-            headers = _CHALLENGE if isinstance(error, Unauthorized) else None
+            headers = CHALLENGE if isinstance(error, Unauthorized) else None
             return web.Response(status=error.http_status, text=str(error), headers=headers)
         return failure(error.http_status, str(error))
     except web.HTTPException as error:

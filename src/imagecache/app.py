@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
-import aiohttp_jinja2
-import jinja2
 from aiohttp import web
 
 from imagecache import api, pages, prometheus, webguards
+from imagecache.appbase import blobs_ctx, every, metadata_stores, running, use_templates
 from imagecache.appkeys import (
     BLOBS,
     CATALOG,
@@ -28,11 +25,8 @@ from imagecache.appkeys import (
     POOL,
     SERVICE,
 )
-from imagecache.blobs import open_blob_store
 from imagecache.cachepool import CachePool
-from imagecache.catalog import ImageCatalog
 from imagecache.config import MIB, Config
-from imagecache.database import Database
 from imagecache.errors import StorageError
 from imagecache.fastpath import FastPath, FastPathCounters, FastPathSite
 from imagecache.images import ImageInspector
@@ -42,14 +36,10 @@ from imagecache.keysamples import REPORT_SECONDS, SAMPLING_RATE, KeySampler, Sam
 from imagecache.manager_link import ManagerLink
 from imagecache.membership import RENEW_SECONDS, MembershipFollower
 from imagecache.memfiles import MemoryFiles
-from imagecache.poolmembers import MembershipStore
 from imagecache.service import ImageService
 
 log = logging.getLogger(__name__)
 
-# The top-level templates/ folder, which the build installs as this package (setup.cfg):
-# a folder on disk both installed and editable, since the wheel is unpacked, never zipped.
-TEMPLATES = Path(str(importlib.resources.files("imagecache.templates")))
 # Delivering the invalidation outbox and healing dirty nodes, and trying nodes set aside.
 HEAL_SECONDS = 1.0
 CLEAN_UP_SECONDS = 600.0
@@ -103,12 +93,7 @@ def create_app(config: Config, *, key_sample_rate: float = SAMPLING_RATE) -> web
     )
     app[FAST_PATH_COUNTERS] = FastPathCounters()
     app[FLASH_SECRET] = config.gateway.secret_key.encode() or secrets.token_bytes(32)
-    aiohttp_jinja2.setup(
-        app,
-        loader=jinja2.FileSystemLoader(TEMPLATES / "gateway"),
-        autoescape=jinja2.select_autoescape(["html"]),
-    )
-    app.router.add_static("/static", TEMPLATES / "static")
+    use_templates(app, "gateway")
     app.router.add_get("/metrics", prometheus.metrics)
     api.add_routes(app)
     pages.add_routes(app)
@@ -119,19 +104,7 @@ def create_app(config: Config, *, key_sample_rate: float = SAMPLING_RATE) -> web
 
 
 async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
-    url = app[CONFIG].metadata_url
-    # The membership gets connections of its own: renewing the gateway's view
-    # must not queue behind image loads, or a busy gateway would lose its lease.
-    async with Database.open(url) as catalog_db, Database.open(url) as membership_db:
-        app[CATALOG] = await ImageCatalog.open(catalog_db)
-        app[MEMBERSHIP_STORE] = await MembershipStore.open(membership_db)
-        yield
-
-
-async def blobs_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    async with open_blob_store(config.blobs, config.aws) as blobs:
-        app[BLOBS] = blobs
+    async with metadata_stores(app, membership_apart=True):
         yield
 
 
@@ -170,26 +143,11 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     nodes, clean up blobs, post the key samples to the manager."""
     service = app[SERVICE]
     reporter = SampleReporter(app[KEY_SAMPLER], app[MANAGER])
-    tasks = [
-        asyncio.create_task(every(RENEW_SECONDS, app[MEMBERSHIP].refresh)),
-        asyncio.create_task(every(HEAL_SECONDS, service.heal_cache)),
-        asyncio.create_task(every(CLEAN_UP_SECONDS, service.clean_up)),
-        asyncio.create_task(every(CLEAN_UP_SECONDS, app[MEMBERSHIP_STORE].expire_gateways)),
-        asyncio.create_task(every(REPORT_SECONDS, reporter.report)),
-    ]
-    yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def every(seconds: float, action: Callable[[], Awaitable[object]]) -> None:
-    """Run ``action`` now and every ``seconds``; a failed run is logged and the loop goes on."""
-    while True:
-        try:
-            await action()
-        except Exception:
-            log.exception(
-                "background task %s failed; retrying", getattr(action, "__name__", action)
-            )
-        await asyncio.sleep(seconds)
+    async with running(
+        every(RENEW_SECONDS, app[MEMBERSHIP].refresh),
+        every(HEAL_SECONDS, service.heal_cache),
+        every(CLEAN_UP_SECONDS, service.clean_up),
+        every(CLEAN_UP_SECONDS, app[MEMBERSHIP_STORE].expire_gateways),
+        every(REPORT_SECONDS, reporter.report),
+    ):
+        yield

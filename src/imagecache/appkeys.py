@@ -4,22 +4,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from imagecache.blobs import BlobStore
+# The keys the manager's application shares (imagecache.appbase opens those stores).
+from imagecache.appbase import BLOBS as BLOBS
+from imagecache.appbase import CATALOG as CATALOG
+from imagecache.appbase import CONFIG as CONFIG
+from imagecache.appbase import MEMBERSHIP_STORE as MEMBERSHIP_STORE
 from imagecache.cachepool import CachePool
-from imagecache.catalog import ImageCatalog
-from imagecache.config import Config
 from imagecache.fastpath import FastPathCounters
 from imagecache.keptcopies import KeptCopies
 from imagecache.keysamples import KeySampler
 from imagecache.manager_link import ManagerLink
 from imagecache.membership import MembershipFollower
-from imagecache.poolmembers import MembershipStore
 from imagecache.service import ImageService
 
-CONFIG = web.AppKey("config", Config)
-CATALOG = web.AppKey("catalog", ImageCatalog)
-MEMBERSHIP_STORE = web.AppKey("membership_store", MembershipStore)
-BLOBS = web.AppKey("blobs", BlobStore)
 POOL = web.AppKey("pool", CachePool)
 KEPT_COPIES = web.AppKey("kept_copies", KeptCopies)
 KEY_SAMPLER = web.AppKey("key_sampler", KeySampler)

@@ -2,8 +2,8 @@
 
 Every successful user read of an image (the fast path, the image handler,
 ``/api/key/<key>``) is counted; the reads of keys in the spatial sample
-(``manager.misscurve``: CRC-32 of the key under a threshold, the same answer
-in every process) are kept with the image's size. Every few seconds the
+(``imagecache.sampling``: CRC-32 of the key under a threshold, the same
+answer in every process) are kept with the image's size. Every few seconds the
 gateway posts what it gathered to the manager (``SampleReporter``), which
 simulates every pool size over the samples of all gateways.
 
@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 from imagecache.errors import ImagecacheError
 from imagecache.manager_link import ManagerLink
-from manager.misscurve import is_sampled, sample_bucket, sampling_threshold
-from manager.samplingrate import INITIAL_RATE
+from imagecache.sampling import INITIAL_RATE, is_sampled, sample_bucket, sampling_threshold
 
 log = logging.getLogger(__name__)
 

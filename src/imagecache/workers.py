@@ -1,7 +1,7 @@
 """Gateway workers: ``--workers N`` runs N gateway processes on one port, supervised.
 
 Each worker is a whole gateway (its own event loop, application, fast path
-and background loops) in a process of its own, ``python -m imagecache
+and background loops) in a process of its own, ``python -m launcher
 gateway-worker``. Every worker listens on the gateway's port with SO_REUSEPORT,
 and the kernel spreads new connections over them. The parent process only
 supervises (beside the manager, under ``imagecache up``):
@@ -186,7 +186,7 @@ class _Worker:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
-                    "imagecache",
+                    "launcher",
                     "--log-level",
                     logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                     "gateway-worker",

@@ -9,26 +9,20 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
-import aiohttp_jinja2
-import jinja2
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from yarl import URL
 
-from imagecache.app import TEMPLATES, every
-from imagecache.blobs import open_blob_store
-from imagecache.catalog import ImageCatalog
+from imagecache.answers import failure
+from imagecache.appbase import blobs_ctx, every, metadata_stores, running, use_templates
 from imagecache.config import Config
-from imagecache.database import Database
 from imagecache.errors import StorageError
-from imagecache.poolmembers import MembershipStore
 from manager import internal_api, prometheus, views, whatif_views
 from manager.announcements import Announcements
 from manager.appkeys import (
     ANNOUNCEMENTS,
     AUTOSCALER,
     BACKEND,
-    BLOBS,
     CATALOG,
     COLLECTOR,
     CONFIG,
@@ -103,12 +97,7 @@ def create_app(
     app[CURVES] = MissCurves(window_seconds=config.manager.curve_window_seconds)
     app.on_response_prepare.append(add_security_headers)
     app.on_cleanup.append(stop_hashing)
-    aiohttp_jinja2.setup(
-        app,
-        loader=jinja2.FileSystemLoader(TEMPLATES / "manager"),
-        autoescape=jinja2.select_autoescape(["html"]),
-    )
-    app.router.add_static("/static", TEMPLATES / "static")
+    use_templates(app, "manager")
     app.router.add_get("/metrics", prometheus_metrics)
     views.add_routes(app)
     whatif_views.add_routes(app)
@@ -137,15 +126,15 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     posting = request.method == "POST"
     if request.path.startswith("/internal/"):
         if not token_matches(request, request.app[CONFIG].gateway.manager_token):
-            return internal_api.error(401, "a valid gateway token is required")
+            return failure(401, "a valid gateway token is required")
         try:
             if posting:
                 await read_form(request)
             return await handler(request)
         except MalformedForm as error:
-            return internal_api.error(400, f"the body is not a readable form: {error}")
+            return failure(400, f"the body is not a readable form: {error}")
         except PoolError as error:
-            return internal_api.error(503, f"the pool could not be changed: {error}")
+            return failure(503, f"the pool could not be changed: {error}")
     if is_open(request.path):
         if posting:
             await _form_or_400(request)
@@ -186,19 +175,10 @@ async def stop_hashing(app: web.Application) -> None:
 
 
 async def metadata_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with Database.open(app[CONFIG].metadata_url) as database:
-        app[CATALOG] = await ImageCatalog.open(database)
-        app[MEMBERSHIP_STORE] = await MembershipStore.open(database)
+    async with metadata_stores(app) as database:
         app[RECORDS] = await ManagerRecords.open(database)
         app[CURVE_RECORDS] = await CurveRecords.open(database)
         app[ANNOUNCEMENTS] = await Announcements.open(database)
-        yield
-
-
-async def blobs_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    async with open_blob_store(config.blobs, config.aws) as blobs:
-        app[BLOBS] = blobs
         yield
 
 
@@ -304,17 +284,16 @@ async def loops_ctx(app: web.Application) -> AsyncIterator[None]:
     async def collect() -> None:
         await collector.collect(controller.members)
 
-    tasks = [
-        asyncio.create_task(every(config.collect_seconds, collect)),
-        asyncio.create_task(_after(config.autoscale_seconds, app[AUTOSCALER].tick)),
-        asyncio.create_task(curve_window_loop(app)),
+    loops = [
+        every(config.collect_seconds, collect),
+        # The first judgement after one period: a minute of data.
+        every(config.autoscale_seconds, app[AUTOSCALER].tick, first_after=config.autoscale_seconds),
+        curve_window_loop(app),
     ]
     if config.pool == "aws":
-        tasks.append(asyncio.create_task(reconcile_loop(app)))
-    yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        loops.append(reconcile_loop(app))
+    async with running(*loops):
+        yield
     await collector.close()
 
 
@@ -362,12 +341,6 @@ async def curve_window_loop(app: web.Application) -> None:
             log.warning("the miss curve's window was not saved: %s", error)
         except Exception:
             log.exception("closing the miss curve's window failed; going on")
-
-
-async def _after(seconds: float, action: Callable[[], Awaitable[object]]) -> None:
-    """Like ``every``, but the first run comes after one period (a minute of data)."""
-    await asyncio.sleep(seconds)
-    await every(seconds, action)
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from imagecache.blobs import BlobStore
-from imagecache.catalog import ImageCatalog
-from imagecache.config import Config
-from imagecache.poolmembers import MembershipStore
+# The keys the gateway's application shares (imagecache.appbase opens those stores).
+from imagecache.appbase import BLOBS as BLOBS
+from imagecache.appbase import CATALOG as CATALOG
+from imagecache.appbase import CONFIG as CONFIG
+from imagecache.appbase import MEMBERSHIP_STORE as MEMBERSHIP_STORE
 from manager.announcements import Announcements
 from manager.auth import LoginThrottle, Password, Sessions
 from manager.autoscaler import Autoscaler
@@ -20,14 +21,10 @@ from manager.notify import Notifier
 from manager.pool import PoolController
 from manager.records import ManagerRecords
 
-CONFIG = web.AppKey("config", Config)
-CATALOG = web.AppKey("catalog", ImageCatalog)
-MEMBERSHIP_STORE = web.AppKey("membership_store", MembershipStore)
 RECORDS = web.AppKey("records", ManagerRecords)
 CURVE_RECORDS = web.AppKey("curve_records", CurveRecords)
 ANNOUNCEMENTS = web.AppKey("announcements", Announcements)
 NOTIFIER = web.AppKey("notifier", Notifier)
-BLOBS = web.AppKey("blobs", BlobStore)
 BACKEND = web.AppKey("backend", PoolBackend)
 CONTROLLER = web.AppKey("controller", PoolController)
 METRICS = web.AppKey("metrics", MetricsStore)

@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from manager.misscurve import POOL_SIZES, MissCurve, sample_bucket, sampling_threshold
-from manager.samplingrate import INITIAL_RATE, TARGET_SAMPLED_KEYS, next_rate
+from imagecache.sampling import INITIAL_RATE, sample_bucket, sampling_threshold
+from manager.misscurve import POOL_SIZES, MissCurve
+from manager.samplingrate import TARGET_SAMPLED_KEYS, next_rate
 from manager.settings import CacheSettings
 
 MIB = 1 << 20

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 from aiohttp import web
 
+from imagecache.answers import failure, success
 from imagecache.errors import StorageError
 from manager.appkeys import COLLECTOR, CONTROLLER, CURVES
 from manager.backends.base import PoolError
@@ -20,24 +20,22 @@ from manager.forms import read_form
 from manager.pool import ResizeError
 from manager.settings import MAX_NODES, MIN_NODES, SettingsError, apply_params, policy_label
 
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/internal/configure_cache", configure_cache)
-    app.router.add_post("/internal/getNumNodes", get_num_nodes)
-    app.router.add_post("/internal/getRate", get_rate)
-    app.router.add_post("/internal/miss_curve", miss_curve)
-    app.router.add_post("/internal/key_samples", key_samples)
-
-
 log = logging.getLogger(__name__)
 # Samples one post may carry (a gateway sends at most keysamples.MAX_SAMPLES_PER_POST).
 MAX_SAMPLES = 10_000
 
 
-def error(status: int, message: str) -> web.Response:
-    return web.json_response(
-        {"success": "false", "error": {"code": status, "message": message}}, status=status
-    )
+def add_routes(app: web.Application) -> None:
+    """Every call is a POST to /internal/<its name>."""
+    calls = {
+        "configure_cache": configure_cache,
+        "getNumNodes": get_num_nodes,
+        "getRate": get_rate,
+        "miss_curve": miss_curve,
+        "key_samples": key_samples,
+    }
+    for name, handler in calls.items():
+        app.router.add_post(f"/internal/{name}", handler)
 
 
 def _number(value: float) -> int | float:
@@ -61,26 +59,24 @@ async def configure_cache(request: web.Request) -> web.Response:
                 raise SettingsError(f"numNodes must be a whole number from 1 to 8, not {text!r}")
             target = int(text)
     except SettingsError as problem:
-        return error(400, str(problem))
+        return failure(400, str(problem))
     try:
         await controller.configure(settings, target, "configure_cache (API)")
     except ResizeError as problem:
-        return error(400, str(problem))
+        return failure(400, str(problem))
     except (PoolError, StorageError) as problem:
         # Logged by the controller; the settings and the size are as they were.
-        return error(503, f"the pool could not be resized, nothing changed: {problem}")
-    answer: dict[str, Any] = {
-        "success": "true",
-        "mode": settings.mode.value,
-        "numNodes": controller.size,
-        "cacheSize": _number(settings.capacity_mb),
-        "policy": policy_label(settings.policy),
-    }
-    return web.json_response(answer)
+        return failure(503, f"the pool could not be resized, nothing changed: {problem}")
+    return success(
+        mode=settings.mode.value,
+        numNodes=controller.size,
+        cacheSize=_number(settings.capacity_mb),
+        policy=policy_label(settings.policy),
+    )
 
 
 async def get_num_nodes(request: web.Request) -> web.Response:
-    return web.json_response({"success": "true", "numNodes": request.app[CONTROLLER].size})
+    return success(numNodes=request.app[CONTROLLER].size)
 
 
 async def get_rate(request: web.Request) -> web.Response:
@@ -88,12 +84,12 @@ async def get_rate(request: web.Request) -> web.Response:
     params = {**request.query, **(await read_form(request))}
     rate = params.get("rate", "").lower()
     if rate not in ("miss", "hit"):
-        return error(400, "rate must be 'miss' or 'hit'")
+        return failure(400, "rate must be 'miss' or 'hit'")
     collector, controller = request.app[COLLECTOR], request.app[CONTROLLER]
     await collector.collect(controller.members)  # include the last few seconds
     minute = collector.last_minute()
     value = None if minute is None else (minute.miss_rate if rate == "miss" else minute.hit_rate)
-    return web.json_response({"success": "true", "rate": rate, "value": value or 0.0})
+    return success(rate=rate, value=value or 0.0)
 
 
 async def miss_curve(request: web.Request) -> web.Response:
@@ -102,17 +98,14 @@ async def miss_curve(request: web.Request) -> web.Response:
     curves = request.app[CURVES]
     curves.follow(await request.app[CONTROLLER].settings())
     window = curves.latest()
-    return web.json_response(
-        {
-            "success": "true",
-            "nodes": list(curves.sizes),
-            "predicted_miss": window.predicted_miss,
-            "capacity_mb": _number(window.capacity_mb),
-            "window_seconds": round(window.seconds, 3),
-            "sampled_lookups": window.sampled_lookups,
-            "window_complete": "true" if window.complete else "false",
-            "sampling_rate": window.rate,
-        }
+    return success(
+        nodes=list(curves.sizes),
+        predicted_miss=window.predicted_miss,
+        capacity_mb=_number(window.capacity_mb),
+        window_seconds=round(window.seconds, 3),
+        sampled_lookups=window.sampled_lookups,
+        window_complete="true" if window.complete else "false",
+        sampling_rate=window.rate,
     )
 
 
@@ -125,12 +118,12 @@ async def key_samples(request: web.Request) -> web.Response:
     except ValueError as problem:
         message = f"the key samples are not {problem}"
         log.info("refused POST %s (400): %s", request.path, message)
-        return error(400, message)
+        return failure(400, message)
     curves = request.app[CURVES]
     curves.follow(await request.app[CONTROLLER].settings())
     curves.feed(lookups, samples, rate)
     # The rate the gateway is to sample at from now on (manager.samplingrate).
-    return web.json_response({"success": "true", "rate": curves.rate})
+    return success(rate=curves.rate)
 
 
 def _parse_samples(body: object) -> tuple[int, list[tuple[str, int]], float | None]:

@@ -19,41 +19,23 @@ which is what references to hot keys mostly are. On Zipf streams of 0.6 to
 0.9 skew this moved the error from up to 0.22 to under 0.04 (tests).
 
 Pure: no I/O and no clock. The sampling decision is a function of the key
-alone (CRC-32, the same in every process), so samples taken by several
-gateways are samples of one stream and combine by simply being fed together.
+alone (imagecache.sampling: CRC-32, the same in every process), so samples
+taken by several gateways are samples of one stream and combine by simply
+being fed together.
 """
 
 from __future__ import annotations
 
 import random
-import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Keys hash into this many buckets; a rate is a number of them.
-HASH_BUCKETS = 1 << 24
+from imagecache.sampling import sampling_threshold
+
 # A cache node counts each item as its key and value plus this (cachenode's store).
 ITEM_OVERHEAD = 256
 POOL_SIZES = tuple(range(1, 9))
-
-
-def sampling_threshold(rate: float) -> int:
-    """The bucket threshold of a sampling ``rate`` (0 < rate <= 1)."""
-    if not 0 < rate <= 1:
-        raise ValueError(f"a sampling rate is above 0 and at most 1, not {rate}")
-    return max(1, round(rate * HASH_BUCKETS))
-
-
-def sample_bucket(key: bytes) -> int:
-    """The hash bucket of ``key``: its references are sampled at every rate whose
-    threshold is above it (the same answer everywhere)."""
-    return zlib.crc32(key) % HASH_BUCKETS
-
-
-def is_sampled(key: bytes, threshold: int) -> bool:
-    """Whether references to ``key`` belong to the sample (the same answer everywhere)."""
-    return sample_bucket(key) < threshold
 
 
 class MiniatureCache:

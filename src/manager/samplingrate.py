@@ -9,7 +9,8 @@ allows (the simulation costs it about 1.3 µs a sampled lookup, a gateway a
 list append and a share of a post), and tells the gateways the rate in its
 answer to each of their posts (``manager.internal_api.key_samples``).
 
-Rates are powers of two from MIN_RATE to 1, and a change needs a margin
+Rates are powers of two from MIN_RATE to 1 (the first is
+imagecache.sampling.INITIAL_RATE), and a change needs a margin
 (OVERSHOOT) either way, so noise in the traffic does not flip the rate: each
 change starts the miniature caches over.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import math
 
-INITIAL_RATE = 2.0**-7  # about 0.8 %, until the first window says more
 MIN_RATE = 2.0**-10
 # About 10,000 distinct keys keep SHARDS' error near 0.01-0.03 (Waldspurger et
 # al., FAST'15, fixed-size SHARDS; bench/autoscale.py measured 0.04 at 10,000).

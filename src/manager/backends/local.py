@@ -134,7 +134,7 @@ class LocalPool:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "imagecache",
+            "launcher",
             "--log-level",
             "WARNING",
             "node",
@@ -241,12 +241,14 @@ async def _orphan_node_on(host: str, port: int, node_access: NodeAccess) -> int 
 
 
 def _runs_a_node(pid: int) -> bool:
-    """Whether process ``pid`` of this machine runs ``imagecache ... node``."""
+    """Whether process ``pid`` of this machine runs ``imagecache ... node`` (the
+    script, or ``python -m launcher ... node`` as the pool starts them)."""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False  # not a process of this machine (or it is gone)
-    return b"node" in command and any(b"imagecache" in part for part in command)
+    ours = b"launcher" in command or any(b"imagecache" in part for part in command)
+    return b"node" in command and ours
 
 
 def _can_bind(host: str, port: int) -> bool:

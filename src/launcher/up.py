@@ -1,4 +1,6 @@
-"""``imagecache up``: the whole system on one machine, on the embedded default."""
+"""The parts the ``imagecache`` command runs: ``up`` (the whole system on one
+machine, on the embedded default), the gateway alone (or one of its worker
+processes) and the manager alone."""
 
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ async def up(config: Config) -> None:
     config = with_local_secrets(config)
     count = config.gateway.workers or workers.default_workers()
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    # The manager is a separate part, imported here only to compose the whole system.
+    # Imported where the manager runs only: gateway workers do not load it.
     from manager.app import create_app as create_manager
 
     gateway_settings, manager_settings = config.gateway, config.manager

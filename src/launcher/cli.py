@@ -96,23 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "node":
         node_config = NodeConfig(
-            host=args.host,
-            port=args.port,
-            capacity_mb=args.capacity_mb,
-            policy=args.policy,
-            max_item_mb=args.max_item_mb,
-            token=args.token,
+            **{name: getattr(args, name) for name in _NODE_OPTIONS},
             text_protocol=True if args.text_protocol else None,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
         )
         run(_node(node_config, stop_with_stdin=args.stop_with_stdin))
         return 0
     if args.command == "whatif":
         return _whatif(args)
     # Imported here so that `imagecache node` starts without loading the web stack.
-    from imagecache.up import gateway, gateway_worker, manager, up
     from imagecache.workers import ParentLink, WorkerError
+    from launcher.up import gateway, gateway_worker, manager, up
 
     try:
         if args.command == "gateway-worker":
@@ -131,6 +124,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imagecache: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+# `imagecache node`'s options that are NodeConfig's fields of the same name.
+_NODE_OPTIONS = (
+    "host",
+    "port",
+    "capacity_mb",
+    "policy",
+    "max_item_mb",
+    "token",
+    "tls_cert",
+    "tls_key",
+)
 
 
 # `imagecache whatif`'s overrides of the stored settings, by their API names (manager.settings).

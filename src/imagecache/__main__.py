@@ -1,5 +1,0 @@
-import sys
-
-from imagecache.cli import main
-
-sys.exit(main())
