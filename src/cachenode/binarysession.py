@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 _GET = int(Opcode.GET)
 _GET_BYTE = bytes([_GET])
 _OK = int(Status.OK)
+_ADD = int(Opcode.ADD)
 # Opcodes whose requests may carry extras: a write ticket, or a read lease's time.
 _TAKES_EXTRAS = frozenset({int(Opcode.SET), int(Opcode.ADD), int(Opcode.CHECK)})
 
@@ -56,8 +57,8 @@ class BinarySession(DecodingSession):
         self._handlers: dict[int, Callable[[Frame], list[Value]]] = {
             Opcode.AUTH: self._auth,
             Opcode.GET: self._get,
-            Opcode.SET: self._set,
-            Opcode.ADD: self._add,
+            Opcode.SET: self._write,
+            Opcode.ADD: self._write,
             Opcode.DELETE: self._delete,
             Opcode.CLEAR: self._clear,
             Opcode.STATS: self._stats,
@@ -212,29 +213,19 @@ class BinarySession(DecodingSession):
         self._node.leases.release(frame.key)
         return [encode_response(frame.opcode, frame.request_id, Status.NOT_STORED, value=reason)]
 
-    def _set(self, frame: Frame) -> list[Value]:
+    def _write(self, frame: Frame) -> list[Value]:
+        """SET, or ADD: stored only while the key holds no item."""
         if (refused := self._refused_write(frame)) is not None:
             return refused
+        store = self._node.store
+        write: Callable[..., Item | None] = store.add if frame.opcode == _ADD else store.set
         try:
-            item = self._node.store.set(
-                frame.key, frame.value, flags=frame.flags, version=frame.version
-            )
-        finally:
-            self._node.leases.release(frame.key)
-        return [encode_response(Opcode.SET, frame.request_id, version=item.version)]
-
-    def _add(self, frame: Frame) -> list[Value]:
-        if (refused := self._refused_write(frame)) is not None:
-            return refused
-        try:
-            item = self._node.store.add(
-                frame.key, frame.value, flags=frame.flags, version=frame.version
-            )
+            item = write(frame.key, frame.value, flags=frame.flags, version=frame.version)
         finally:
             self._node.leases.release(frame.key)
         if item is None:
-            return [encode_response(Opcode.ADD, frame.request_id, Status.NOT_STORED)]
-        return [encode_response(Opcode.ADD, frame.request_id, version=item.version)]
+            return [encode_response(frame.opcode, frame.request_id, Status.NOT_STORED)]
+        return [encode_response(frame.opcode, frame.request_id, version=item.version)]
 
     def _delete(self, frame: Frame) -> list[Value]:
         try:

@@ -27,6 +27,19 @@ SLAB_CLASS = 1
 DUMP_BATCH = 1000
 
 
+# memcached's general statistics that are the store's, in memcached's order:
+# each name with the StoreStats field that answers it (a table in one string:
+# a line each would be a dozen lines of one shape).
+_GENERAL_STORE_STATS = [
+    tuple(pair.split("="))
+    for pair in (  # noqa: SIM905
+        "cmd_get=lookups cmd_set=sets get_hits=hits get_misses=misses delete_hits=deletes "
+        "evictions=evictions expired_unfetched=expirations curr_items=items total_items=sets "
+        "bytes=bytes limit_maxbytes=capacity"
+    ).split()
+]
+
+
 class Node:
     """The store plus the node-level facts that STATS reports."""
 
@@ -97,17 +110,7 @@ class Node:
             ("rusage_system", _seconds_and_microseconds(usage.ru_stime)),
             ("curr_connections", self.current_connections),
             ("total_connections", self.total_connections),
-            ("cmd_get", s.lookups),
-            ("cmd_set", s.sets),
-            ("get_hits", s.hits),
-            ("get_misses", s.misses),
-            ("delete_hits", s.deletes),
-            ("evictions", s.evictions),
-            ("expired_unfetched", s.expirations),
-            ("curr_items", s.items),
-            ("total_items", s.sets),
-            ("bytes", s.bytes),
-            ("limit_maxbytes", s.capacity),
+            *((name, getattr(s, field)) for name, field in _GENERAL_STORE_STATS),
             ("threads", 1),  # one event loop serves every connection
             ("item_size_max", s.max_item_size),
             ("eviction_policy", s.policy),

@@ -8,6 +8,7 @@ cannot be a frame. The encoders return the bytes to send.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -137,19 +138,8 @@ def encode_header(
     return header + extras + key
 
 
-def encode_request(
-    opcode: int,
-    request_id: int,
-    key: bytes = b"",
-    value: bytes = b"",
-    *,
-    flags: int = 0,
-    version: int = 0,
-    extras: bytes = b"",
-) -> bytes:
-    return encode_frame(
-        MAGIC_REQUEST, opcode, request_id, key, value, flags=flags, version=version, extras=extras
-    )
+# A request is a frame with the request magic (and status 0).
+encode_request = functools.partial(encode_frame, MAGIC_REQUEST)
 
 
 def encode_response(

@@ -23,13 +23,11 @@ MAX_UINT32 = (1 << 32) - 1
 MAX_FLAGS = MAX_UINT32
 CRLF = b"\r\n"
 
-STORED = b"STORED\r\n"
-NOT_STORED = b"NOT_STORED\r\n"
-DELETED = b"DELETED\r\n"
-NOT_FOUND = b"NOT_FOUND\r\n"
-END = b"END\r\n"
-OK = b"OK\r\n"
-ERROR = b"ERROR\r\n"
+# memcached's one-word replies, each a line of its own.
+STORED, NOT_STORED, DELETED, NOT_FOUND, END, OK, ERROR = (
+    word + CRLF
+    for word in (b"STORED", b"NOT_STORED", b"DELETED", b"NOT_FOUND", b"END", b"OK", b"ERROR")
+)
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
 # memcached's reply when it has no memory for an item: here, no room in the receive budget.
 OUT_OF_MEMORY = b"SERVER_ERROR out of memory storing object\r\n"
@@ -46,6 +44,15 @@ MAX_CACHEDUMP_REPLY = 2 * 1024 * 1024
 class Retrieve:
     keys: list[bytes]
     with_cas: bool
+
+
+def _retrieve(parts: list[bytes]) -> TextCommand:
+    keys = parts[1:]
+    if not keys:
+        return BadCommand(ERROR)
+    if max(map(len, keys)) > MAX_KEY_LENGTH:
+        return BadCommand(BAD_FORMAT)
+    return Retrieve(keys, parts[0] == b"gets")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,21 +78,67 @@ class OversizedStore:
     busy: bool = False
 
 
+def _storage_fields(parts: list[bytes]) -> tuple[bytes, int, int, int, bool] | None:
+    """key, flags, exptime, length, noreply of a set/add line; None when malformed."""
+    if len(parts) not in (5, 6) or (len(parts) == 6 and parts[5] != b"noreply"):
+        return None
+    flags, exptime, length = _integer(parts[2]), _integer(parts[3]), _integer(parts[4])
+    if flags is None or exptime is None or length is None:
+        return None
+    if not 0 <= flags <= MAX_FLAGS or length < 0:
+        return None
+    return parts[1], flags, exptime, length, len(parts) == 6
+
+
 @dataclass(frozen=True, slots=True)
 class Delete:
+    """``delete <key> [0] [noreply]`` (the 0 is memcached's legacy time)."""
+
     key: bytes
     noreply: bool
 
 
+def _delete(parts: list[bytes]) -> TextCommand:
+    # memcached still accepts a legacy time argument of 0: "delete <key> 0".
+    arguments, noreply = _arguments(parts)
+    if not arguments or len(arguments) > 2 or (len(arguments) == 2 and arguments[1] != b"0"):
+        return BadCommand(BAD_FORMAT)
+    if len(arguments[0]) > MAX_KEY_LENGTH:
+        return BadCommand(BAD_FORMAT)
+    return Delete(arguments[0], noreply)
+
+
 @dataclass(frozen=True, slots=True)
 class FlushAll:
-    delay: int
+    """``flush_all [0] [noreply]``: a delay other than 0 is not supported (a ``BadCommand``)."""
+
     noreply: bool
+
+
+def _flush_all(parts: list[bytes]) -> TextCommand:
+    arguments, noreply = _arguments(parts)
+    if len(arguments) > 1:
+        return BadCommand(BAD_FORMAT)
+    delay = _integer(arguments[0]) if arguments else 0
+    if delay is None:
+        return BadCommand(BAD_FORMAT)
+    if delay:
+        return BadCommand(client_error("flush_all with a delay is not supported"))
+    return FlushAll(noreply)
 
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    group: bytes  # empty for the general statistics
+    """``stats [<group>]``: ``group`` is empty for the general statistics,
+    else items or slabs (cachedump comes out as ``CacheDump``)."""
+
+    group: bytes
+
+
+def _stats(parts: list[bytes]) -> TextCommand:
+    if len(parts) > 1 and parts[1] == b"cachedump":
+        return _cachedump(parts)
+    return Stats(b" ".join(parts[1:]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +149,33 @@ class CacheDump:
     limit: int
 
 
+def _cachedump(parts: list[bytes]) -> TextCommand:
+    if len(parts) != 4:
+        return BadCommand(BAD_FORMAT)
+    slab_class, limit = _integer(parts[2]), _integer(parts[3])
+    # memcached reads both as unsigned 32-bit numbers.
+    if slab_class is None or limit is None:
+        return BadCommand(BAD_FORMAT)
+    if not (0 <= slab_class <= MAX_UINT32 and 0 <= limit <= MAX_UINT32):
+        return BadCommand(BAD_FORMAT)
+    if slab_class >= SLAB_CLASSES:
+        return BadCommand(ILLEGAL_SLAB)
+    return CacheDump(slab_class, limit)
+
+
 @dataclass(frozen=True, slots=True)
 class Version:
-    pass
+    """``version``: the memcached version this node answers as."""
 
 
 @dataclass(frozen=True, slots=True)
 class Quit:
-    pass
+    """``quit``: the node closes the connection."""
+
+
+def _bare(command: TextCommand, parts: list[bytes]) -> TextCommand:
+    """``command`` when its line is its name alone (version, quit)."""
+    return command if len(parts) == 1 else BadCommand(ERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,74 +323,6 @@ class TextDecoder:
         return StoreCommand(parts[0] == b"add", key, flags, exptime, value, noreply)
 
 
-def _retrieve(parts: list[bytes]) -> TextCommand:
-    keys = parts[1:]
-    if not keys:
-        return BadCommand(ERROR)
-    if max(map(len, keys)) > MAX_KEY_LENGTH:
-        return BadCommand(BAD_FORMAT)
-    return Retrieve(keys, parts[0] == b"gets")
-
-
-def _storage_fields(parts: list[bytes]) -> tuple[bytes, int, int, int, bool] | None:
-    """key, flags, exptime, length, noreply of a set/add line; None when malformed."""
-    if len(parts) not in (5, 6) or (len(parts) == 6 and parts[5] != b"noreply"):
-        return None
-    flags, exptime, length = _integer(parts[2]), _integer(parts[3]), _integer(parts[4])
-    if flags is None or exptime is None or length is None:
-        return None
-    if not 0 <= flags <= MAX_FLAGS or length < 0:
-        return None
-    return parts[1], flags, exptime, length, len(parts) == 6
-
-
-def _delete(parts: list[bytes]) -> TextCommand:
-    # memcached still accepts a legacy time argument of 0: "delete <key> 0".
-    noreply = parts[-1] == b"noreply"
-    arguments = parts[1:-1] if noreply else parts[1:]
-    if not arguments or len(arguments) > 2 or (len(arguments) == 2 and arguments[1] != b"0"):
-        return BadCommand(BAD_FORMAT)
-    if len(arguments[0]) > MAX_KEY_LENGTH:
-        return BadCommand(BAD_FORMAT)
-    return Delete(arguments[0], noreply)
-
-
-def _stats(parts: list[bytes]) -> TextCommand:
-    if len(parts) > 1 and parts[1] == b"cachedump":
-        return _cachedump(parts)
-    return Stats(b" ".join(parts[1:]))
-
-
-def _cachedump(parts: list[bytes]) -> TextCommand:
-    if len(parts) != 4:
-        return BadCommand(BAD_FORMAT)
-    slab_class, limit = _integer(parts[2]), _integer(parts[3])
-    # memcached reads both as unsigned 32-bit numbers.
-    if slab_class is None or limit is None:
-        return BadCommand(BAD_FORMAT)
-    if not (0 <= slab_class <= MAX_UINT32 and 0 <= limit <= MAX_UINT32):
-        return BadCommand(BAD_FORMAT)
-    if slab_class >= SLAB_CLASSES:
-        return BadCommand(ILLEGAL_SLAB)
-    return CacheDump(slab_class, limit)
-
-
-def _flush_all(parts: list[bytes]) -> TextCommand:
-    noreply = parts[-1] == b"noreply"
-    arguments = parts[1:-1] if noreply else parts[1:]
-    if len(arguments) > 1:
-        return BadCommand(BAD_FORMAT)
-    delay = _integer(arguments[0]) if arguments else 0
-    if delay is None:
-        return BadCommand(BAD_FORMAT)
-    return FlushAll(delay, noreply)
-
-
-def _bare(command: TextCommand, parts: list[bytes]) -> TextCommand:
-    """``command`` when its line is its name alone (version, quit)."""
-    return command if len(parts) == 1 else BadCommand(ERROR)
-
-
 # The parser of each command's line but set and add, which carry a data block.
 _PARSERS: dict[bytes, Callable[[list[bytes]], TextCommand]] = {
     b"get": _retrieve,
@@ -329,6 +333,13 @@ _PARSERS: dict[bytes, Callable[[list[bytes]], TextCommand]] = {
     b"version": partial(_bare, Version()),
     b"quit": partial(_bare, Quit()),
 }
+
+
+def _arguments(parts: list[bytes]) -> tuple[list[bytes], bool]:
+    """The arguments of a command line after its name, but a final ``noreply``;
+    and whether it ends so."""
+    noreply = parts[-1] == b"noreply"
+    return (parts[1:-1] if noreply else parts[1:]), noreply
 
 
 def _is_text_key(key: bytes) -> bool:

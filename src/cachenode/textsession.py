@@ -71,10 +71,7 @@ class TextSession(DecodingSession):
                 self._node.leases.release(key)
                 if not noreply:
                     out.append(text.DELETED if found else text.NOT_FOUND)
-            case text.FlushAll(delay, noreply):
-                if delay:
-                    out.append(text.client_error("flush_all with a delay is not supported"))
-                    return
+            case text.FlushAll(noreply):
                 store.clear()
                 self._node.leases.clear()
                 if not noreply:
