@@ -85,10 +85,17 @@ def test_bad_addresses_are_refused_with_the_address_named(address: str) -> None:
 
 
 async def test_a_client_at_an_address_talks_to_that_node(node_process: NodeProcess) -> None:
-    async with NodeClient.at(f"{node_process.host}:{node_process.port}", timeout=2) as client:
+    address = f"{node_process.host}:{node_process.port}"
+    async with NodeClient.at(address, timeout=2, connect_timeout=0.5) as client:
         assert await client.set(b"k", b"v")
         assert await client.get(b"k") == b"v"
-        assert (client.host, client.port) == (node_process.host, node_process.port)
+        assert (client.host, client.port, client.address) == (
+            node_process.host,
+            node_process.port,
+            address,
+        )
+        # The options reach the client.
+        assert (client.timeout, client.connect_timeout) == (2, 0.5)
 
 
 async def test_a_client_at_a_bad_address_is_refused_before_connecting() -> None:
