@@ -15,13 +15,12 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from cachenode.client import OPEN_ACCESS, NodeAccess, NodeClient
 from cachenode.errors import NodeError
 from manager.backends.base import NodeHandle
 from manager.metrics import MetricsStore, MinuteStats, PoolSample, minute_of
-from manager.nodestats import uptime_of
+from manager.nodestats import NodeFigures
 
 log = logging.getLogger(__name__)
 
@@ -35,61 +34,7 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class _Reading:
-    """One node's STATS: lifetime counters and gauges."""
-
-    lookups: int
-    hits: int
-    misses: int
-    sets: int
-    deletes: int
-    items: int
-    bytes: int
-    uptime: float | None
-    missing: int = 0  # 0 from a node that does not count them apart
-    uncacheable: int = 0
-
-    @classmethod
-    def from_stats(cls, stats: dict[str, Any]) -> _Reading:
-        """Raises KeyError, TypeError or ValueError for a STATS reply without the counters."""
-        return cls(
-            lookups=int(stats["lookups"]),
-            hits=int(stats["hits"]),
-            misses=int(stats["misses"]),
-            sets=int(stats["sets"]),
-            deletes=int(stats["deletes"]),
-            items=int(stats["items"]),
-            bytes=int(stats["bytes"]),
-            uptime=uptime_of(stats),
-            missing=int(stats.get("missing_lookups", 0)),
-            uncacheable=int(stats.get("uncacheable_lookups", 0)),
-        )
-
-    @property
-    def unfixable(self) -> int:
-        """Misses moved out of lookups and misses: no pool size could fix them."""
-        return self.missing + self.uncacheable
-
-    def restarted_since(self, before: _Reading) -> bool:
-        """Whether the node was restarted between ``before`` and this reading."""
-        if self.uptime is not None and before.uptime is not None and self.uptime < before.uptime:
-            return True
-        # Lifetime counters only grow while the node lives. Lookups and misses
-        # shrink when a miss is moved out of them (UNCACHEABLE), so they count
-        # with the misses moved.
-        return (
-            self.lookups + self.unfixable < before.lookups + before.unfixable
-            or self.hits < before.hits
-            or self.misses + self.unfixable < before.misses + before.unfixable
-            or self.missing < before.missing
-            or self.uncacheable < before.uncacheable
-            or self.sets < before.sets
-            or self.deletes < before.deletes
-        )
-
-
-_ZERO = _Reading(0, 0, 0, 0, 0, 0, 0, None)
+_ZERO = NodeFigures(0, 0, 0, 0, 0, 0, 0, 0, 0, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +47,7 @@ class _Delta:
     uncacheable: int = 0
 
 
-def _delta(before: _Reading | None, now: _Reading) -> _Delta:
+def _delta(before: NodeFigures | None, now: NodeFigures) -> _Delta:
     if before is None:
         # The node's lifetime totals are not this interval's: count from here.
         return _Delta()
@@ -145,7 +90,7 @@ class Collector:
         self._timeout = timeout
         self._clock = clock
         self._clients: dict[str, tuple[str, NodeClient]] = {}  # node id -> (address, client)
-        self._readings: dict[str, _Reading] = {}
+        self._readings: dict[str, NodeFigures] = {}
         self._failing: set[str] = set()
         self._samples: list[PoolSample] = []
         # Two overlapping collections would both subtract the same previous reading.
@@ -205,11 +150,11 @@ class Collector:
         async with self._lock:
             await self._forget_except({})
 
-    async def _read(self, node: NodeHandle) -> _Reading | None:
+    async def _read(self, node: NodeHandle) -> NodeFigures | None:
         """The node's reading, or None (logged once per failure streak) when it fails."""
         try:
             client = self._client(node)
-            reading = _Reading.from_stats(await client.stats())
+            reading = NodeFigures.from_stats(await client.stats())
         except (NodeError, KeyError, TypeError, ValueError) as error:
             if node.node_id not in self._failing:
                 self._failing.add(node.node_id)

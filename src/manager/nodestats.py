@@ -2,7 +2,8 @@
 
 ``read_stats`` asks one node once, within a time limit of the caller's (the
 page and a Prometheus scrape must not be held up by a node that does not
-answer); ``node_health`` is the Memory Configuration page's view of each node.
+answer); ``NodeFigures`` are its figures, as the collector and the scrape
+read them, and ``node_health`` is the Memory Configuration page's view of each node.
 """
 
 from __future__ import annotations
@@ -38,6 +39,71 @@ def uptime_of(stats: Mapping[str, Any]) -> float | None:
     """The seconds the node has run, from its STATS; None from a node that does not say."""
     uptime = stats.get("uptime")
     return float(uptime) if isinstance(uptime, int | float) else None
+
+
+# The figures every node's STATS carries, as integers, under the same names.
+_COUNTED = (
+    "lookups",
+    "hits",
+    "misses",
+    "sets",
+    "deletes",
+    "items",
+    "bytes",
+    "capacity",
+    "evictions",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFigures:
+    """One node's STATS: lifetime counters and gauges, as the collector and the
+    Prometheus scrape read them."""
+
+    lookups: int
+    hits: int
+    misses: int  # the misses a bigger pool may fix (the node moves the others out)
+    sets: int
+    deletes: int
+    items: int
+    bytes: int
+    capacity: int
+    evictions: int
+    uptime: float | None
+    missing: int = 0  # 0 from a node that does not count them apart
+    uncacheable: int = 0
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Any]) -> NodeFigures:
+        """Raises KeyError, TypeError or ValueError for a STATS reply without the figures."""
+        return cls(
+            **{name: int(stats[name]) for name in _COUNTED},
+            uptime=uptime_of(stats),
+            missing=int(stats.get("missing_lookups", 0)),
+            uncacheable=int(stats.get("uncacheable_lookups", 0)),
+        )
+
+    @property
+    def unfixable(self) -> int:
+        """Misses moved out of lookups and misses: no pool size could fix them."""
+        return self.missing + self.uncacheable
+
+    def restarted_since(self, before: NodeFigures) -> bool:
+        """Whether the node was restarted between ``before`` and these figures."""
+        if self.uptime is not None and before.uptime is not None and self.uptime < before.uptime:
+            return True
+        # Lifetime counters only grow while the node lives. Lookups and misses
+        # shrink when a miss is moved out of them (UNCACHEABLE), so they count
+        # with the misses moved.
+        return (
+            self.lookups + self.unfixable < before.lookups + before.unfixable
+            or self.hits < before.hits
+            or self.misses + self.unfixable < before.misses + before.unfixable
+            or self.missing < before.missing
+            or self.uncacheable < before.uncacheable
+            or self.sets < before.sets
+            or self.deletes < before.deletes
+        )
 
 
 @dataclass(frozen=True, slots=True)

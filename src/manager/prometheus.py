@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -41,7 +40,7 @@ from cachenode.routing import AddressError
 from manager.appkeys import COLLECTOR, CONFIG, CONTROLLER, CURVES, RECORDS
 from manager.backends.base import NodeHandle
 from manager.metrics import MinuteStats
-from manager.nodestats import read_stats
+from manager.nodestats import NodeFigures, read_stats
 
 log = logging.getLogger(__name__)
 
@@ -50,39 +49,31 @@ log = logging.getLogger(__name__)
 NODE_TIMEOUT = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class NodeStats:
-    """The figures of one node's STATS that the memcached series show."""
-
-    get_hits: int
-    get_misses: int
-    sets: int
-    delete_hits: int
-    items: int
-    bytes: int
-    limit_bytes: int
-    evictions: int
-    missing_lookups: int = 0  # 0 from a node that does not count them apart
-    uncacheable_lookups: int = 0
-
-    @classmethod
-    def from_stats(cls, stats: Mapping[str, Any]) -> NodeStats:
-        """Raises KeyError, TypeError or ValueError for a reply without the figures."""
-        missing = int(stats.get("missing_lookups", 0))
-        uncacheable = int(stats.get("uncacheable_lookups", 0))
-        return cls(
-            get_hits=int(stats["hits"]),
-            # Every get that missed: also those moved out of "misses" since.
-            get_misses=int(stats["misses"]) + missing + uncacheable,
-            sets=int(stats["sets"]),
-            delete_hits=int(stats["deletes"]),
-            items=int(stats["items"]),
-            bytes=int(stats["bytes"]),
-            limit_bytes=int(stats["capacity"]),
-            evictions=int(stats["evictions"]),
-            missing_lookups=missing,
-            uncacheable_lookups=uncacheable,
-        )
+# The per-node series beside memcached_up and the commands, by kind:
+# name -> (the NodeFigures field it shows, help).
+_NODE_GAUGES = {
+    "memcached_current_items": ("items", "Current number of items stored by this instance."),
+    "memcached_current_bytes": ("bytes", "Current number of bytes used to store items."),
+    "memcached_limit_bytes": (
+        "capacity",
+        "Number of bytes this server is allowed to use for storage.",
+    ),
+}
+_NODE_COUNTERS = {
+    "memcached_items_evicted": (
+        "evictions",
+        "Total number of valid items removed from cache to free memory for new items.",
+    ),
+    "imagecache_missing_lookups": (
+        "missing",
+        "Gets of keys with no image: misses no pool size can fix, not in the miss rate.",
+    ),
+    "imagecache_uncacheable_lookups": (
+        "uncacheable",
+        "Gets of images over the nodes' maximum item size: misses no pool size can fix, "
+        "not in the miss rate.",
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +81,7 @@ class PoolSnapshot:
     """What one scrape shows, gathered before the (synchronous) collection."""
 
     size: int
-    nodes: Mapping[str, NodeStats | None]  # by node id; None: did not answer
+    nodes: Mapping[str, NodeFigures | None]  # by node id; None: did not answer
     resizes: Mapping[str, int]  # by kind: manual, automatic, failed
     last_minute: MinuteStats | None
     # The predicted miss ratio of the pool at each size (nodes -> ratio), or
@@ -122,65 +113,27 @@ class PoolCollector:
             "Total number of all requests broken down by command (get, set, etc.) and status.",
             labels=["node", "command", "status"],
         )
-        for node_id, stats in answering.items():
+        for node_id, figures in answering.items():
             # memcached_exporter's label values; the node counts no delete misses.
+            # Every get that missed counts as a miss: also those moved out of
+            # "misses" since, as memcached counts them (a counter must not go down).
             for command, status, count in (
-                ("get", "hit", stats.get_hits),
-                ("get", "miss", stats.get_misses),
-                ("set", "hit", stats.sets),
-                ("delete", "hit", stats.delete_hits),
+                ("get", "hit", figures.hits),
+                ("get", "miss", figures.misses + figures.unfixable),
+                ("set", "hit", figures.sets),
+                ("delete", "hit", figures.deletes),
             ):
                 commands.add_metric([node_id, command, status], count)
         yield commands
-        yield _per_node(
-            GaugeMetricFamily(
-                "memcached_current_items",
-                "Current number of items stored by this instance.",
-                labels=["node"],
-            ),
-            ((node_id, stats.items) for node_id, stats in answering.items()),
-        )
-        yield _per_node(
-            GaugeMetricFamily(
-                "memcached_current_bytes",
-                "Current number of bytes used to store items.",
-                labels=["node"],
-            ),
-            ((node_id, stats.bytes) for node_id, stats in answering.items()),
-        )
-        yield _per_node(
-            GaugeMetricFamily(
-                "memcached_limit_bytes",
-                "Number of bytes this server is allowed to use for storage.",
-                labels=["node"],
-            ),
-            ((node_id, stats.limit_bytes) for node_id, stats in answering.items()),
-        )
-        yield _per_node(
-            CounterMetricFamily(
-                "memcached_items_evicted",
-                "Total number of valid items removed from cache to free memory for new items.",
-                labels=["node"],
-            ),
-            ((node_id, stats.evictions) for node_id, stats in answering.items()),
-        )
-        yield _per_node(
-            CounterMetricFamily(
-                "imagecache_missing_lookups",
-                "Gets of keys with no image: misses no pool size can fix, not in the miss rate.",
-                labels=["node"],
-            ),
-            ((node_id, stats.missing_lookups) for node_id, stats in answering.items()),
-        )
-        yield _per_node(
-            CounterMetricFamily(
-                "imagecache_uncacheable_lookups",
-                "Gets of images over the nodes' maximum item size: misses no pool size can fix, "
-                "not in the miss rate.",
-                labels=["node"],
-            ),
-            ((node_id, stats.uncacheable_lookups) for node_id, stats in answering.items()),
-        )
+        for kind, table in (
+            (GaugeMetricFamily, _NODE_GAUGES),
+            (CounterMetricFamily, _NODE_COUNTERS),
+        ):
+            for name, (field, help_text) in table.items():
+                family = kind(name, help_text, labels=["node"])
+                for node_id, figures in answering.items():
+                    family.add_metric([node_id], getattr(figures, field))
+                yield family
 
     def _pool_series(self) -> Iterator[Metric]:
         snapshot = self._snapshot
@@ -222,18 +175,10 @@ class PoolCollector:
                 yield family
 
 
-def _per_node(
-    family: GaugeMetricFamily | CounterMetricFamily, values: Iterable[tuple[str, float]]
-) -> Metric:
-    for node_id, value in values:
-        family.add_metric([node_id], value)
-    return family
-
-
-async def read_node(node: NodeHandle, access: NodeAccess) -> NodeStats | None:
+async def read_node(node: NodeHandle, access: NodeAccess) -> NodeFigures | None:
     """The node's STATS figures, or None when it does not answer them in ``NODE_TIMEOUT``."""
     try:
-        return NodeStats.from_stats(await read_stats(node, access, NODE_TIMEOUT))
+        return NodeFigures.from_stats(await read_stats(node, access, NODE_TIMEOUT))
     except (NodeError, AddressError, TimeoutError, OSError) as error:
         # The collector warns about a node that stops answering; once is enough.
         log.debug("node %s (%s) left out of the scrape: %s", node.node_id, node.address, error)
@@ -246,7 +191,7 @@ async def read_node(node: NodeHandle, access: NodeAccess) -> NodeStats | None:
 
 async def read_nodes(
     members: Sequence[NodeHandle], access: NodeAccess
-) -> dict[str, NodeStats | None]:
+) -> dict[str, NodeFigures | None]:
     """Every member's figures (None for one that does not answer), read at once."""
     nodes: dict[str, NodeHandle] = {}
     for node in members:
