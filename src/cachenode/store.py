@@ -102,15 +102,17 @@ class Store:
     ) -> None:
         _check_capacity(capacity)
         _check_max_item_size(max_item_size)
-        self._capacity = capacity
-        self._max_item_size = max_item_size
-        self._policy = policy
-        self._clock = clock
+        # The settings, read-only: ``configure`` changes them and keeps the
+        # items within them.
+        self.capacity = capacity
+        self.max_item_size = max_item_size
+        self.policy = policy
+        self.clock = clock  # what expiry times are measured on
         self._rng = rng or random.Random()
         self._started = clock()
         self._items: OrderedDict[bytes, Item] = OrderedDict()
         self._keys: list[bytes] = []
-        self._used = 0
+        self.used = 0  # counted bytes of all items (read-only)
         # key -> (version, expires_at) of recent versioned deletes, oldest first.
         self._tombstones: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
         self._tombstone_seconds = tombstone_seconds
@@ -132,7 +134,7 @@ class Store:
         """The live item of ``key`` (marking it recently used), or None."""
         self.lookups += 1
         item = self._items.get(key)
-        if item is not None and item.expires_at and item.expires_at <= self._clock():
+        if item is not None and item.expires_at and item.expires_at <= self.clock():
             self._remove(key, item)
             self.expirations += 1
             item = None
@@ -167,7 +169,7 @@ class Store:
     def peek(self, key: bytes) -> Item | None:
         """Like ``get``, but not counted as a lookup (a client asking again)."""
         item = self._items.get(key)
-        if item is not None and item.expires_at and item.expires_at <= self._clock():
+        if item is not None and item.expires_at and item.expires_at <= self.clock():
             self._remove(key, item)
             self.expirations += 1
             return None
@@ -181,32 +183,10 @@ class Store:
 
     def __contains__(self, key: bytes) -> bool:
         item = self._items.get(key)
-        return item is not None and not (item.expires_at and item.expires_at <= self._clock())
+        return item is not None and not (item.expires_at and item.expires_at <= self.clock())
 
     def __len__(self) -> int:
         return len(self._items)
-
-    @property
-    def used(self) -> int:
-        """Counted bytes of all items."""
-        return self._used
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def policy(self) -> Policy:
-        return self._policy
-
-    @property
-    def max_item_size(self) -> int:
-        return self._max_item_size
-
-    @property
-    def clock(self) -> Callable[[], float]:
-        """The clock that expiry times are measured on."""
-        return self._clock
 
     def scan(self, cursor: int | None, count: int) -> tuple[list[tuple[bytes, int]], int]:
         """Up to ``count`` (key, counted size) pairs and the cursor that resumes.
@@ -221,7 +201,7 @@ class Store:
             raise InvalidKey("scan count must be at least 1")
         top = len(self._keys) if cursor is None else min(cursor, len(self._keys))
         bottom = max(0, top - count)
-        now = self._clock()
+        now = self.clock()
         batch = []
         for index in range(top - 1, bottom - 1, -1):
             key = self._keys[index]
@@ -240,7 +220,7 @@ class Store:
         a write carrying it is accepted, so a write of a version that an
         invalidation replaced in the meantime is always refused.
         """
-        return self._ticket_origin + int(self._clock() * _MICROSECONDS)
+        return self._ticket_origin + int(self.clock() * _MICROSECONDS)
 
     def ticket_is_valid(self, ticket: int) -> bool:
         """Whether ``ticket`` is this incarnation's, younger than a tombstone, and
@@ -264,7 +244,7 @@ class Store:
         if old is not None:
             # Replace in place: the key keeps its slot in _keys, so that a scan
             # under way still returns it, and becomes the most recently used.
-            self._used -= old.size
+            self.used -= old.size
             self._items.move_to_end(key)
             self._make_room(size, keep=key)
             item = Item(value, flags, version, expires_at, size, old.slot)
@@ -274,7 +254,7 @@ class Store:
             item = Item(value, flags, version, expires_at, size, len(self._keys))
             self._items[key] = item
             self._keys.append(key)
-        self._used += size
+        self.used += size
         self.sets += 1
         return item
 
@@ -301,7 +281,7 @@ class Store:
         if item is None or (version and item.version >= version):
             return False
         self._remove(key, item)
-        if item.expires_at and item.expires_at <= self._clock():
+        if item.expires_at and item.expires_at <= self.clock():
             self.expirations += 1
             return False
         self.deletes += 1
@@ -318,12 +298,12 @@ class Store:
         self._tickets_after = self.ticket()
         if version:
             self._floor = (
-                max(version, self._floor[0]) if self._floor[1] > self._clock() else version,
-                self._clock() + self._tombstone_seconds,
+                max(version, self._floor[0]) if self._floor[1] > self.clock() else version,
+                self.clock() + self._tombstone_seconds,
             )
         self._items.clear()
         self._keys.clear()
-        self._used = 0
+        self.used = 0
 
     def configure(
         self,
@@ -342,11 +322,11 @@ class Store:
                 policy = Policy(policy)
             except ValueError:
                 raise InvalidConfig(f"policy must be 'lru' or 'random', not {policy!r}") from None
-            self._policy = policy
+            self.policy = policy
         if max_item_size is not None:
-            self._max_item_size = max_item_size
+            self.max_item_size = max_item_size
         if capacity is not None:
-            self._capacity = capacity
+            self.capacity = capacity
             self._make_room(0)
 
     def stats(self) -> StoreStats:
@@ -360,11 +340,11 @@ class Store:
             expirations=self.expirations,
             tombstones=len(self._tombstones),
             items=len(self._items),
-            bytes=self._used,
-            capacity=self._capacity,
-            max_item_size=self._max_item_size,
-            policy=self._policy.value,
-            uptime=self._clock() - self._started,
+            bytes=self.used,
+            capacity=self.capacity,
+            max_item_size=self.max_item_size,
+            policy=self.policy.value,
+            uptime=self.clock() - self._started,
             missing_lookups=self.missing_lookups,
             uncacheable_lookups=self.uncacheable_lookups,
         )
@@ -375,14 +355,14 @@ class Store:
         item = self._items.get(key)
         if item is not None and item.version > version:
             return True
-        now = self._clock()
+        now = self.clock()
         tombstone = self._tombstones.get(key)
         if tombstone is not None and tombstone[0] > version and tombstone[1] > now:
             return True
         return self._floor[0] > version and self._floor[1] > now
 
     def _bury(self, key: bytes, version: int) -> None:
-        now = self._clock()
+        now = self.clock()
         tombstones = self._tombstones
         while tombstones:  # all live equally long, so the oldest expire first
             oldest = next(iter(tombstones))
@@ -397,22 +377,22 @@ class Store:
     def _check_item(self, key: bytes, value: Value) -> int:
         _check_key(key)
         size = counted_size(key, value)
-        if len(value) > self._max_item_size:
+        if len(value) > self.max_item_size:
             raise ItemTooLarge(
                 f"value of {len(value)} bytes exceeds the maximum item size of "
-                f"{self._max_item_size} bytes"
+                f"{self.max_item_size} bytes"
             )
-        if size > self._capacity:
+        if size > self.capacity:
             raise ItemTooLarge(
-                f"item of {size} counted bytes exceeds the capacity of {self._capacity} bytes"
+                f"item of {size} counted bytes exceeds the capacity of {self.capacity} bytes"
             )
         return size
 
     def _make_room(self, size: int, keep: bytes | None = None) -> None:
         # ``keep`` (an item being replaced, its bytes already uncounted) is never
         # the victim: under LRU it is the most recent, and it is skipped under Random.
-        while self._used + size > self._capacity:
-            if self._policy is Policy.LRU:
+        while self.used + size > self.capacity:
+            if self.policy is Policy.LRU:
                 key = next(iter(self._items))
             else:
                 key = self._keys[self._rng.randrange(len(self._keys))]
@@ -427,7 +407,7 @@ class Store:
         if item.slot < len(self._keys):
             self._keys[item.slot] = last
             self._items[last].slot = item.slot
-        self._used -= item.size
+        self.used -= item.size
 
 
 def _check_key(key: bytes) -> None:
