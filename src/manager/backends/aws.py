@@ -67,17 +67,20 @@ class AwsPool:
         poll_seconds: float = 5,
         node_access: NodeAccess = OPEN_ACCESS,
     ) -> None:
+        self.group_name = group_name
+        self.aws = aws
         if not 0 < node_port < 65536:
             raise ValueError(f"node_port must be a TCP port, not {node_port}")
+        self.node_port = node_port
         if ready_timeout <= 0 or poll_seconds <= 0:
             raise ValueError("ready_timeout and poll_seconds must be positive")
-        self.group_name = group_name
-        self.node_port = node_port
-        self.aws = aws
         self.ready_timeout = ready_timeout
         self.poll_seconds = poll_seconds
-        self._node_access = node_access
+        # How nodes are reached: their address (the instance's private IP by
+        # default) and the token and TLS they require.
         self._resolve_address = resolve_address or self._private_address
+        self._node_access = node_access
+        # The AWS clients while started (``start``); None before and after.
         self._stack: AsyncExitStack | None = None
         self._autoscaling: Any = None
         self._ec2: Any = None
