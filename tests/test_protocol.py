@@ -312,6 +312,21 @@ def test_limits_themselves_are_legal() -> None:
     assert decoder.buffered == HEADER_SIZE
 
 
+def test_a_value_being_collected_counts_as_buffered_with_its_header() -> None:
+    # Collected in a buffer of its own: its header, extras and key were
+    # consumed, yet none of it has come out as a frame.
+    frame = Frame(Opcode.SET, 9, b"key", b"v" * (COLLECT_THRESHOLD + 5), extras=b"\0" * 8)
+    stream = encode(MAGIC_REQUEST, frame)
+    decoder = FrameDecoder(MAGIC_REQUEST)
+    for cut in (HEADER_SIZE + 11 + 100, len(stream) - 1):
+        decoder.feed(stream[decoder.buffered : cut])
+        assert decoder.next_frame() is None
+        assert decoder.buffered == cut
+    decoder.feed(stream[-1:])
+    assert decoder.next_frame() == frame
+    assert decoder.buffered == 0
+
+
 # -- oversized values ----------------------------------------------------------------
 
 LIMIT = 10
