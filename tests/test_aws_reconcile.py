@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import replace
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +80,50 @@ class Fleet(NodeFleet):
 @pytest.fixture
 def fleet() -> Iterator[Fleet]:
     nodes = Fleet()
-    try:
-        yield nodes
-    finally:
-        nodes.stop_all()
+    yield nodes
+    nodes.stop_all()  # pytest runs this whatever the test did
+
+
+@dataclass(frozen=True, slots=True)
+class Stack:
+    """What every test here starts from: the group (in moto, one instance),
+    the clients of Auto Scaling and EC2, and the fleet of nodes behind it."""
+
+    tmp_path: Path
+    aws: AwsConfig
+    autoscaling: Any
+    ec2: Any
+    group: str
+    fleet: Fleet
+
+    def system(self, **options: Any) -> AbstractAsyncContextManager[System]:
+        """The manager and gateway on this group (``aws_system``'s options)."""
+        return aws_system(self.tmp_path, self.aws, self.group, self.fleet.resolve, **options)
+
+    async def in_service(self) -> set[str]:
+        return in_service(await self.described())
+
+    async def described(self) -> dict[str, Any]:
+        return await describe_group(self.autoscaling, self.group)
+
+    async def set_capacity(self, desired: int) -> list[str]:
+        """Set the group's desired capacity (as AWS or an operator would); its InService ids."""
+        await self.autoscaling.set_desired_capacity(
+            AutoScalingGroupName=self.group, DesiredCapacity=desired
+        )
+        return sorted(await self.in_service())
+
+
+@pytest.fixture
+def stack(
+    tmp_path: Path,
+    aws: AwsConfig,  # noqa: F811
+    clients: tuple[Any, Any],  # noqa: F811
+    group: str,  # noqa: F811
+    fleet: Fleet,
+) -> Stack:
+    autoscaling, ec2 = clients
+    return Stack(tmp_path, aws, autoscaling, ec2, group, fleet)
 
 
 @asynccontextmanager
@@ -123,12 +163,6 @@ async def aws_system(
         gateway = TestServer(create_gateway(config), host="127.0.0.1")
         async with gateway, ClientSession() as http:
             yield System(config, manager, gateway, http)
-
-
-async def set_capacity(autoscaling: Any, group: str, desired: int) -> list[str]:  # noqa: F811
-    """Set the group's desired capacity (as AWS or an operator would); its InService ids."""
-    await autoscaling.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=desired)
-    return sorted(in_service(await describe_group(autoscaling, group)))
 
 
 def member_ids(system: System) -> set[str]:
@@ -185,16 +219,9 @@ def images(version: int) -> dict[str, bytes]:
     }
 
 
-async def test_a_terminated_instance_leaves_and_reads_stay_fresh(
-    tmp_path: Path,
-    aws: AwsConfig,  # noqa: F811
-    clients: tuple[Any, Any],  # noqa: F811
-    group: str,  # noqa: F811
-    fleet: Fleet,
-) -> None:
-    autoscaling, ec2 = clients
-    first = await set_capacity(autoscaling, group, 2)
-    async with aws_system(tmp_path, aws, group, fleet.resolve) as system:
+async def test_a_terminated_instance_leaves_and_reads_stay_fresh(stack: Stack) -> None:
+    first = await stack.set_capacity(2)
+    async with stack.system() as system:
         await wait_for_members(system, set(first))
         old = images(1)
         for key, data in old.items():
@@ -205,8 +232,8 @@ async def test_a_terminated_instance_leaves_and_reads_stay_fresh(
         # Its node keeps running with the old images, as an instance that is
         # still shutting down would.
         doomed = first[1]
-        await ec2.terminate_instances(InstanceIds=[doomed])
-        now = in_service(await describe_group(autoscaling, group))
+        await stack.ec2.terminate_instances(InstanceIds=[doomed])
+        now = await stack.in_service()
         assert doomed not in now
         assert len(now) == 2
         await wait_for_members(system, now)
@@ -224,22 +251,14 @@ async def test_a_terminated_instance_leaves_and_reads_stay_fresh(
 
 
 async def test_an_instance_added_behind_the_managers_back_joins_cleared_and_warmed(
-    tmp_path: Path,
-    aws: AwsConfig,  # noqa: F811
-    clients: tuple[Any, Any],  # noqa: F811
-    group: str,  # noqa: F811
-    fleet: Fleet,
+    stack: Stack,
 ) -> None:
-    autoscaling, _ = clients
-    [first] = sorted(in_service(await describe_group(autoscaling, group)))
-    async with (
-        receiver() as webhook,
-        aws_system(tmp_path, aws, group, fleet.resolve, notify_webhook=webhook.url) as system,
-    ):
+    [first] = await stack.in_service()
+    async with receiver() as webhook, stack.system(notify_webhook=webhook.url) as system:
         await wait_for_members(system, {first})
         # The node the next instance gets holds what a reused machine might: junk.
         spare = start_node_process("--capacity-mb", "8")
-        fleet.spares.append(spare)
+        stack.fleet.spares.append(spare)
         async with NodeClient(spare.host, spare.port) as client:
             assert await client.set(b"left-over", b"from another life")
         for key, data in images(1).items():
@@ -247,7 +266,7 @@ async def test_an_instance_added_behind_the_managers_back_joins_cleared_and_warm
         # (Best effort: under load a write-through may time out; count what is there.)
         cached = await keys_on(system.manager.app[CONTROLLER].members[0].address)
 
-        both = await set_capacity(autoscaling, group, 2)
+        both = await stack.set_capacity(2)
         await wait_for_members(system, set(both))
         activity = await followed_change(system)
 
@@ -278,21 +297,15 @@ async def test_an_instance_added_behind_the_managers_back_joins_cleared_and_warm
 
 @pytest.mark.parametrize("instances", [2, 1])
 async def test_the_manager_starts_while_an_instance_does_not_answer(
-    tmp_path: Path,
-    aws: AwsConfig,  # noqa: F811
-    clients: tuple[Any, Any],  # noqa: F811
-    group: str,  # noqa: F811
-    fleet: Fleet,
-    instances: int,
+    stack: Stack, instances: int
 ) -> None:
     """One of two instances is silent; or the only one is (the whole stack
     starting at once): then the pool starts empty and reads go to the blobs."""
-    autoscaling, _ = clients
-    *answering, silent = await set_capacity(autoscaling, group, instances)
+    *answering, silent = await stack.set_capacity(instances)
     port = free_port()
-    fleet.fixed[silent] = f"127.0.0.1:{port}"  # still booting: nothing listens yet
+    stack.fleet.fixed[silent] = f"127.0.0.1:{port}"  # still booting: nothing listens yet
 
-    async with aws_system(tmp_path, aws, group, fleet.resolve) as system:
+    async with stack.system() as system:
         assert member_ids(system) == set(answering)
         assert (await system.api("getNumNodes"))["numNodes"] == len(answering)
         data = image_bytes("PNG", (8, 8), "blue")
@@ -301,7 +314,7 @@ async def test_the_manager_starts_while_an_instance_does_not_answer(
 
         # It answers at last: the reconcile loop lets it join, cleared.
         node = start_node_process("--capacity-mb", "8", "--port", str(port))
-        fleet.extra.append(node)
+        stack.fleet.extra.append(node)
         async with NodeClient(node.host, node.port) as client:
             await client.set(b"left-over", b"junk")
         await wait_for_members(system, {*answering, silent})
@@ -311,32 +324,29 @@ async def test_the_manager_starts_while_an_instance_does_not_answer(
 
 
 async def test_a_shrink_after_an_instance_vanished_keeps_the_membership_consistent(
-    tmp_path: Path,
-    aws: AwsConfig,  # noqa: F811
-    clients: tuple[Any, Any],  # noqa: F811
-    group: str,  # noqa: F811
-    fleet: Fleet,
+    stack: Stack,
 ) -> None:
-    autoscaling, _ = clients
-    await set_capacity(autoscaling, group, 3)
-    async with aws_system(tmp_path, aws, group, fleet.resolve, NEVER) as system:
+    await stack.set_capacity(3)
+    async with stack.system(reconcile_seconds=NEVER) as system:
         members = system.manager.app[CONTROLLER].members
         assert len(members) == 3
         # The newest member is the one a shrink picks; an operator detaches it
         # first, and the loop has not noticed yet.
         vanished = members[-1].node_id
-        await autoscaling.detach_instances(
-            InstanceIds=[vanished], AutoScalingGroupName=group, ShouldDecrementDesiredCapacity=True
+        await stack.autoscaling.detach_instances(
+            InstanceIds=[vanished],
+            AutoScalingGroupName=stack.group,
+            ShouldDecrementDesiredCapacity=True,
         )
 
         answer = await system.api("configure_cache", numNodes="2")
         assert answer["numNodes"] == 2
-        described = await describe_group(autoscaling, group)
+        described = await stack.described()
         assert member_ids(system) == in_service(described) == {m.node_id for m in members[:2]}
         assert described["DesiredCapacity"] == 2
 
         await system.api("configure_cache", numNodes="1")
-        described = await describe_group(autoscaling, group)
+        described = await stack.described()
         assert member_ids(system) == in_service(described) == {members[0].node_id}
         assert described["DesiredCapacity"] == 1
         data = image_bytes("PNG", (8, 8), "green")
@@ -345,23 +355,18 @@ async def test_a_shrink_after_an_instance_vanished_keeps_the_membership_consiste
 
 
 async def test_configure_cache_on_instances_that_boot_too_slowly_answers_503_and_changes_nothing(
-    tmp_path: Path,
-    aws: AwsConfig,  # noqa: F811
-    clients: tuple[Any, Any],  # noqa: F811
-    group: str,  # noqa: F811
-    fleet: Fleet,
+    stack: Stack,
 ) -> None:
-    autoscaling, _ = clients
-    [first] = sorted(in_service(await describe_group(autoscaling, group)))
-    async with aws_system(tmp_path, aws, group, fleet.resolve, node_ready_seconds=1) as system:
-        fleet.silent_from_now = True  # new instances are still booting
+    [first] = await stack.in_service()
+    async with stack.system(node_ready_seconds=1) as system:
+        stack.fleet.silent_from_now = True  # new instances are still booting
         async with asyncio.timeout(45):  # well within the gateway's 120 s
             answer = await system.api("configure_cache", 503, numNodes="3", cacheSize="5")
         assert "nothing changed" in answer["error"]["message"]
         assert "within 1 s" in answer["error"]["message"]
         assert (await system.api("getNumNodes"))["numNodes"] == 1
         assert member_ids(system) == {first}
-        described = await describe_group(autoscaling, group)
+        described = await stack.described()
         assert (described["DesiredCapacity"], in_service(described)) == (1, {first})
         settings = await system.manager.app[CONTROLLER].settings()
         assert settings.capacity_mb != 5

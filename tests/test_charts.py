@@ -17,9 +17,6 @@ import pytest
 from aiohttp import ClientSession, CookieJar
 from aiohttp.test_utils import TestServer
 
-from imagecache.config import Config, with_data_dir
-from manager.app import create_app as create_manager
-from manager.appkeys import CURVES
 from manager.charts import render_charts
 from manager.chartsvg import Chart, MissThresholds
 from manager.curvechart import render_curve
@@ -28,8 +25,8 @@ from manager.metrics import MinuteStats
 from manager.misscurve import POOL_SIZES
 from manager.records import Activity
 from manager.settings import CacheSettings
-from tests.processes import early_in_a_minute
-from tests.test_manager import PASSWORD, TOKEN, free_port_range
+from tests.managers import sampling_manager
+from tests.test_manager import PASSWORD, TOKEN
 
 SVG = "{http://www.w3.org/2000/svg}"
 END = datetime(2024, 5, 1, 12, 0, 30, tzinfo=UTC)  # within the minute 12:00
@@ -482,18 +479,10 @@ def test_no_prediction_without_a_sampled_lookup(
 
 @pytest.fixture
 async def manager(tmp_path: Path) -> AsyncIterator[tuple[TestServer, ClientSession]]:
-    """A real manager (one local node process), and a session logged in to it,
-    early enough in a minute that the curve's first window lasts the test."""
-    await early_in_a_minute()
-    base = with_data_dir(Config(), tmp_path / "data")
-    config = replace(
-        base,
-        gateway=replace(base.gateway, manager_token=TOKEN),
-        manager=replace(base.manager, password=PASSWORD, first_port=free_port_range()),
-    )
-    app = create_manager(config)
-    app[CURVES] = MissCurves(rate=1.0)  # every key in the sample
-    server = TestServer(app, host="127.0.0.1")
+    """A real manager (one local node process, every key sampled), and a
+    session logged in to it, early enough in a minute that the curve's first
+    window lasts the test."""
+    _, server = await sampling_manager(tmp_path)
     # unsafe: keep the cookies of an IP address host.
     async with server, ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
         login = {"password": PASSWORD, "next": "/stats"}

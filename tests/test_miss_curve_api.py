@@ -23,18 +23,15 @@ from PIL import Image as PILImage
 from imagecache.app import create_app as create_gateway
 from imagecache.app import gateway_site
 from imagecache.appkeys import FAST_PATH_COUNTERS, KEY_SAMPLER
-from imagecache.config import Config, with_data_dir
 from imagecache.keptcopies import KeptCopies
 from imagecache.keysamples import REPORT_SECONDS, KeySampler, SampleReporter
 from imagecache.manager_link import ManagerLink
 from imagecache.sampling import INITIAL_RATE, is_sampled, sampling_threshold
-from manager.app import create_app as create_manager
-from manager.appkeys import CURVES
 from manager.curves import MissCurves
 from manager.settings import CacheSettings
 from tests.conftest import DEAD_URL
-from tests.processes import early_in_a_minute
-from tests.test_manager import PASSWORD, TOKEN, free_port_range
+from tests.managers import sampling_manager
+from tests.test_manager import TOKEN
 
 IMAGES = 60
 READS = 300
@@ -72,16 +69,7 @@ async def running(tmp_path: Path, gateway_rate: float = 1.0) -> AsyncIterator[Ru
     """A manager with a local pool of node processes that samples every key, and
     a gateway (with its fast path) that posts to it, starting at ``gateway_rate``;
     early enough in a minute that the curve's first window lasts the test."""
-    await early_in_a_minute()
-    base = with_data_dir(Config(), tmp_path / "data")
-    config = replace(
-        base,
-        gateway=replace(base.gateway, manager_token=TOKEN),
-        manager=replace(base.manager, password=PASSWORD, first_port=free_port_range()),
-    )
-    manager_app = create_manager(config)
-    manager_app[CURVES] = MissCurves(rate=1.0)  # the rate it tells the gateway: every key
-    manager = TestServer(manager_app, host="127.0.0.1")
+    config, manager = await sampling_manager(tmp_path)
     async with manager:
         manager_url = str(manager.make_url("")).rstrip("/")
         config = replace(config, gateway=replace(config.gateway, manager_url=manager_url))
