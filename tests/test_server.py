@@ -321,6 +321,19 @@ async def test_lease_check_and_release_through_the_client(node_server: NodeServe
         assert await first.check(b"other") is None
 
 
+async def test_lookup_through_the_client_reads_or_leases_in_one_request(
+    node_server: NodeServer,
+) -> None:
+    async with client_for(node_server) as first, client_for(node_server) as second:
+        granted = await first.lookup(b"photo", 2.0)
+        assert isinstance(granted, LeaseGranted)
+        assert isinstance(await second.lookup(b"photo", 2.0), LeaseHeld)
+        assert await first.add(b"photo", b"jpeg", flags=1, version=4, ticket=granted.ticket)
+        assert await second.lookup(b"photo", 2.0) == CachedItem(b"jpeg", 1, 4)
+        stats = await first.stats()
+        assert (stats["lookups"], stats["misses"], stats["hits"]) == (3, 2, 1)
+
+
 # -- large values received in place -----------------------------------------------------------
 
 BIG = bytes(range(256)) * 4096  # 1 MiB: spans many reads

@@ -1162,6 +1162,25 @@ def test_expired_leases_are_swept_without_rebuilding_at_every_grant() -> None:
 def test_lease_of_the_empty_key_is_an_invalid_argument() -> None:
     session = BinarySession(make_node())
     assert call(session, Opcode.LEASE, b"").status == Status.INVALID_ARGUMENT
+    assert call(session, Opcode.LOOKUP, b"").status == Status.INVALID_ARGUMENT
+
+
+def test_lookup_is_a_counted_get_that_answers_a_miss_with_its_lease() -> None:
+    clock = FakeClock()
+    session = BinarySession(make_node(clock=clock))
+    granted = call(session, Opcode.LOOKUP, b"k", flags=2000)
+    assert granted.status == Status.NOT_FOUND  # a miss, and the lease to fill it
+    held = call(session, Opcode.LOOKUP, b"k", flags=2000)
+    assert (held.status, held.flags) == (Status.LEASED, 2000)
+    # The granted lease carries the fill's ticket, as LEASE's does.
+    fill = call(session, Opcode.ADD, b"k", b"value", flags=2, version=9, ticket=granted.version)
+    assert fill.status == Status.OK
+    hit = call(session, Opcode.LOOKUP, b"k")
+    assert (hit.status, hit.value, hit.flags, hit.version) == (Status.OK, b"value", 2, 9)
+    stats = session._node.stats()
+    # Each LOOKUP is a read: two misses, one hit; only the first was granted.
+    assert (stats["lookups"], stats["misses"], stats["hits"]) == (3, 2, 1)
+    assert (stats["leases_granted"], stats["lease_waits"]) == (1, 1)
 
 
 # -- what memcached's tools ask for (libmemcached's memcstat, memcdump) ----------

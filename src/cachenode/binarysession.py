@@ -66,6 +66,7 @@ class BinarySession(DecodingSession):
             Opcode.PING: self._ping,
             Opcode.KEYS: self._keys,
             Opcode.LEASE: self._lease,
+            Opcode.LOOKUP: self._lookup,
             Opcode.CHECK: self._check,
             Opcode.RELEASE: self._release,
             Opcode.TICKET: self._ticket,
@@ -251,16 +252,30 @@ class BinarySession(DecodingSession):
         if item is not None:
             self._node.leases.found += 1
             return self._item_reply(frame.opcode, item, frame.request_id)
+        return self._lease_reply(frame)
+
+    def _lookup(self, frame: Frame) -> list[Value]:
+        # A GET (a lookup, counted) that answers a miss as LEASE does: a
+        # cache miss's first round trip is also its lease's.
+        if not frame.key:  # NOT_FOUND would read as a granted lease
+            raise InvalidKey("key is empty")
+        item = self._node.store.get(frame.key)
+        if item is not None:
+            return self._item_reply(frame.opcode, item, frame.request_id)
+        return self._lease_reply(frame)
+
+    def _lease_reply(self, frame: Frame) -> list[Value]:
+        """A missing key's lease: granted (NOT_FOUND, with the fill's ticket) or LEASED."""
         seconds = min(frame.flags / 1000 or DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS)
         left = self._node.leases.acquire(frame.key, seconds)
         if not left:  # granted, with the ticket its fill needs
             ticket = self._node.store.ticket()
             return [
-                encode_response(Opcode.LEASE, frame.request_id, Status.NOT_FOUND, version=ticket)
+                encode_response(frame.opcode, frame.request_id, Status.NOT_FOUND, version=ticket)
             ]
         return [
             encode_response(
-                Opcode.LEASE, frame.request_id, Status.LEASED, flags=math.ceil(left * 1000)
+                frame.opcode, frame.request_id, Status.LEASED, flags=math.ceil(left * 1000)
             )
         ]
 

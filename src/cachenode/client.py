@@ -158,8 +158,18 @@ class NodeClient:
     async def lease(self, key: bytes, seconds: float) -> CachedItem | LeaseGranted | LeaseHeld:
         """The item; or, on a miss, the lease to fill it for ``seconds`` (at most 60),
         unless another client holds it. Not counted as a lookup by the node."""
+        return await self._item_or_lease(Opcode.LEASE, key, seconds)
+
+    async def lookup(self, key: bytes, seconds: float) -> CachedItem | LeaseGranted | LeaseHeld:
+        """A read: the item; on a miss, what ``lease`` answers, in the same round
+        trip. Counted by the node as a lookup (a hit or a miss), as GET is."""
+        return await self._item_or_lease(Opcode.LOOKUP, key, seconds)
+
+    async def _item_or_lease(
+        self, opcode: Opcode, key: bytes, seconds: float
+    ) -> CachedItem | LeaseGranted | LeaseHeld:
         frame = await self._call(
-            Opcode.LEASE,
+            opcode,
             key,
             flags=min(max(1, round(seconds * 1000)), MAX_LEASE_MS),
             accept=(Status.NOT_FOUND, Status.LEASED),

@@ -59,6 +59,7 @@ class Opcode(IntEnum):
     TICKET = 0x0D  # a write ticket: versioned writes must carry a recent one
     AUTH = 0x0E  # the node's token: first on every connection when the node has one
     UNCACHEABLE = 0x0F  # a miss no pool size can fix (flags: a MissKind); also releases
+    LOOKUP = 0x10  # GET (a lookup), and on a miss LEASE's answer
 
 
 class MissKind(IntEnum):
