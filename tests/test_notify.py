@@ -25,9 +25,12 @@ from aiohttp import ClientSession, CookieJar, web
 from aiohttp.test_utils import TestServer
 
 from imagecache.config import AwsConfig, Config, ConfigError, load_config, with_data_dir
+from imagecache.database import Database
+from manager.announcements import PENDING, Announcements
 from manager.app import create_app as create_manager
 from manager.appkeys import BACKEND, CONTROLLER
 from manager.backends.local import LocalPool
+from manager.notify import Notifier, ResizeNotice, WebhookChannel
 from tests.aws import REGION, aws_environment, moto_server  # noqa: F401
 from tests.test_manager import PASSWORD, TOKEN, free_port_range
 
@@ -299,6 +302,30 @@ async def test_sns_delivers_to_a_subscribed_queue(
     assert envelope["TopicArn"] == topic_arn
     assert len(cells) == 1
     assert cells[0].startswith("sns: delivered at ")
+
+
+async def test_closing_the_notifier_stops_a_delivery_in_flight(tmp_path: Path) -> None:
+    """A delivery its webhook still holds is cancelled by close: it stays pending
+    for the next start, and the answer that comes later records nothing."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'metadata.db'}"
+    async with (
+        receiver(open_gate=False) as hook,
+        Database.open(url) as database,
+        ClientSession() as http,
+    ):
+        store = await Announcements.open(database)
+        notifier = Notifier([WebhookChannel(hook.url, http)], store, tries=1)
+        notifier.start()
+        notifier.announce(
+            ResizeNotice(None, 1, 2, 2, "manual", None, failed=False, at=datetime.now(UTC))
+        )
+        await hook.wait_for_posts(1)
+        async with asyncio.timeout(5):
+            await notifier.close()
+        hook.gate.set()  # the held POST is answered 200 now
+        await asyncio.sleep(0.3)
+        [delivery] = await store.pending()
+        assert (delivery.state, delivery.tries, delivery.delivered_at) == (PENDING, 0, None)
 
 
 @pytest.mark.parametrize(
