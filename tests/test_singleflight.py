@@ -17,9 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cachenode.client import CachedItem, NodeClient
+from cachenode.client import CachedItem, LeaseHeld, NodeClient
 from imagecache.blobs import FolderBlobStore
-from imagecache.cachepool import CachePool
+from imagecache.cachepool import CachePool, WriteTicket
 from imagecache.images import flags_for
 from imagecache.singleflight import Flight, SingleFlight
 from tests.conftest import NodeProcess, image_bytes
@@ -263,11 +263,11 @@ class WatchedPool(CachePool):
         super().__init__()
         self.missed = asyncio.Event()
 
-    async def get(self, key: str) -> CachedItem | None:
-        item = await super().get(key)
-        if item is None:
+    async def lookup(self, key: str, seconds: float) -> CachedItem | WriteTicket | LeaseHeld | None:
+        answer = await super().lookup(key, seconds)
+        if not isinstance(answer, CachedItem):
             self.missed.set()
-        return item
+        return answer
 
 
 async def test_a_read_after_an_upload_through_another_gateway_does_not_join_an_older_load(

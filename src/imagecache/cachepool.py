@@ -191,15 +191,29 @@ class CachePool:
             self.counters.hits += 1
         return item
 
+    async def lookup(self, key: str, seconds: float) -> CachedItem | WriteTicket | LeaseHeld | None:
+        """A read of ``key``: ``get`` and, on a miss, ``lease`` in one request
+        (the node's LOOKUP). Counted in ``counters`` as ``get`` counts it; on
+        a miss, what ``lease`` answers (None when the owner cannot answer)."""
+        member = self.usable_owner(key)
+        if member is None:
+            self.counters.misses += 1
+            return None
+        answer = await self._attempt(member, member.client.lookup(key.encode(), seconds))
+        if isinstance(answer, CachedItem):
+            self.counters.hits += 1
+            return answer
+        self.counters.misses += 1
+        return _ticket_of(member, answer)
+
     async def lease(self, key: str, seconds: float) -> CachedItem | WriteTicket | LeaseHeld | None:
         """Ask ``key``'s owner who loads it: the item if it is cached by now,
         a WriteTicket (the lease is granted: this caller loads and fills with
         it), or LeaseHeld (another gateway is loading it: ask again later).
-        None when the owner cannot
-        answer: the caller loads without a lease, as a node failure never
-        fails a read.
+        None when the owner cannot answer: the caller loads without a lease,
+        as a node failure never fails a read.
 
-        Not counted in ``counters``: the ``get`` before it already counted
+        Not counted in ``counters``: the ``lookup`` before it already counted
         this read as a miss, and an item found here (another gateway's fill)
         is still that same read; counting it as a hit too would count one
         read twice.
@@ -207,10 +221,9 @@ class CachePool:
         member = self.usable_owner(key)
         if member is None:
             return None
-        answer = await self._attempt(member, member.client.lease(key.encode(), seconds))
-        if isinstance(answer, LeaseGranted):
-            return WriteTicket(member.node_id, answer.ticket)
-        return answer
+        return _ticket_of(
+            member, await self._attempt(member, member.client.lease(key.encode(), seconds))
+        )
 
     async def release(self, key: str) -> None:
         """Give back a lease on ``key`` without filling it (best effort: an
@@ -391,3 +404,12 @@ class CachePool:
                 error,
             )
         member.unusable_until = self._clock() + self._retry_seconds
+
+
+def _ticket_of(
+    member: PoolMember, answer: CachedItem | LeaseGranted | LeaseHeld | None
+) -> CachedItem | WriteTicket | LeaseHeld | None:
+    """A node's answer to LEASE or LOOKUP, a granted lease as the fill's WriteTicket."""
+    if isinstance(answer, LeaseGranted):
+        return WriteTicket(member.node_id, answer.ticket)
+    return answer

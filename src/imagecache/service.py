@@ -26,8 +26,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import Enum
 
-from cachenode.client import CachedItem
+from cachenode.client import CachedItem, LeaseHeld
 from cachenode.protocol import MissKind
 from imagecache.blobs import BlobStore
 from imagecache.cachepool import CachePool, WriteTicket
@@ -138,16 +139,31 @@ class ImageService:
     async def read(self, key: str) -> Image:
         """The image of ``key``; raises ImageNotFound, or BadRequest for a bad key."""
         check_key(key)
-        item = await self._pool.get(key)
-        image = None if item is None else _cached_image(key, item)
-        if image is not None:
-            return image
+        # With leases, one request reads the key and, on a miss, asks for its lease.
+        answer = await (
+            self._pool.lookup(key, self._lease_seconds)
+            if self._lease_seconds > 0
+            else self._pool.get(key)
+        )
+        if isinstance(answer, CachedItem):
+            image = _cached_image(key, answer)
+            if image is not None:
+                return image
+        first_turn = _FirstTurn(answer)
+        if self._loads.running(key):
+            # This read joins the load under way, which asked for itself.
+            first_turn.take()
+            if isinstance(answer, WriteTicket):
+                # Unused: give it back, or other gateways would wait out its time.
+                await self._pool.release(key)
         # Each read that gets here counted a miss on the key's node, also the
         # reads that share another's load: each tells the node when no pool
         # size could have made it a hit (a key with no image, an image too
         # large to cache), so the node counts it apart from the misses.
         try:
-            image = await self._loads.run(key, lambda flight: self._load(key, flight))
+            image = await self._loads.run(
+                key, lambda flight: self._load(key, flight, first_turn.take())
+            )
         except ImageNotFound:
             await self._pool.unfixable_miss(key, MissKind.NO_IMAGE)
             raise
@@ -185,9 +201,12 @@ class ImageService:
         await self._pool.heal()
         await self._invalidator.deliver_pending()
 
-    async def _load(self, key: str, flight: Flight) -> Image:
-        """Load ``key`` into the cache, or wait for another gateway that is loading it."""
-        turn = await self._wait_for_turn(key, flight)
+    async def _load(self, key: str, flight: Flight, answer: LeaseAnswer | _Ask) -> Image:
+        """Load ``key`` into the cache, or wait for another gateway that is loading it.
+
+        ``answer`` is what the node answered the read that starts this load
+        (``_Ask.AGAIN``: nothing yet, or nothing this load may use)."""
+        turn = await self._wait_for_turn(key, flight, answer)
         if isinstance(turn, Image):
             return turn
         holds_lease = turn is not None
@@ -207,7 +226,9 @@ class ImageService:
                 await self._pool.release(key)
             raise
 
-    async def _wait_for_turn(self, key: str, flight: Flight) -> Image | WriteTicket | None:
+    async def _wait_for_turn(
+        self, key: str, flight: Flight, answer: LeaseAnswer | _Ask
+    ) -> Image | WriteTicket | None:
         """The image another gateway's load put in the cache meanwhile; else
         the key's fill lease, as the fill's ticket, or None when this load
         does not hold it (it loads either way)."""
@@ -216,15 +237,19 @@ class ImageService:
         started = time.monotonic()
         give_up_at = started + LEASE_WAIT_LIMIT * self._lease_seconds
         pause = LEASE_POLL_FIRST_SECONDS
+        # The read's own LOOKUP counts as this load's first question: it was
+        # asked after that read arrived, before anyone could join the load.
+        flight.probe()
         while True:
-            flight.probe()
-            answer = await self._pool.lease(key, self._lease_seconds)
+            if isinstance(answer, _Ask):
+                flight.probe()
+                answer = await self._pool.lease(key, self._lease_seconds)
             if answer is None:
                 return None  # the node cannot answer: load without it
             if isinstance(answer, WriteTicket):
                 return answer
             if isinstance(answer, CachedItem):
-                # Another gateway filled it: a cache read like the GET in
+                # Another gateway filled it: a cache read like the one in
                 # ``read``, and fresh for the same reasons (docs/design.md).
                 return _cached_image(key, answer)  # None: a foreign item, load it
             left = give_up_at - time.monotonic()
@@ -237,6 +262,7 @@ class ImageService:
                 return None
             await asyncio.sleep(min(pause, answer.seconds_left, left))
             pause = min(pause * 2, LEASE_POLL_MAX_SECONDS)
+            answer = _Ask.AGAIN
 
     async def _load_from_store(self, key: str, flight: Flight, ticket: WriteTicket | None) -> Image:
         for _ in range(3):
@@ -269,6 +295,27 @@ class ImageService:
             await self._delete_blob(name)
         except (ImagecacheError, OSError) as error:
             log.warning("upload of blob %s abandoned, clean-up will remove it: %s", name, error)
+
+
+# What a key's node answered a read or a lease request: the item, the lease
+# granted (the fill's ticket), another's lease, or None (it cannot answer).
+LeaseAnswer = CachedItem | WriteTicket | LeaseHeld | None
+
+
+class _Ask(Enum):
+    AGAIN = "ask the node again"
+
+
+class _FirstTurn:
+    """The read's answer from the node, for the first load that read starts
+    (any later one asks again: the answer is too old for it)."""
+
+    def __init__(self, answer: LeaseAnswer) -> None:
+        self._answer: LeaseAnswer | _Ask = answer
+
+    def take(self) -> LeaseAnswer | _Ask:
+        answer, self._answer = self._answer, _Ask.AGAIN
+        return answer
 
 
 def _cached_image(key: str, item: CachedItem) -> Image | None:

@@ -38,6 +38,11 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._flights: dict[str, tuple[Flight, asyncio.Future[T]]] = {}
 
+    def running(self, key: str) -> bool:
+        """Whether a load of ``key`` is under way (a caller now would join it)."""
+        entry = self._flights.get(key)
+        return entry is not None and not entry[1].done()
+
     async def run(self, key: str, load: Callable[[Flight], Awaitable[T]]) -> T:
         while True:
             entry = self._flights.get(key)
