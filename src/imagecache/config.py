@@ -79,6 +79,10 @@ class GatewayConfig:
     # decode to gigabytes (4 bytes a pixel). Also the budget of pixels one
     # gateway process decodes at once.
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # Cache hits answered by the fast path (src/imagecache/fastpath.py), outside
+    # aiohttp's request machinery and middlewares; off: aiohttp answers every
+    # request, a little slower.
+    fast_path: bool = True
     # Gateway processes sharing the port (src/imagecache/workers.py); 0: the
     # command's default (`gateway`: 1, `up`: one per core, at most 4).
     workers: int = 0
@@ -276,6 +280,7 @@ _ENVIRONMENT: dict[str, tuple[str, str]] = {
     "IMAGECACHE_NODE_TIMEOUT": ("gateway", "node_timeout"),
     "IMAGECACHE_KEPT_COPIES_MB": ("gateway", "kept_copies_mb"),
     "IMAGECACHE_READ_LEASE_MS": ("gateway", "read_lease_ms"),
+    "IMAGECACHE_FAST_PATH": ("gateway", "fast_path"),
     "IMAGECACHE_MANAGER_URL": ("gateway", "manager_url"),
     "IMAGECACHE_MANAGER_TOKEN": ("gateway", "manager_token"),
     "IMAGECACHE_SECRET_KEY": ("gateway", "secret_key"),
