@@ -26,7 +26,7 @@ from cachenode.server import NodeConfig, NodeServer
 from imagecache.appbase import every
 from imagecache.blobs import FolderBlobStore
 from imagecache.cachepool import CachePool
-from imagecache.catalog import ImageCatalog, ImageRecord
+from imagecache.catalog import ImageCatalog, StoredImage
 from imagecache.database import Database
 from imagecache.errors import ImageNotFound
 from imagecache.invalidation import Invalidator
@@ -63,10 +63,10 @@ class GatedCatalog(ImageCatalog):
 
     gate: asyncio.Event | None = None
 
-    async def get_image(self, key: str) -> ImageRecord | None:
+    async def stored_image(self, key: str) -> StoredImage | None:
         if self.gate is not None:
             await self.gate.wait()
-        return await super().get_image(key)
+        return await super().stored_image(key)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    bindparam,
     delete,
     func,
     insert,
@@ -93,6 +94,20 @@ class Invalidation:
     version: int
 
 
+_STORED_IMAGE = select(
+    images_table.c.version, images_table.c.blob_name, images_table.c.content_type
+).where(images_table.c.key == bindparam("key"))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """What a load needs of a key's row: which blob holds it, at which version."""
+
+    version: int
+    blob_name: str
+    content_type: str
+
+
 @dataclass(frozen=True, slots=True)
 class ImageRecord:
     key: str
@@ -113,6 +128,12 @@ class ImageCatalog(Store):
 
     schema = _schema
     counters = (_VERSION,)
+
+    async def stored_image(self, key: str) -> StoredImage | None:
+        """Where the image of ``key`` is, or None: the cache-miss path's read,
+        a point read (``Database.read_point``) that costs what the database does."""
+        row = await self._db.read_point(_STORED_IMAGE, {"key": key})
+        return None if row is None else StoredImage(*row)
 
     async def get_image(self, key: str) -> ImageRecord | None:
         """The row of ``key``, or None when there is none."""

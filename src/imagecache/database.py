@@ -1,22 +1,11 @@
 """The SQL databases the project uses: SQLite (embedded) and MySQL/RDS, one code path.
 
-Everything that differs between the two is here: how an engine is made, how
-write transactions start, and the column types that need a variant.
-``Database`` is the metadata database a process opens once; each store built
-on it (the image catalog, the pool membership, the manager's records) creates
-its own tables, and they share the ``counters`` table.
-
-- SQLite, by SQLAlchemy's documented recipe for pysqlite/aiosqlite: the
-  driver's own transaction handling is switched off and a write transaction
-  (a connection with the ``WRITE`` execution option) starts with ``BEGIN
-  IMMEDIATE``, so it takes the write lock first, waiting up to the busy
-  timeout, instead of failing with "database is locked" when it upgrades a
-  read lock; reads run in autocommit. WAL lets readers go on beside the
-  writer (of this process or another one). Within one process, writers also
-  queue on an asyncio lock.
-- MySQL: READ COMMITTED, so the locking reads take no gap locks; transactions
-  that must not interleave lock one counter row first (``lock_counter``),
-  which serializes them without deadlocks.
+``Database`` is the metadata database a process opens once (its engine made
+as ``imagecache.engines`` says, which holds all that differs between the two
+databases); each store built on it (the image catalog, the pool membership,
+the manager's records) creates its own tables, and they share the
+``counters`` table. Transactions that must not interleave lock one counter
+row first (``lock_counter``), which serializes them without deadlocks.
 
 Tables are created if absent, and a table an older version created gains the
 columns added to the schema since (``add_absent_columns``): data folders and
@@ -26,17 +15,14 @@ databases of older versions keep working.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
     asynccontextmanager,
-    contextmanager,
-    nullcontext,
 )
 from dataclasses import fields
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from sqlalchemy import (
@@ -46,27 +32,24 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Row,
+    Select,
     String,
     Table,
-    event,
     insert,
     inspect,
     select,
     update,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import URL, Connection, Dialect, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateColumn, CreateTable
 
-from imagecache.errors import StorageError
+from imagecache.engines import WRITE, open_database, storage_failures
+from imagecache.pointreads import PointReader, PointStatement, point_reader_for
+from imagecache.pointreads import Row as PointRow
 
-SQLITE_BUSY_TIMEOUT_MS = 10_000
-MYSQL_CONNECT_TIMEOUT_S = 10
-# Execution option that marks a connection's transactions as writes.
-WRITE = "imagecache_write"
 # MySQL's error for ADD COLUMN of a column that exists (ER_DUP_FIELDNAME).
 _MYSQL_DUPLICATE_COLUMN = 1060
 
@@ -120,37 +103,6 @@ counters_table = table(
 )
 
 
-@contextmanager
-def storage_failures(store: str, where: str, action: str) -> Iterator[None]:
-    """Turn database and connection failures into StorageError naming the ``store``."""
-    try:
-        yield
-    except (DBAPIError, PoolTimeoutError, OSError) as error:
-        reason = error.orig if isinstance(error, DBAPIError) and error.orig else error
-        raise StorageError(f"{store} {where} could not {action}: {reason}") from error
-
-
-async def open_database(
-    url: str, store: str
-) -> tuple[AsyncEngine, AbstractAsyncContextManager[Any], str]:
-    """The engine for the database ``url``, its write gate (``create_engine``) and
-    the URL without its password, for messages about ``store``.
-
-    Raises ValueError for a URL that is not sqlite+aiosqlite or mysql+aiomysql,
-    StorageError when the database cannot be opened.
-    """
-    try:
-        parsed = make_url(url)
-    except ArgumentError as error:
-        raise ValueError(f"not a database URL: {error}") from error
-    where = parsed.render_as_string(hide_password=True)
-    if parsed.drivername not in ("sqlite+aiosqlite", "mysql+aiomysql"):
-        raise ValueError(f"{store} URL must be sqlite+aiosqlite or mysql+aiomysql: {where}")
-    with storage_failures(f"{store} store", where, "open the database"):
-        engine, write_gate = await create_engine(parsed)
-    return engine, write_gate, where
-
-
 class Database:
     """The metadata database, opened once per process; the stores are built on it
     (or, named ``store``, a database of its own: the metrics store).
@@ -173,6 +125,10 @@ class Database:
         self._write_gate = write_gate
         self._where = where
         self._store = store
+        # Opened at the first point read: most processes never make one.
+        self._point_reader: PointReader | None = None
+        self._point_reader_opening = asyncio.Lock()
+        self._point_statements: dict[Select[Any], PointStatement] = {}
 
     @classmethod
     @asynccontextmanager
@@ -194,7 +150,34 @@ class Database:
 
     async def close(self) -> None:
         """Close the connections (again: nothing)."""
+        if self._point_reader is not None:
+            reader, self._point_reader = self._point_reader, None
+            await reader.close()
         await self._engine.dispose()
+
+    async def read_point(self, statement: Select[Any], values: dict[str, Any]) -> PointRow | None:
+        """The first row of ``statement``, a read of one row by its key, at what
+        the database costs: compiled once, run through the driver on
+        connections of its own (imagecache.pointreads), in autocommit like
+        ``read``. Raises StorageError as ``failures`` says."""
+        compiled = self._point_statements.get(statement)
+        reader = self._point_reader
+        if compiled is None or reader is None:
+            compiled, reader = await self._prepare_point_read(statement)
+        return await reader.first(compiled, values)
+
+    async def _prepare_point_read(
+        self, statement: Select[Any]
+    ) -> tuple[PointStatement, PointReader]:
+        compiled = self._point_statements.get(statement)
+        if compiled is None:
+            compiled = self._point_statements[statement] = PointStatement(statement, self.dialect)
+        async with self._point_reader_opening:
+            if self._point_reader is None:
+                self._point_reader = await point_reader_for(
+                    self._engine.url, self.dialect, self._where
+                )
+        return compiled, self._point_reader
 
     def read(self) -> AbstractAsyncContextManager[AsyncConnection]:
         """A connection for reads (in autocommit on SQLite)."""
@@ -353,67 +336,3 @@ def record_of(kind: type[_Record], row: Row[Any], *timestamps: str) -> _Record:
 def naive_utc_now() -> datetime:
     """Now in UTC, naive, as the ``Timestamp`` columns keep it."""
     return naive_utc(datetime.now(UTC))
-
-
-async def create_engine(url: URL) -> tuple[AsyncEngine, AbstractAsyncContextManager[Any]]:
-    """The engine for ``url`` and what write transactions of this process enter first.
-
-    Everything that differs between the databases is here.
-    """
-    if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url)
-        event.listen(engine.sync_engine, "connect", _sqlite_connect)
-        event.listen(engine.sync_engine, "begin", _sqlite_begin)
-        try:
-            await _sqlite_use_wal(engine)
-        except BaseException:
-            await engine.dispose()
-            raise
-        # SQLite runs one writer at a time anyway: this process's writers queue
-        # here rather than in SQLite's sleep-and-retry busy handler, which stays
-        # the protection against other processes.
-        return engine, asyncio.Lock()
-    engine = create_async_engine(
-        url,
-        isolation_level="READ COMMITTED",
-        pool_pre_ping=True,  # RDS closes idle connections and fails over
-        pool_recycle=3600,
-        connect_args={"connect_timeout": MYSQL_CONNECT_TIMEOUT_S},
-    )
-    return engine, nullcontext()
-
-
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    # SQLAlchemy's recipe: the driver emits no BEGIN of its own (_sqlite_begin does).
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA foreign_keys = ON")
-    finally:
-        cursor.close()
-
-
-async def _sqlite_use_wal(engine: AsyncEngine) -> None:
-    """Put the database file in WAL mode (it stays so, for every connection).
-
-    Switching can fail with "database is locked" at once, without waiting for
-    the busy timeout, while another process opens the same new file: retry.
-    """
-    deadline = asyncio.get_running_loop().time() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            async with engine.connect() as conn:
-                await conn.exec_driver_sql("PRAGMA journal_mode = WAL")
-            return
-        except OperationalError as error:
-            if "locked" not in str(error.orig) or asyncio.get_running_loop().time() > deadline:
-                raise
-        await asyncio.sleep(0.02)
-
-
-def _sqlite_begin(connection: Connection) -> None:
-    if connection.get_execution_options().get(WRITE):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -30,7 +30,7 @@ import pymysql
 from sqlalchemy import Select
 from sqlalchemy.engine import URL, Dialect
 
-from imagecache.database import MYSQL_CONNECT_TIMEOUT_S, SQLITE_BUSY_TIMEOUT_MS
+from imagecache.engines import MYSQL_CONNECT_TIMEOUT_S, SQLITE_BUSY_TIMEOUT_MS
 from imagecache.errors import StorageError
 
 # A row's columns, in the statement's order.
@@ -61,21 +61,28 @@ class PointReader(Protocol):
         """
         ...
 
+    async def close(self) -> None:
+        """Close its connections."""
+        ...
+
+
+async def point_reader_for(url: URL, dialect: Dialect, where: str) -> PointReader:
+    """A reader for the database at ``url`` (as ``Database.open`` accepts it),
+    connecting as the engine of ``dialect`` does; ``where`` names it in errors.
+    Its connections open on first use."""
+    if url.get_backend_name() == "sqlite":
+        return SqlitePointReader(url.database or ":memory:", where)
+    return await MysqlPointReader.open(url, dialect, where)
+
 
 @asynccontextmanager
 async def open_point_reader(url: URL, dialect: Dialect, where: str) -> AsyncIterator[PointReader]:
-    """A reader for the database at ``url`` (as ``Database.open`` accepts it),
-    connecting as the engine of ``dialect`` does; ``where`` names it in errors.
-    Its connections are closed on exit."""
-    if url.get_backend_name() == "sqlite":
-        reader = SqlitePointReader(url.database or ":memory:", where)
-        try:
-            yield reader
-        finally:
-            await reader.close()
-        return
-    async with MysqlPointReader.open(url, dialect, where) as mysql_reader:
-        yield mysql_reader
+    """``point_reader_for``, closed on exit."""
+    reader = await point_reader_for(url, dialect, where)
+    try:
+        yield reader
+    finally:
+        await reader.close()
 
 
 class SqlitePointReader:
@@ -128,12 +135,11 @@ class MysqlPointReader:
         self._where = where
 
     @classmethod
-    @asynccontextmanager
-    async def open(cls, url: URL, dialect: Dialect, where: str) -> AsyncIterator[MysqlPointReader]:
+    async def open(cls, url: URL, dialect: Dialect, where: str) -> MysqlPointReader:
         # The engine's own connection arguments (host, user, database, options).
         _, engine_args = dialect.create_connect_args(url)
         connect_args: dict[str, Any] = {"charset": "utf8mb4", **engine_args}
-        # Connections open on first use: the engine already proved the database answers.
+        # No connection yet (minsize 0): they open on first use.
         pool = await aiomysql.create_pool(
             minsize=0,
             maxsize=MYSQL_READ_CONNECTIONS,
@@ -142,11 +148,11 @@ class MysqlPointReader:
             connect_timeout=MYSQL_CONNECT_TIMEOUT_S,
             pool_recycle=MYSQL_RECYCLE_SECONDS,
         )
-        try:
-            yield cls(pool, where)
-        finally:
-            pool.close()
-            await pool.wait_closed()
+        return cls(pool, where)
+
+    async def close(self) -> None:
+        self._pool.close()
+        await self._pool.wait_closed()
 
     async def first(self, statement: PointStatement, values: dict[str, Any]) -> Row | None:
         # The pool drops a connection the server closed (idle, fail-over) before

@@ -267,7 +267,7 @@ class ImageService:
     async def _load_from_store(self, key: str, flight: Flight, ticket: WriteTicket | None) -> Image:
         for _ in range(3):
             flight.probe()
-            record = await self._catalog.get_image(key)
+            record = await self._catalog.stored_image(key)
             if record is None:
                 raise ImageNotFound(f"no image for key {key!r}")
             try:
