@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.engine import make_url
 
-from imagecache.catalog import ImageCatalog, images_table
+from imagecache.catalog import ImageCatalog, StoredImage, images_table
 from imagecache.database import Database
 from imagecache.errors import StorageError
-from imagecache.pointreads import PointReader, PointStatement, open_point_reader
+from imagecache.pointreads import PointReader, PointStatement, point_reader_for
 from tests.mariadb import mariadb_database_url, mariadb_url  # noqa: F401
 from tests.metadata_db import database_fixture, metadata_url_fixture, upload  # noqa: F401
+
+
+@asynccontextmanager
+async def closing(reader: PointReader) -> AsyncIterator[PointReader]:
+    try:
+        yield reader
+    finally:
+        await reader.close()
+
 
 VERSION_OF_KEY = select(images_table.c.version, images_table.c.blob_name).where(
     images_table.c.key == bindparam("key")
@@ -30,8 +40,9 @@ async def catalog(database: Database) -> ImageCatalog:
 async def reader(
     metadata_url: str, database: Database, catalog: ImageCatalog
 ) -> AsyncIterator[PointReader]:
-    async with open_point_reader(make_url(metadata_url), database.dialect, "under test") as opened:
-        yield opened
+    opened = await point_reader_for(make_url(metadata_url), database.dialect, "under test")
+    yield opened
+    await opened.close()
 
 
 def statement_for(database: Database) -> PointStatement:
@@ -73,8 +84,8 @@ async def test_a_mysql_connection_the_server_closed_is_replaced(
     async with Database.open(mariadb_database_url) as database:
         catalog = await ImageCatalog.open(database)
         record, _ = await upload(catalog, "cat")
-        async with open_point_reader(
-            make_url(mariadb_database_url), database.dialect, "under test"
+        async with closing(
+            await point_reader_for(make_url(mariadb_database_url), database.dialect, "under test")
         ) as reader:
             connection_id = PointStatement(select(func.connection_id()), database.dialect)
             first = await reader.first(connection_id, {})
@@ -95,6 +106,17 @@ async def test_an_unreadable_sqlite_file_is_a_storage_error(tmp_path: Path) -> N
         dialect = database.dialect
     (tmp_path / "metadata.db").write_bytes(b"not a database, " * 100)
 
-    async with open_point_reader(make_url(url), dialect, "under test") as reader:
+    async with closing(await point_reader_for(make_url(url), dialect, "under test")) as reader:
         with pytest.raises(StorageError, match="metadata store under test could not read"):
             await reader.first(statement, {"key": "cat"})
+
+
+async def test_the_catalog_finds_an_image_with_a_point_read_that_sees_every_commit(
+    catalog: ImageCatalog,
+) -> None:
+    assert await catalog.stored_image("cat") is None
+    for _ in range(3):
+        record, _ = await upload(catalog, "cat")
+        assert await catalog.stored_image("cat") == StoredImage(
+            record.version, record.blob_name, record.content_type
+        )

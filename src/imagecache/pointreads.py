@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import aiomysql
@@ -73,16 +72,6 @@ async def point_reader_for(url: URL, dialect: Dialect, where: str) -> PointReade
     if url.get_backend_name() == "sqlite":
         return SqlitePointReader(url.database or ":memory:", where)
     return await MysqlPointReader.open(url, dialect, where)
-
-
-@asynccontextmanager
-async def open_point_reader(url: URL, dialect: Dialect, where: str) -> AsyncIterator[PointReader]:
-    """``point_reader_for``, closed on exit."""
-    reader = await point_reader_for(url, dialect, where)
-    try:
-        yield reader
-    finally:
-        await reader.close()
 
 
 class SqlitePointReader:
