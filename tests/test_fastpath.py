@@ -482,6 +482,29 @@ async def test_a_connection_whose_first_image_has_no_copy_stays_on_the_fast_path
     assert len(gateway.app[KEPT_COPIES]) == 2
 
 
+async def test_a_copy_its_node_no_longer_confirms_is_read_again_on_the_fast_path(
+    gateway: Gateway, gateway_config: Config
+) -> None:
+    """A replaced or evicted image is a cache miss like a key with no copy:
+    loaded and answered here, the connection never handed to aiohttp."""
+    await gateway.upload("cat", PNG)
+    await exchange(gateway.port, get("/image/cat"))  # the copy is kept
+    counters = gateway.counters
+    handed_over, loaded = counters.handed_over, counters.loaded
+    async with (
+        running(gateway_config) as other,
+        NodeClient.at(gateway_config.gateway.nodes[0]) as node,
+    ):
+        await other.upload("cat", PNG_2)  # replaced: the copy's version is old
+        (replaced,) = await exchange(gateway.port, get("/image/cat"))
+        await node.delete(b"cat")  # evicted: the node has no version of it
+        # A read lease from the last CHECK still vouches for the (current) copy.
+        await asyncio.sleep(gateway_config.gateway.read_lease_ms / 1000 + 0.05)
+        (evicted,) = await exchange(gateway.port, get("/image/cat"))
+    assert (replaced.body, evicted.body) == (PNG_2, PNG_2)
+    assert (counters.loaded, counters.handed_over) == (loaded + 2, handed_over)
+
+
 async def test_a_restarted_node_waits_out_the_read_leases_of_its_previous_incarnation(
     gateway_config: Config, node_server: NodeServer
 ) -> None:

@@ -1,9 +1,10 @@
 """One client connection on the fast path (``fastpath``), as an asyncio protocol.
 
-It reads requests' heads (``fastrequests``), answers the image GETs it can
-from kept copies (``keptcopies``) once their node vouches for them
-(``versionchecks``), in order and pipelined, with back pressure and an idle
-timeout as aiohttp's own; and at the first request it cannot answer it hands
+It reads requests' heads (``fastrequests``), answers the image GETs from
+kept copies (``keptcopies``) once their node vouches for them
+(``versionchecks``), or else from the image service's read (a cache miss),
+in order and pipelined, with back pressure and an idle timeout as aiohttp's
+own; and at the first request it cannot answer (anything but an image) it hands
 the transport, with every byte not yet answered, to aiohttp's protocol, which
 serves the connection from then on.
 """
@@ -172,11 +173,11 @@ class FastConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if version != kept.version:
-            # Gone, replaced, or the node failed: aiohttp's handler reads it
-            # the full way (around a failed node) and keeps a fresh copy.
+            # Gone, replaced, or the node failed: read it the full way (around
+            # a failed node) and keep a fresh copy, as for a key with no copy.
             if version != NO_ANSWER:
                 self._fast.copies.drop(request.key)
-            self._hand_over()
+            self._load(request, size)
             return
         if self._respond(request, kept, size, hit=True):
             self._serve_next()

@@ -5,11 +5,14 @@ Every connection to the gateway starts here. A request that is a plain
 from that copy while the key's cache node vouches for its version: under a
 read lease the node granted, or else once a CHECK round trip of a few dozen
 bytes confirms it; the image's bytes neither cross from the node nor go
-through aiohttp's request machinery.
+through aiohttp's request machinery. A cache miss (a key with no copy, or
+whose copy its node no longer confirms) is read the full way (the image
+service's read: the node, the metadata, the blob store), answered here as
+well, and kept.
 Anything else (another path or method, a body, an unusual header, a key with
-no copy, a node that does not confirm, a failure) hands the connection, with
-every byte not yet answered, to aiohttp's own protocol, which then serves it
-for the rest of its life exactly as if the fast path did not exist.
+no image, a failure) hands the connection, with every byte not yet answered,
+to aiohttp's own protocol, which then serves it for the rest of its life
+exactly as if the fast path did not exist.
 The setting gateway.fast_path (IMAGECACHE_FAST_PATH) turns it off: then
 every connection is aiohttp's from the start, through its middlewares.
 
