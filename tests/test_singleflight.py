@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cachenode.client import CachedItem, LeaseHeld, NodeClient
+from cachenode.client import CachedItem, LeaseGranted, LeaseHeld, NodeClient
 from imagecache.blobs import FolderBlobStore
 from imagecache.cachepool import CachePool, WriteTicket
 from imagecache.images import flags_for
@@ -308,6 +308,58 @@ async def test_a_read_after_an_upload_through_another_gateway_does_not_join_an_o
             assert which((await reader.service.read(KEY)).data) == which(NEW)
             status, body = await read_image(http, writer.url, KEY)
             assert (status, which(body)) == (200, which(NEW))
+    finally:
+        await writer.kill()
+
+
+class PollWatchedPool(CachePool):
+    """The real pool; ``polled`` is set each time a waiting load's LEASE returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polled = asyncio.Event()
+        self.polls = 0
+
+    async def lease(self, key: str, seconds: float) -> CachedItem | WriteTicket | LeaseHeld | None:
+        answer = await super().lease(key, seconds)
+        self.polls += 1
+        self.polled.set()
+        return answer
+
+
+async def test_a_read_that_joins_a_waiting_load_gives_back_the_lease_it_was_granted(
+    tmp_path: Path, node_process: NodeProcess
+) -> None:
+    """A read whose LOOKUP is granted the lease while this gateway's load of the
+    key waits for another gateway's fill joins that load: the lease must go
+    back at once, or the load would wait out its time for a fill no one makes."""
+    node = f"{node_process.host}:{node_process.port}"
+    writer = gateway_on_nodes(tmp_path, "gateway-a", [node])
+    try:
+        await writer.start()
+        pool = PollWatchedPool()
+        async with (
+            embedded_gateway(tmp_path / "data", [node], pool=pool) as reader,
+            aiohttp.ClientSession() as http,
+            NodeClient(node_process.host, node_process.port) as other_gateway,
+        ):
+            assert await upload_image(http, writer.url, KEY, OLD) == 200
+            await other_gateway.delete(KEY.encode())  # evicted: reads miss
+            assert isinstance(await other_gateway.lease(KEY.encode(), 5.0), LeaseGranted)
+            waiting = asyncio.create_task(reader.service.read(KEY))
+            while pool.polls < 3:  # the load waits, asking again at growing intervals
+                pool.polled.clear()
+                await within(pool.polled.wait())
+            # Right after a poll: the load sleeps a while before its next one.
+            await other_gateway.release(KEY.encode())
+            started = asyncio.get_running_loop().time()
+            joining = asyncio.create_task(reader.service.read(KEY))
+            images = await asyncio.wait_for(asyncio.gather(waiting, joining), WAIT_SECONDS)
+            took = asyncio.get_running_loop().time() - started
+            assert [which(image.data) for image in images] == [which(OLD)] * 2
+            # The fill lease is 2 s: a lease kept would hold both reads that long.
+            assert took < 1.0, f"the reads took {took:.2f} s after the lease was free"
+            assert reader.service.blob_reads == 1  # one load answered both
     finally:
         await writer.kill()
 
