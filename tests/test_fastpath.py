@@ -497,12 +497,16 @@ async def test_a_copy_its_node_no_longer_confirms_is_read_again_on_the_fast_path
     ):
         await other.upload("cat", PNG_2)  # replaced: the copy's version is old
         (replaced,) = await exchange(gateway.port, get("/image/cat"))
+        kept = gateway.app[KEPT_COPIES].get("cat")
         await node.delete(b"cat")  # evicted: the node has no version of it
         # A read lease from the last CHECK still vouches for the (current) copy.
         await asyncio.sleep(gateway_config.gateway.read_lease_ms / 1000 + 0.05)
         (evicted,) = await exchange(gateway.port, get("/image/cat"))
     assert (replaced.body, evicted.body) == (PNG_2, PNG_2)
     assert (counters.loaded, counters.handed_over) == (loaded + 2, handed_over)
+    # The evicted copy was still that version's bytes: kept, not made again.
+    assert kept is not None
+    assert gateway.app[KEPT_COPIES].get("cat") is kept
 
 
 async def test_a_restarted_node_waits_out_the_read_leases_of_its_previous_incarnation(

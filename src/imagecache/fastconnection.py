@@ -173,9 +173,12 @@ class FastConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if version != kept.version:
-            # Gone, replaced, or the node failed: read it the full way (around
-            # a failed node) and keep a fresh copy, as for a key with no copy.
-            if version != NO_ANSWER:
+            # Replaced, gone from the node, or the node failed: read it the
+            # full way (around a failed node), as for a key with no copy. Only
+            # a copy of a version the node has replaced goes: one the node
+            # merely evicted is still that version's bytes (served again only
+            # once the node vouches for it), and is not made anew by the load.
+            if version is not None and version != NO_ANSWER:
                 self._fast.copies.drop(request.key)
             self._load(request, size)
             return

@@ -1,0 +1,88 @@
+"""The gateway's kept copies: least recently used, admitted as TinyLFU admits."""
+
+from __future__ import annotations
+
+from imagecache.keptcopies import MIN_FREQUENCY_SAMPLE, KeptCopies, prepared
+
+BODY = bytes(1000)
+COPY_SIZE = prepared(1, "image/png", BODY).size  # the body and its header lines
+FITS_THREE = 3 * COPY_SIZE + COPY_SIZE // 2  # room for three copies, not four
+
+
+def read(copies: KeptCopies, key: str, version: int = 1) -> None:
+    """What the fast path does for a read: the copy, or else the image read
+    the full way, kept if worth it."""
+    image = copies.get(key)
+    if image is None or image.version < version:
+        copies.keep(key, version, "image/png", BODY)
+
+
+def kept(copies: KeptCopies) -> set[str]:
+    return {key for key in "abcde" if key in copies}
+
+
+def test_while_there_is_room_every_image_loaded_is_kept() -> None:
+    copies = KeptCopies(FITS_THREE)
+    for key in "abc":
+        read(copies, key)
+    assert kept(copies) == {"a", "b", "c"}
+
+
+def test_a_key_loaded_once_does_not_evict_copies_loaded_as_often_or_more() -> None:
+    copies = KeptCopies(FITS_THREE)
+    for key in "abc":
+        read(copies, key)
+    for key in "de":  # a working set larger than the copies: every read a miss
+        read(copies, key)
+    assert kept(copies) == {"a", "b", "c"}
+
+
+def test_a_key_loaded_more_often_than_the_next_to_go_replaces_it() -> None:
+    copies = KeptCopies(FITS_THREE)
+    for key in "abc":
+        read(copies, key)
+    read(copies, "d")  # not kept: once, like "a"
+    read(copies, "d")  # twice: more than "a", the least recently used
+    assert kept(copies) == {"b", "c", "d"}
+
+
+def test_a_newer_version_of_a_kept_key_is_always_kept() -> None:
+    copies = KeptCopies(FITS_THREE)
+    for key in "abc":
+        read(copies, key)
+        read(copies, key)
+    read(copies, "a", version=2)
+    image = copies.get("a")
+    assert image is not None
+    assert image.version == 2
+
+
+def test_reads_of_kept_copies_count_too() -> None:
+    """A copy read often (hits, never loaded again) outweighs keys read less."""
+    copies = KeptCopies(FITS_THREE)
+    for key in "abc":
+        read(copies, key)
+    for _ in range(4):
+        read(copies, "a")  # hits: read 5 times in all
+    read(copies, "b")  # twice; "c" (once) is now the least recently used
+    for _ in range(2):
+        read(copies, "d")  # twice: more than "c"
+    assert kept(copies) == {"a", "b", "d"}
+    for _ in range(3):
+        read(copies, "e")  # "a" is next to go, but was read 5 times
+    assert kept(copies) == {"a", "b", "d"}
+
+
+def test_the_counts_age_so_what_was_hot_long_ago_gives_way() -> None:
+    copies = KeptCopies(FITS_THREE)
+    for key in "abc":
+        for _ in range(3):
+            read(copies, key)
+    # Loads of other keys, none kept (each once), until the counts were
+    # halved twice: "a" (3) is down to 0, below a key now loaded twice.
+    for number in range(2 * MIN_FREQUENCY_SAMPLE):
+        read(copies, f"other-{number}")
+    read(copies, "d")
+    read(copies, "d")
+    assert "d" in kept(copies)
+    assert "a" not in kept(copies)
