@@ -48,7 +48,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -114,38 +114,55 @@ def _binary(name: str, *fallbacks: str) -> str:
     return found
 
 
-def start_node(children: Children, workdir: Path, cores: Cores) -> Server:
-    with open(workdir / "node.log", "wb") as log:
+def start_node(
+    children: Children, workdir: Path, cores: Cores, capacity_mb: float = 256, name: str = "node"
+) -> Server:
+    """A node of ``capacity_mb``, its log in ``workdir/<name>.log``."""
+    with open(workdir / f"{name}.log", "wb") as log:
         process = children.start(
-            node_argv(0, 256),
+            node_argv(0, capacity_mb),
             core=cores,
             stdout=subprocess.PIPE,
             stderr=log,
         )
-    match = read_ready_line(process, NODE_READY, "the node", START_TIMEOUT)
+    match = read_ready_line(process, NODE_READY, f"the {name}", START_TIMEOUT)
     port = int(match.group(1))
-    wait_until_listening(process, port, "the node")
-    return Server("node", port, process.pid)
+    wait_until_listening(process, port, f"the {name}")
+    return Server(name, port, process.pid)
+
+
+def gateway_data_dir(workdir: Path, name: str) -> Path:
+    """Where ``start_gateway`` keeps the metadata and blobs of the gateway ``name``."""
+    return workdir / f"{name}-data"
 
 
 def start_gateway(
-    children: Children, workdir: Path, node: Server, workers: int, cores: Cores
+    children: Children,
+    workdir: Path,
+    node: Server,
+    workers: int,
+    cores: Cores,
+    name: str = "gateway",
+    settings: Mapping[str, str] | None = None,
 ) -> tuple[Server, list[int]]:
-    """The gateway, and its worker processes (none with one worker: it serves itself)."""
-    data_dir = workdir / "data"
+    """The gateway, and its worker processes (none with one worker: it serves
+    itself); ``settings``: ``IMAGECACHE_*`` variables beyond its own."""
+    data_dir = gateway_data_dir(workdir, name)
     data_dir.mkdir()
     port = free_port()
     # Only this run's settings: no configuration file or variable of the caller's.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("IMAGECACHE_")}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("IMAGECACHE_")}
     env |= {
         "IMAGECACHE_DATA_DIR": str(data_dir),
+        "IMAGECACHE_METADATA_URL": f"sqlite+aiosqlite:///{data_dir / 'imagecache.db'}",
+        "IMAGECACHE_BLOB_FOLDER": str(data_dir / "blobs"),
         "IMAGECACHE_GATEWAY_HOST": HOST,
         "IMAGECACHE_GATEWAY_PORT": str(port),
         "IMAGECACHE_NODES": f"{HOST}:{node.port}",
         # Nothing listens there: no manager is needed for uploads and reads.
         "IMAGECACHE_MANAGER_URL": f"http://{HOST}:{free_port()}",
-    }
-    with open(workdir / "gateway.log", "wb") as log:
+    } | dict(settings or {})
+    with open(workdir / f"{name}.log", "wb") as log:
         process = children.start(
             [
                 *imagecache_command(),
@@ -160,10 +177,10 @@ def start_gateway(
             env=env,
         )
     # With workers, the parent says so once every worker listens.
-    read_ready_line(process, rb"gateway on http://", "the gateway", START_TIMEOUT)
-    wait_until_listening(process, port, "the gateway")
+    read_ready_line(process, rb"gateway on http://", f"the {name}", START_TIMEOUT)
+    wait_until_listening(process, port, f"the {name}")
     worker_pids = workers_of(process.pid, GATEWAY_WORKER, workers) if workers > 1 else []
-    return Server("gateway", port, process.pid), worker_pids
+    return Server(name, port, process.pid), worker_pids
 
 
 def workers_of(parent: int, marker: str, count: int) -> list[int]:
@@ -228,11 +245,19 @@ http {{
 def start_nginx(
     children: Children, workdir: Path, key: str, image: bytes, workers: int, cores: Cores
 ) -> tuple[Server, list[int]]:
-    """nginx, and its worker processes (none with one worker: it serves itself)."""
-    binary = _binary("nginx", "/usr/sbin/nginx")
+    """nginx serving ``image`` at ``/image/<key>``, and its worker processes
+    (none with one worker: it serves itself)."""
     prefix = workdir / "nginx"
     (prefix / "html" / "image").mkdir(parents=True)
     (prefix / "html" / "image" / key).write_bytes(image)
+    return start_nginx_on(children, prefix, workers, cores)
+
+
+def start_nginx_on(
+    children: Children, prefix: Path, workers: int, cores: Cores
+) -> tuple[Server, list[int]]:
+    """nginx serving the files under ``prefix/html``, and its worker processes."""
+    binary = _binary("nginx", "/usr/sbin/nginx")
     port = free_port()
     config = prefix / "nginx.conf"
     config.write_text(nginx_config(prefix, port, binary, workers))

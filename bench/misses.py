@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -43,21 +42,17 @@ from typing import Final
 from benchkit import (
     HOST,
     KIB,
-    NODE_READY,
     Children,
     Cores,
     Server,
     describe_cores,
     free_port,
-    imagecache_command,
-    node_argv,
     noise_png,
     parse_size,
     pin_load_generator,
     print_table_header,
     progress,
     ratio_of,
-    read_ready_line,
     run_guarded,
     show_log_tails,
     verdict,
@@ -65,7 +60,6 @@ from benchkit import (
 )
 from gateway import (
     IMAGE_WIDTH,
-    START_TIMEOUT,
     WRK_SCRIPT,
     Cell,
     System,
@@ -73,10 +67,13 @@ from gateway import (
     _binary,
     check_response,
     gateway_counters,
-    nginx_config,
+    gateway_data_dir,
     print_profile,
     profile_gateway,
     run_wrk,
+    start_gateway,
+    start_nginx_on,
+    start_node,
     upload,
 )
 
@@ -104,54 +101,6 @@ end
 """
         + WRK_SCRIPT
     )
-
-
-def start_node(
-    children: Children, workdir: Path, name: str, capacity_mb: float, cores: Cores
-) -> Server:
-    with open(workdir / f"{name}.log", "wb") as log:
-        process = children.start(
-            node_argv(0, capacity_mb), core=cores, stdout=subprocess.PIPE, stderr=log
-        )
-    port = int(read_ready_line(process, NODE_READY, name, START_TIMEOUT).group(1))
-    wait_until_listening(process, port, name)
-    return Server(name, port, process.pid)
-
-
-def start_gateway(
-    children: Children,
-    workdir: Path,
-    name: str,
-    node: Server,
-    cores: Cores,
-    blob_settings: dict[str, str],
-) -> tuple[Server, Path]:
-    """A gateway with its own data folder (SQLite metadata, and blobs unless told otherwise)."""
-    data_dir = workdir / f"{name}-data"
-    data_dir.mkdir()
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("IMAGECACHE_")}
-    env |= {
-        "IMAGECACHE_DATA_DIR": str(data_dir),
-        "IMAGECACHE_METADATA_URL": f"sqlite+aiosqlite:///{data_dir / 'imagecache.db'}",
-        "IMAGECACHE_BLOB_FOLDER": str(data_dir / "blobs"),
-        "IMAGECACHE_GATEWAY_HOST": HOST,
-        "IMAGECACHE_GATEWAY_PORT": str(port),
-        "IMAGECACHE_NODES": f"{HOST}:{node.port}",
-        # Nothing listens there: no manager is needed for uploads and reads.
-        "IMAGECACHE_MANAGER_URL": f"http://{HOST}:{free_port()}",
-    } | blob_settings
-    with open(workdir / f"{name}.log", "wb") as log:
-        process = children.start(
-            [*imagecache_command(), "--log-level", "WARNING", "gateway"],
-            core=cores,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=env,
-        )
-    read_ready_line(process, rb"gateway on http://", name, START_TIMEOUT)
-    wait_until_listening(process, port, name)
-    return Server(name, port, process.pid), data_dir
 
 
 def start_moto(children: Children, workdir: Path, cores: Cores) -> tuple[Server, dict[str, str]]:
@@ -200,21 +149,10 @@ def link_blobs_for_nginx(data_dir: Path, html: Path) -> None:
 
 
 def start_nginx(children: Children, workdir: Path, data_dir: Path, cores: Cores) -> Server:
-    binary = _binary("nginx", "/usr/sbin/nginx")
     prefix = workdir / "nginx"
     link_blobs_for_nginx(data_dir, prefix / "html")
-    port = free_port()
-    config = prefix / "nginx.conf"
-    config.write_text(nginx_config(prefix, port, binary))
-    with open(prefix / "stderr.log", "wb") as log:
-        process = children.start(
-            [binary, "-c", str(config), "-p", str(prefix), "-e", str(prefix / "error.log")],
-            core=cores,
-            stdout=log,
-            stderr=log,
-        )
-    wait_until_listening(process, port, "nginx")
-    return Server("nginx", port, process.pid)
+    nginx, _ = start_nginx_on(children, prefix, 1, cores)
+    return nginx
 
 
 def counter(values: dict[int, dict[str, float]], pid: int, name: str) -> float:
@@ -229,13 +167,17 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     sizes = {len(image) for image in images}
 
     gateways: dict[str, tuple[Server, Server]] = {}
-    node = start_node(children, workdir, "node", args.node_mb, cores)
-    gateway, data_dir = start_gateway(children, workdir, "gateway", node, cores, {})
+    node = start_node(children, workdir, cores, args.node_mb)
+    kept = {} if args.kept_copies_mb is None else {"IMAGECACHE_KEPT_COPIES_MB": args.kept_copies_mb}
+    gateway, _ = start_gateway(children, workdir, node, 1, cores, settings=kept)
+    data_dir = gateway_data_dir(workdir, "gateway")
     gateways["imagecache"] = (gateway, node)
     if args.s3:
         moto, s3_settings = start_moto(children, workdir, args.client_cores)
-        s3_node = start_node(children, workdir, "s3-node", args.node_mb, cores)
-        s3_gateway, _ = start_gateway(children, workdir, "s3-gateway", s3_node, cores, s3_settings)
+        s3_node = start_node(children, workdir, cores, args.node_mb, "s3-node")
+        s3_gateway, _ = start_gateway(
+            children, workdir, s3_node, 1, cores, "s3-gateway", s3_settings | kept
+        )
         gateways["imagecache-s3"] = (s3_gateway, s3_node)
         progress(f"moto (pid {moto.pid}) on port {moto.port}")
     for name, (server, its_node) in gateways.items():
@@ -285,7 +227,8 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     print()
     print(
         f"# cache misses: {args.images:,} noise PNGs of {min(sizes):,}-{max(sizes):,} B, a node of "
-        f"{args.node_mb:g} MB, wrk -t1 -c{args.connections} on random keys, "
+        f"{args.node_mb:g} MB, kept copies: {args.kept_copies_mb or 'the default'} MB, "
+        f"wrk -t1 -c{args.connections} on random keys, "
         f"{args.rounds} x {args.duration:g} s each (A B A B); servers on {describe_cores(cores)}"
     )
     print_table_header(
@@ -361,6 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=1000, help="images uploaded (1000)")
     parser.add_argument("--size", type=parse_size, default=100 * KIB, help="image size (100K)")
     parser.add_argument("--node-mb", type=float, default=1.0, help="the node's capacity (1)")
+    parser.add_argument(
+        "--kept-copies-mb",
+        metavar="MB",
+        help="the gateways' kept copies (IMAGECACHE_KEPT_COPIES_MB; default: the gateway's)",
+    )
     parser.add_argument("--s3", action="store_true", help="also through S3 on a moto server")
     parser.add_argument("--py-spy", metavar="PATH", help="afterwards, profile the gateway")
     parser.add_argument("--profile-seconds", type=float, default=10.0)
