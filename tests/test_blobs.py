@@ -4,6 +4,7 @@ then what only one adapter promises. S3 runs against a moto server on loopback."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -316,6 +317,37 @@ async def test_folder_reads_what_the_page_cache_lacks_in_a_thread(
 
     assert await store.get("abcdef") == data
     assert counting_executor.handed == 1
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="reads in the loop need Linux")
+async def test_folder_reads_leave_no_descriptor_open_even_when_cancelled(tmp_path: Path) -> None:
+    store = FolderBlobStore(tmp_path / "blobs")
+    data = random.Random(3).randbytes(300_000)
+    await store.put("abcdef", data, "image/png")
+    path = tmp_path / "blobs" / "ab" / "abcdef"
+    before = open_descriptors()
+
+    assert await store.get("abcdef") == data  # from the page cache
+    drop_from_page_cache(path)
+    assert await store.get("abcdef") == data  # through a thread
+    with pytest.raises(BlobNotFound):
+        await store.get("abcdefg")
+    for _ in range(20):  # cancelled while the thread reads: it closes the file itself
+        drop_from_page_cache(path)
+        reading = asyncio.ensure_future(store.get("abcdef"))
+        await asyncio.sleep(0)
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+    for _ in range(100):  # the threads finish on their own
+        if open_descriptors() == before:
+            break
+        await asyncio.sleep(0.01)
+    assert open_descriptors() == before
 
 
 async def test_folder_reads_an_empty_blob(tmp_path: Path) -> None:

@@ -160,13 +160,24 @@ class FolderBlobStore:
         except OSError as error:
             raise StorageError(f"cannot read blob {path}: {error}") from error
         try:
-            data, done = _read_cached(fd)
+            try:
+                data, done = _read_cached(fd)
+            except BaseException:
+                os.close(fd)
+                raise
             if done < len(data):
-                await asyncio.to_thread(_read_rest, fd, data, done)
+                # The thread owns the descriptor from here and closes it.
+                # Shielded: a cancelled read still lets it run (cancelling it
+                # before it starts would leave the file open).
+                rest = asyncio.ensure_future(
+                    asyncio.to_thread(_read_rest_and_close, fd, data, done)
+                )
+                rest.add_done_callback(_retrieve_outcome)
+                await asyncio.shield(rest)
+            else:
+                os.close(fd)
         except OSError as error:
             raise StorageError(f"cannot read blob {path}: {error}") from error
-        finally:
-            os.close(fd)
         return bytes(data)
 
     async def delete(self, name: str) -> None:
@@ -275,14 +286,24 @@ def _read_cached(fd: int) -> tuple[bytearray, int]:
         return data, 0
 
 
-def _read_rest(fd: int, data: bytearray, done: int) -> None:
-    """Fill ``data`` from offset ``done`` on (in a worker thread: this may wait on the disk)."""
-    view = memoryview(data)
-    while done < len(data):
-        read = os.preadv(fd, [view[done:]], done)
-        if read == 0:
-            raise OSError(errno.EIO, f"the blob ended after {done} of {len(data)} bytes")
-        done += read
+def _retrieve_outcome(done: asyncio.Future[None]) -> None:
+    """Take a shielded read's outcome, which its cancelled reader no longer will."""
+    if not done.cancelled():
+        done.exception()
+
+
+def _read_rest_and_close(fd: int, data: bytearray, done: int) -> None:
+    """Fill ``data`` from offset ``done`` on, then close ``fd`` (in a worker
+    thread: this may wait on the disk)."""
+    try:
+        with memoryview(data) as view:
+            while done < len(data):
+                read = os.preadv(fd, [view[done:]], done)
+                if read == 0:
+                    raise OSError(errno.EIO, f"the blob ended after {done} of {len(data)} bytes")
+                done += read
+    finally:
+        os.close(fd)
 
 
 def _is_temp(file_name: str) -> bool:
