@@ -29,6 +29,7 @@ from imagecache.fastpath import FastPathCounters, FastPathSite
 from imagecache.fastrequests import parse_image_request
 from imagecache.keptcopies import etag_matches
 from imagecache.memfiles import MIN_FILE_BYTES, MemoryFiles
+from imagecache.service import Image
 from imagecache.versionchecks import REPORT_SECONDS
 from tests.conftest import image_bytes
 
@@ -507,6 +508,62 @@ async def test_a_copy_its_node_no_longer_confirms_is_read_again_on_the_fast_path
     # The evicted copy was still that version's bytes: kept, not made again.
     assert kept is not None
     assert gateway.app[KEPT_COPIES].get("cat") is kept
+
+
+async def test_requests_pipelined_during_a_load_are_all_answered_and_reading_resumes(
+    gateway: Gateway,
+) -> None:
+    """A queue of pipelined requests pauses reading while a miss loads; once
+    they are answered the connection reads again (it stalled before)."""
+    await gateway.upload("cat", PNG)
+    fast = gateway.site.fast
+    assert fast is not None
+    load = fast.load
+    assert load is not None
+
+    async def slow_load(key: str) -> Image:  # a slow database or disk
+        await asyncio.sleep(0.3)
+        return await load(key)
+
+    fast.load = slow_load
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(get("/image/cat"))  # no copy: a load
+        await asyncio.sleep(0.1)
+        queued = [get("/image/cat", f"X-Pad-{n}: " + "a" * 1000) for n in range(40)]
+        writer.write(b"".join(queued))  # more than reading allows to queue
+        for _ in range(1 + len(queued)):
+            reply = await asyncio.wait_for(read_reply(reader), 5)
+            assert reply.status == 200
+        writer.write(get("/image/cat"))  # the idle keep-alive connection reads again
+        reply = await asyncio.wait_for(read_reply(reader), 5)
+        assert reply.body == PNG
+    finally:
+        writer.close()
+
+
+async def test_shutting_down_cancels_loads_still_running(gateway_config: Config) -> None:
+    """A load whose client went away must not outlive the stores it reads."""
+    started = asyncio.Event()
+    loads: list[asyncio.Task[Image]] = []
+    async with asyncio.timeout(20), running(gateway_config) as gateway:
+        await gateway.upload("cat", PNG)
+        fast = gateway.site.fast
+        assert fast is not None
+
+        async def endless_load(key: str) -> Image:
+            started.set()
+            await asyncio.sleep(3600)
+            raise AssertionError("never")
+
+        fast.load = endless_load
+        _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(get("/image/dog"))
+        await asyncio.wait_for(started.wait(), 5)
+        loads = list(fast.loads)
+        writer.close()
+    assert len(loads) == 1
+    assert loads[0].cancelled()
 
 
 async def test_a_restarted_node_waits_out_the_read_leases_of_its_previous_incarnation(

@@ -86,3 +86,32 @@ def test_the_counts_age_so_what_was_hot_long_ago_gives_way() -> None:
     read(copies, "d")
     assert "d" in kept(copies)
     assert "a" not in kept(copies)
+
+
+def test_reads_of_keys_with_no_image_are_not_counted() -> None:
+    """Only reads of images count: a client asking for keys that do not exist
+    (404s) neither grows the counts nor earns a key its place."""
+    copies = KeptCopies(FITS_THREE)
+    for key in "abc":
+        read(copies, key)
+    for _ in range(5):
+        assert copies.get("d") is None  # "d" has no image yet: answered 404
+    read(copies, "d")  # now it has one: its first read
+    assert kept(copies) == {"a", "b", "c"}
+
+
+def test_a_new_copy_must_outweigh_every_copy_it_would_evict() -> None:
+    copies = KeptCopies(10 * COPY_SIZE + COPY_SIZE // 2)  # ten copies
+    big = bytes(2 * len(BODY))  # takes the room of two
+    read(copies, "a0")
+    read(copies, "a1")
+    for _ in range(5):
+        read(copies, "a1")  # hits: read 6 times in all
+    for number in range(2, 10):
+        read(copies, f"a{number}")  # "a0" and then "a1" are the next to go
+    for _ in range(2):  # twice: more than "a0", less than "a1"
+        if copies.get("big") is None:
+            copies.keep("big", 1, "image/png", big)
+    assert "big" not in copies
+    assert "a0" in copies
+    assert "a1" in copies

@@ -47,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateColumn, CreateTable
 
 from imagecache.engines import WRITE, open_database, storage_failures
+from imagecache.errors import StorageError
 from imagecache.pointreads import PointReader, PointStatement, point_reader_for
 from imagecache.pointreads import Row as PointRow
 
@@ -129,6 +130,7 @@ class Database:
         self._point_reader: PointReader | None = None
         self._point_reader_opening = asyncio.Lock()
         self._point_statements: dict[Select[Any], PointStatement] = {}
+        self._closed = False
 
     @classmethod
     @asynccontextmanager
@@ -149,17 +151,22 @@ class Database:
             await database.close()
 
     async def close(self) -> None:
-        """Close the connections (again: nothing)."""
-        if self._point_reader is not None:
-            reader, self._point_reader = self._point_reader, None
-            await reader.close()
-        await self._engine.dispose()
+        """Close the connections (again: nothing); point reads fail from now on."""
+        self._closed = True
+        try:
+            if self._point_reader is not None:
+                reader, self._point_reader = self._point_reader, None
+                await reader.close()
+        finally:
+            await self._engine.dispose()
 
     async def read_point(self, statement: Select[Any], values: dict[str, Any]) -> PointRow | None:
         """The first row of ``statement``, a read of one row by its key, at what
         the database costs: compiled once, run through the driver on
         connections of its own (imagecache.pointreads), in autocommit like
         ``read``. Raises StorageError as ``failures`` says."""
+        if self._closed:
+            raise StorageError(f"{self._store} store {self._where} is closed")
         compiled = self._point_statements.get(statement)
         reader = self._point_reader
         if compiled is None or reader is None:
@@ -173,10 +180,10 @@ class Database:
         if compiled is None:
             compiled = self._point_statements[statement] = PointStatement(statement, self.dialect)
         async with self._point_reader_opening:
+            if self._closed:  # closed while this waited
+                raise StorageError(f"{self._store} store {self._where} is closed")
             if self._point_reader is None:
-                self._point_reader = await point_reader_for(
-                    self._engine.url, self.dialect, self._where
-                )
+                self._point_reader = await point_reader_for(self._engine, self._where)
         return compiled, self._point_reader
 
     def read(self) -> AbstractAsyncContextManager[AsyncConnection]:

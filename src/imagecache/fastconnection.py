@@ -115,9 +115,11 @@ class FastConnection(asyncio.Protocol):
                 transport.resume_reading()
 
     def _serve_next(self) -> None:
-        """Answer the requests received, in order, until one must wait or none is left."""
+        """Answer the requests received, in order, until one must wait or none
+        is left; then read again if reading was paused for the queue."""
         while self._serve_one():
             pass
+        self._update_reading()
 
     def _serve_one(self) -> bool:
         """Answer the first request received if it can be answered now; True

@@ -127,6 +127,11 @@ class FastPath:
                     await self._drained.wait()
         for connection in list(self.connections):
             connection.close()
+        # Loads whose clients went away may still run: they must not outlive
+        # the stores the app closes next.
+        for load in list(self.loads):
+            load.cancel()
+        await asyncio.gather(*self.loads, return_exceptions=True)
         self.checks.close()
 
 

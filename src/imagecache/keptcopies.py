@@ -101,20 +101,24 @@ def prepared(
     return KeptImage(version, etag, headers, common, file.view, file, sample_bucket=sample_bucket)
 
 
-# Reads counted per copy kept (at least MIN_FREQUENCY_SAMPLE) before every
-# count is halved: TinyLFU's aging, so the counts follow what is hot lately.
+# Reads counted per copy kept (at least MIN_FREQUENCY_SAMPLE, at most
+# MAX_FREQUENCY_SAMPLE) before every count is halved: TinyLFU's aging, so the
+# counts follow what is hot lately. The counts hold at most that many keys
+# (reads of images only: a key with no image is never counted), and halving
+# them is one pass over at most that many.
 FREQUENCY_SAMPLE_PER_COPY = 10
 MIN_FREQUENCY_SAMPLE = 1000
+MAX_FREQUENCY_SAMPLE = 100_000
 
 
 class KeptCopies:
     """Least recently used images up to ``capacity`` bytes; 0 keeps nothing.
 
-    Admission as in TinyLFU (Einziger et al.; Caffeine): every read of a key
-    (``get``, which the fast path calls for each image GET) is counted; while
-    there is room every image loaded is kept; once a new copy would evict the
-    least recently used one, it is kept only if its key was read more often
-    lately than that one's. A working set larger than the capacity (every read a miss)
+    Admission as in TinyLFU (Einziger et al.; Caffeine): every read of an
+    image is counted (a hit in ``get``, a load in ``keep``); while there is
+    room every image loaded is kept; once a new copy would evict copies, it is
+    kept only if its key was read more often lately than each of theirs. A
+    working set larger than the capacity (every read a miss)
     then leaves the copies alone instead of replacing one with every load:
     making a copy (an in-memory file, mapped) costs a miss about 40% of its
     CPU (bench/misses.py), and the hot images stay kept.
@@ -134,28 +138,23 @@ class KeptCopies:
         self._sample_bucket = sample_bucket
         self._images: OrderedDict[str, KeptImage] = OrderedDict()
         self._used = 0
-        self._reads: dict[str, int] = {}  # reads of each key lately (``get`` calls)
+        self._reads: dict[str, int] = {}  # reads of each image lately (hits and loads)
         self._reads_counted = 0
 
     def get(self, key: str) -> KeptImage | None:
-        """The copy of ``key`` (now the most recently used), or None; a read of
-        ``key``, counted for admission (``keep``)."""
-        self._reads[key] = self._reads.get(key, 0) + 1
-        self._reads_counted += 1
-        if self._reads_counted >= max(
-            MIN_FREQUENCY_SAMPLE, FREQUENCY_SAMPLE_PER_COPY * len(self._images)
-        ):
-            self._reads = {k: n // 2 for k, n in self._reads.items() if n > 1}
-            self._reads_counted //= 2
+        """The copy of ``key`` (now the most recently used, and a read counted
+        for admission), or None."""
         image = self._images.get(key)
         if image is not None:
             self._images.move_to_end(key)
+            self._count_read(key)
         return image
 
     def keep(self, key: str, version: int, content_type: str, body: bytes) -> KeptImage:
         """Keep this image of ``key`` if it is worth keeping; returns it prepared either way."""
         current = self._images.get(key)
         bucket = NEVER_SAMPLED if self._sample_bucket is None else self._sample_bucket(key)
+        self._count_read(key)  # the load's read
         if (
             version <= 0  # unversioned (a text protocol write): CHECK could not tell it apart
             or (current is not None and current.version >= version)
@@ -172,14 +171,29 @@ class KeptCopies:
             self._used -= evicted.size
         return image
 
+    def _count_read(self, key: str) -> None:
+        self._reads[key] = self._reads.get(key, 0) + 1
+        self._reads_counted += 1
+        sample = FREQUENCY_SAMPLE_PER_COPY * len(self._images)
+        if self._reads_counted >= min(max(MIN_FREQUENCY_SAMPLE, sample), MAX_FREQUENCY_SAMPLE):
+            self._reads = {k: n // 2 for k, n in self._reads.items() if n > 1}
+            self._reads_counted //= 2
+
     def _admits(self, key: str, size: int, *, replacing: bool) -> bool:
         """Whether a copy of ``size`` bytes may be kept for ``key``: a newer
         version of a kept key always, another while there is room, else only
-        if read more often lately than the next copy to go."""
-        if replacing or self._used + size <= self.capacity or not self._images:
+        if read more often lately than every copy it would evict."""
+        room_needed = self._used + size - self.capacity
+        if replacing or room_needed <= 0:
             return True
-        next_to_go = next(iter(self._images))
-        return self._reads.get(key, 0) > self._reads.get(next_to_go, 0)
+        reads = self._reads.get(key, 0)
+        for victim, image in self._images.items():  # least recently used first
+            if reads <= self._reads.get(victim, 0):
+                return False
+            room_needed -= image.size
+            if room_needed <= 0:
+                break
+        return True
 
     def drop(self, key: str) -> None:
         image = self._images.pop(key, None)

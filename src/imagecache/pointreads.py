@@ -28,8 +28,9 @@ import aiomysql
 import pymysql
 from sqlalchemy import Select
 from sqlalchemy.engine import URL, Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from imagecache.engines import MYSQL_CONNECT_TIMEOUT_S, SQLITE_BUSY_TIMEOUT_MS
+from imagecache.engines import MYSQL_CONNECT_TIMEOUT_S, SQLITE_BUSY_TIMEOUT_MS, storage_failures
 from imagecache.errors import StorageError
 
 # A row's columns, in the statement's order.
@@ -65,13 +66,37 @@ class PointReader(Protocol):
         ...
 
 
-async def point_reader_for(url: URL, dialect: Dialect, where: str) -> PointReader:
-    """A reader for the database at ``url`` (as ``Database.open`` accepts it),
-    connecting as the engine of ``dialect`` does; ``where`` names it in errors.
-    Its connections open on first use."""
+async def point_reader_for(engine: AsyncEngine, where: str) -> PointReader:
+    """A reader for the database of ``engine``, connecting as it does;
+    ``where`` names it in errors. Its connections open on first use."""
+    url = engine.url
     if url.get_backend_name() == "sqlite":
-        return SqlitePointReader(url.database or ":memory:", where)
-    return await MysqlPointReader.open(url, dialect, where)
+        if url.database in (None, "", ":memory:"):
+            # Another connection would open another, empty, database.
+            return EnginePointReader(engine, where)
+        return SqlitePointReader(url.database, where)
+    return await MysqlPointReader.open(url, engine.dialect, where)
+
+
+class EnginePointReader:
+    """Point reads through the engine itself: for an in-memory SQLite database,
+    which only the engine's own connection holds."""
+
+    def __init__(self, engine: AsyncEngine, where: str) -> None:
+        self._engine = engine
+        self._where = where
+
+    async def first(self, statement: PointStatement, values: dict[str, Any]) -> Row | None:
+        with storage_failures("metadata store", self._where, "read"):
+            async with self._engine.connect() as connection:
+                result = await connection.exec_driver_sql(
+                    statement.sql, statement.parameters(values)
+                )
+                row = result.first()
+        return None if row is None else tuple(row)
+
+    async def close(self) -> None:
+        """Nothing: the engine is its owner's to close."""
 
 
 class SqlitePointReader:
