@@ -51,6 +51,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Final
 
 from benchkit import (
@@ -828,12 +829,6 @@ def print_profile(profile: Profile, gateway: Cell, args: argparse.Namespace) -> 
 # -- output ---------------------------------------------------------------------
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def print_results(
     cells: dict[str, Cell],
     args: argparse.Namespace,
@@ -908,7 +903,7 @@ def print_results(
             f"size {'ok' if cell.size_ok(args.connections) else 'WRONG'}",
         ]
         print(
-            f"{name:<21}{cell.throughput:>9,.0f}{cell.latency_ms(50, _median):>8.2f}"
+            f"{name:<21}{cell.throughput:>9,.0f}{cell.latency_ms(50, median):>8.2f}"
             f"{cell.latency_ms(99, max):>8.2f}{cell.transfer / MIB:>8,.0f}"
             f"{cell.cpu_per_kilo():>10.4f}{cell.cpu_per_kilo() * 1000:>8.1f}{cell.cores():>7.2f}"
             f"{cell.wrk_load:>6.0%}{cell.other_cores:>7.2f}{cell.bytes_per_response:>9,.0f}"
@@ -979,7 +974,7 @@ def print_results(
         ),
         (
             "p50 latency",
-            ratio_of(ours.latency_ms(50, _median), theirs.latency_ms(50, _median)),
+            ratio_of(ours.latency_ms(50, median), theirs.latency_ms(50, median)),
             lambda s: s.wrk.latency[50],
             "",
         ),
@@ -1191,6 +1186,18 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     return responses_ok and all_hits
 
 
+def place_on_cores(args: argparse.Namespace, servers: int) -> Children:
+    """Children pinned as the comparisons run: the servers on the first
+    ``servers`` usable cores, wrk on the next one or, when none is left, on
+    those same cores (the fairest left: both systems share them with wrk
+    alike; bench/README.md). Sets ``args.server_cores``, ``client_cores``, ``pin``."""
+    available = sorted(os.sched_getaffinity(0))
+    args.server_cores = tuple(available[:servers])
+    args.client_cores = (available[servers],) if len(available) > servers else args.server_cores
+    args.pin = pin_load_generator(args.client_cores, len(available))
+    return Children(args.pin)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1231,17 +1238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads > args.connections:
         parser.error("wrk needs at least one connection per thread")
 
-    available = sorted(os.sched_getaffinity(0))
-    if not 1 <= args.workers <= max(1, len(available)):
-        parser.error(f"--workers must be from 1 to the number of usable cores ({len(available)})")
-    # The servers get the first N cores; wrk the next one, or, when none is left, the
-    # same N (the fairest left: both systems share them with wrk alike; bench/README.md).
-    args.server_cores = tuple(available[: args.workers])
-    args.client_cores = (
-        (available[args.workers],) if len(available) > args.workers else args.server_cores
-    )
-    args.pin = pin_load_generator(args.client_cores, len(available))
-    children = Children(args.pin)
+    usable = len(os.sched_getaffinity(0))
+    if not 1 <= args.workers <= max(1, usable):
+        parser.error(f"--workers must be from 1 to the number of usable cores ({usable})")
+    children = place_on_cores(args, args.workers)
     return run_guarded(
         lambda directory: 0 if benchmark(children, args, directory) else 1,
         prefix="bench-gateway-",

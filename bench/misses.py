@@ -37,6 +37,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from statistics import median
 from typing import Final
 
 from benchkit import (
@@ -49,7 +50,6 @@ from benchkit import (
     free_port,
     noise_png,
     parse_size,
-    pin_load_generator,
     print_table_header,
     progress,
     ratio_of,
@@ -68,6 +68,7 @@ from gateway import (
     check_response,
     gateway_counters,
     gateway_data_dir,
+    place_on_cores,
     print_profile,
     profile_gateway,
     run_wrk,
@@ -253,8 +254,8 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
         errors = cell.bad_status + cell.socket_errors
         ok = ok and errors == 0 and requests > 0
         print(
-            f"| {name} | {cell.throughput:,.0f} | {cell.latency_ms(50, _median):.1f} "
-            f"| {cell.latency_ms(99, _median):.1f} | {server_cpu / requests * 1e6:,.0f} "
+            f"| {name} | {cell.throughput:,.0f} | {cell.latency_ms(50, median):.1f} "
+            f"| {cell.latency_ms(99, median):.1f} | {server_cpu / requests * 1e6:,.0f} "
             f"| {node_cpu} | {ratio_of(cell.throughput, nginx_cell.throughput):.2f} | {misses} |"
             + (f" ERRORS {errors}" if errors else "")
         )
@@ -287,12 +288,6 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     return ok and sizes_ok
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -316,12 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.rounds, args.connections, args.images, args.profile_rate) < 1 or args.duration < 1:
         parser.error("--rounds, --connections, --images must be positive, --duration at least 1 s")
-    available = sorted(os.sched_getaffinity(0))
     args.workers = 1  # what gateway.print_profile reads
-    args.server_cores = (available[0],)
-    args.client_cores = (available[1],) if len(available) > 1 else args.server_cores
-    args.pin = pin_load_generator(args.client_cores, len(available))
-    children = Children(args.pin)
+    children = place_on_cores(args, 1)
     return run_guarded(
         lambda directory: 0 if benchmark(children, args, directory) else 1,
         prefix="bench-misses-",
