@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -29,7 +28,7 @@ from cachenode.routing import parse_address
 from imagecache.config import AwsConfig, Config, load_config
 from manager.backends.aws import AwsPool
 from tests.aws import REGION, aws_environment, moto_server  # noqa: F401
-from tests.conftest import NodeProcess, start_node_process
+from tests.test_aws_pool import NodeFleet, fleet  # noqa: F401 (the fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "aws" / "imagecache.yaml"
@@ -316,37 +315,6 @@ def test_gateways_sit_behind_the_load_balancer_with_a_health_check(
 # -- deploying into moto -----------------------------------------------------------
 
 
-class NodeFleet:
-    """A cache node on loopback for each instance id the pool resolves."""
-
-    def __init__(self) -> None:
-        self.nodes: dict[str, NodeProcess] = {}
-        self.private_ips: dict[str, str] = {}
-
-    def resolve(self, instance_id: str, private_ip: str) -> str:
-        self.private_ips[instance_id] = private_ip
-        node = self.nodes.get(instance_id)
-        if node is None:
-            node = self.nodes[instance_id] = start_node_process("--capacity-mb", "8")
-        return f"{node.host}:{node.port}"
-
-    def stop_all(self) -> None:
-        for node in self.nodes.values():
-            if node.process.poll() is None:
-                node.process.send_signal(signal.SIGTERM)
-        for node in self.nodes.values():
-            node.stop()
-
-
-@pytest.fixture
-def fleet() -> Iterator[NodeFleet]:
-    nodes = NodeFleet()
-    try:
-        yield nodes
-    finally:
-        nodes.stop_all()
-
-
 @pytest.fixture
 async def clients(
     moto_server: str,  # noqa: F811
@@ -430,7 +398,7 @@ async def launch_template_user_data(ec2: Any, template_id: str) -> str:
 async def test_stack_deploys_and_the_manager_pool_drives_its_node_group(
     clients: dict[str, Any],
     template: dict[str, Any],
-    fleet: NodeFleet,
+    fleet: NodeFleet,  # noqa: F811 (the fixture)
     moto_server: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
