@@ -69,6 +69,9 @@ class GatedCatalog(ImageCatalog):
         return await super().stored_image(key)
 
 
+NODE_TIMEOUT_SECONDS = 10.0
+
+
 @dataclass
 class Gateway:
     service: ImageService
@@ -101,7 +104,9 @@ async def gateways(
             membership = await MembershipStore.open(database)
             blobs = CountingBlobStore(tmp_path / "blobs")
             await blobs.prepare()
-            pool = CachePool()
+            # The nodes answer from this very event loop, which also runs every
+            # gateway's reads: a busy machine must not make them look failed.
+            pool = CachePool(timeout=NODE_TIMEOUT_SECONDS)
             stack.push_async_callback(pool.close)
             view = MembershipFollower(membership, pool, addresses)
             await view.refresh()
