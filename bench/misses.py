@@ -251,6 +251,15 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
                 before[name], pid, "cache_misses"
             )
             misses = f"{ratio_of(missed, hits + missed):.1%}"
+            handed_over = counter(after[name], pid, "fast_path_handed_over") - counter(
+                before[name], pid, "fast_path_handed_over"
+            )
+            errors_read_around = counter(after[name], pid, "cache_node_errors") - counter(
+                before[name], pid, "cache_node_errors"
+            )
+            misses += (
+                f" ({handed_over:,.0f} handed to aiohttp, {errors_read_around:,.0f} node errors)"
+            )
         errors = cell.bad_status + cell.socket_errors
         ok = ok and errors == 0 and requests > 0
         print(

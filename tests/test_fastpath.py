@@ -483,6 +483,35 @@ async def test_a_connection_whose_first_image_has_no_copy_stays_on_the_fast_path
     assert len(gateway.app[KEPT_COPIES]) == 2
 
 
+async def node_missing_lookups(node_server: NodeServer) -> int:
+    host, port = node_server.address
+    async with NodeClient(host, port) as client:
+        missing = (await client.stats())["missing_lookups"]
+    assert isinstance(missing, int)
+    return missing
+
+
+async def test_a_key_with_no_image_gets_404_on_the_fast_path_read_once(
+    gateway: Gateway, node_server: NodeServer
+) -> None:
+    """A 404 is an answer like an image: the connection stays on the fast path,
+    and each request is one lookup on the node, not one more after a hand-over."""
+    await gateway.upload("cat", PNG)
+    counters = gateway.counters
+    handed_over = counters.handed_over  # the upload's connection
+    missing_before = await node_missing_lookups(node_server)
+    replies = await exchange(
+        gateway.port, get("/image/ghost"), get("/image/cat"), get("/image/ghost")
+    )
+    assert [reply.status for reply in replies] == [404, 200, 404]
+    assert replies[0].body == b"no image for key 'ghost'"
+    assert replies[0].headers["content-type"] == "text/plain; charset=utf-8"
+    assert replies[1].body == PNG
+    assert await node_missing_lookups(node_server) == missing_before + 2
+    assert counters.handed_over == handed_over
+    assert counters.not_found == 2
+
+
 async def test_a_copy_its_node_no_longer_confirms_is_read_again_on_the_fast_path(
     gateway: Gateway, gateway_config: Config
 ) -> None:

@@ -97,3 +97,18 @@ async def test_both_paths_send_the_same_headers_in_the_same_order(gateway_config
     ]
     assert dict(fast[2].image_headers)["ETag"] == '"v1"'
     assert "Content-Type" not in dict(fast[2].image_headers)
+
+
+async def not_found_reply(config: Config) -> RawReply:
+    async with running(config) as gateway:
+        (reply,) = await raw_exchange(gateway.port, get("/image/ghost"))
+        assert gateway.counters.handed_over == 0
+        return reply
+
+
+async def test_both_paths_send_the_same_404(gateway_config: Config) -> None:
+    fast = await not_found_reply(with_fast_path(gateway_config, True))
+    slow = await not_found_reply(with_fast_path(gateway_config, False))
+    assert fast.status_line == slow.status_line == b"HTTP/1.1 404 Not Found\r\n"
+    assert fast.image_headers == slow.image_headers
+    assert fast.body == slow.body == b"no image for key 'ghost'"

@@ -17,8 +17,9 @@ import os
 import socket
 from typing import TYPE_CHECKING, cast
 
+from imagecache.errors import ImageNotFound
 from imagecache.fastrequests import MAX_HEAD, ImageRequest, parse_image_request
-from imagecache.keptcopies import KeptImage, etag_matches
+from imagecache.keptcopies import KeptImage, etag_matches, header_lines, not_found_header_fields
 from imagecache.memfiles import MemoryFile
 from imagecache.service import Image
 from imagecache.versionchecks import NO_ANSWER
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # fastpath imports this module
 
 # A connection stops taking requests while more than this waits to be sent.
 WRITE_BUFFER_HIGH = 1 << 20
+_CONNECTION_CLOSE = b"Connection: close\r\n"
 
 
 class FastConnection(asyncio.Protocol):
@@ -189,8 +191,9 @@ class FastConnection(asyncio.Protocol):
 
     def _load(self, request: ImageRequest, size: int) -> None:
         """Read an image this gateway keeps no copy of the full way, keep it,
-        and answer; anything but an image (a missing key, a failure) goes to
-        aiohttp, which reads it again and answers as it would have."""
+        and answer; a key with no image gets its 404 here too, and anything
+        else (a failure) goes to aiohttp, which reads it again and answers as
+        it would have."""
         fast = self._fast
         if fast.load is None:
             self._hand_over()
@@ -203,9 +206,17 @@ class FastConnection(asyncio.Protocol):
     def _loaded(self, load: asyncio.Task[Image], request: ImageRequest, size: int) -> None:
         self._fast.loads.discard(load)
         self._waiting = False
-        if load.cancelled() or load.exception() is not None:
-            if self._transport is not None and not self._transport.is_closing():
-                self._hand_over()
+        failure = None if load.cancelled() else load.exception()
+        if load.cancelled() or failure is not None:
+            if self._transport is None or self._transport.is_closing():
+                return
+            if isinstance(failure, ImageNotFound):
+                # Answered here: handed over, the key would be read (and its
+                # miss counted on the node) a second time.
+                if self._respond_not_found(request, size, str(failure)):
+                    self._serve_next()
+                return
+            self._hand_over()
             return
         image = load.result()
         kept = self._fast.copies.keep(image.key, image.version, image.content_type, image.data)
@@ -238,7 +249,7 @@ class FastConnection(asyncio.Protocol):
         # then Date and Server, then Connection.
         date = fast.date_line()
         closing = request.close or fast.stopping
-        connection = b"Connection: close\r\n" if closing else b""
+        connection = _CONNECTION_CLOSE if closing else b""
         if request.if_none_match and etag_matches(request.if_none_match, kept.etag):
             transport.write(
                 b"HTTP/1.1 304 Not Modified\r\n%s%s%s\r\n"
@@ -248,6 +259,33 @@ class FastConnection(asyncio.Protocol):
             head = b"HTTP/1.1 200 OK\r\n%s%s%s\r\n" % (kept.headers, date, connection)
             if kept.file is None or not self._send_file(transport, head, kept.file):
                 transport.writelines([head, kept.body])
+        return self._answered(transport, closing)
+
+    def _respond_not_found(self, request: ImageRequest, size: int, message: str) -> bool:
+        """Answer ``request`` with the 404 of a key with no image, as the image
+        handler of ``pages`` does; True as ``_respond``."""
+        transport = self._transport
+        assert transport is not None
+        del self._buffer[:size]
+        fast = self._fast
+        fast.counters.not_found += 1
+        body = message.encode()
+        closing = request.close or fast.stopping
+        transport.writelines(
+            [
+                b"HTTP/1.1 404 Not Found\r\n%s%s%s\r\n"
+                % (
+                    header_lines(not_found_header_fields(len(body))),
+                    fast.date_line(),
+                    _CONNECTION_CLOSE if closing else b"",
+                ),
+                body,
+            ]
+        )
+        return self._answered(transport, closing)
+
+    def _answered(self, transport: asyncio.Transport, closing: bool) -> bool:
+        """After a response: close when asked to; else True when more requests wait."""
         if closing:
             transport.close()
             return False

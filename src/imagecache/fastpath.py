@@ -8,9 +8,9 @@ bytes confirms it; the image's bytes neither cross from the node nor go
 through aiohttp's request machinery. A cache miss (a key with no copy, or
 whose copy its node no longer confirms) is read the full way (the image
 service's read: the node, the metadata, the blob store), answered here as
-well, and kept.
-Anything else (another path or method, a body, an unusual header, a key with
-no image, a failure) hands the connection, with every byte not yet answered,
+well, and kept; so is the 404 of a key with no image.
+Anything else (another path or method, a body, an unusual header, a
+failure) hands the connection, with every byte not yet answered,
 to aiohttp's own protocol, which then serves it for the rest of its life
 exactly as if the fast path did not exist.
 The setting gateway.fast_path (IMAGECACHE_FAST_PATH) turns it off: then
@@ -59,6 +59,7 @@ SHUTDOWN_SECONDS = 5.0
 class FastPathCounters:
     served: int = 0  # requests answered from a kept copy
     loaded: int = 0  # requests of keys with no copy, read the full way and answered here
+    not_found: int = 0  # requests of keys with no image, answered 404 here
     handed_over: int = 0  # connections given to aiohttp
     checks: int = 0  # CHECKs sent (requests share them)
 

@@ -77,7 +77,19 @@ def image_header_fields(
     ]
 
 
-def _header_lines(fields: list[tuple[str, str]]) -> bytes:
+def not_found_header_fields(length: int) -> list[tuple[str, str]]:
+    """The headers of the 404 that answers a key with no image (a plain-text
+    message of ``length`` bytes), in the order sent: the image handler of
+    ``pages`` and the fast path send the same."""
+    return [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(length)),
+        *SECURITY_HEADERS,
+    ]
+
+
+def header_lines(fields: list[tuple[str, str]]) -> bytes:
+    """``fields`` as header lines, each ending in CRLF."""
     return b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in fields)
 
 
@@ -93,8 +105,8 @@ def prepared(
     and its bytes in an in-memory file when ``files`` can make one;
     ``sample_bucket``: its key's bucket for the miss curve's sample."""
     etag = etag_of(version).encode()
-    headers = _header_lines(image_header_fields(version, content_type, len(body)))
-    common = _header_lines(image_header_fields(version))
+    headers = header_lines(image_header_fields(version, content_type, len(body)))
+    common = header_lines(image_header_fields(version))
     file = files.make(body) if files is not None else None
     if file is None:
         return KeptImage(version, etag, headers, common, body, sample_bucket=sample_bucket)

@@ -12,7 +12,12 @@ from imagecache.appkeys import CONFIG, FLASH_SECRET, KEPT_COPIES, KEY_SAMPLER, S
 from imagecache.errors import BadRequest, ImagecacheError, ImageNotFound
 from imagecache.flash import set_flash, take_flash
 from imagecache.images import KEY_RULE, check_key
-from imagecache.keptcopies import etag_matches, etag_of, image_header_fields
+from imagecache.keptcopies import (
+    etag_matches,
+    etag_of,
+    image_header_fields,
+    not_found_header_fields,
+)
 from imagecache.uploads import read_upload
 
 
@@ -84,6 +89,10 @@ async def image(request: web.Request) -> web.StreamResponse:
     """The image bytes, typed by content, with an ETag of its version."""
     try:
         found = await request.app[SERVICE].read(request.match_info["key"])
+    except ImageNotFound as error:
+        # The same 404 as the fast path's (keptcopies.not_found_header_fields).
+        message = str(error).encode()
+        return web.Response(status=404, body=message, headers=not_found_header_fields(len(message)))
     except ImagecacheError as error:
         raise _http_error(error) from error
     request.app[KEY_SAMPLER].looked_up(found.key, len(found.data))

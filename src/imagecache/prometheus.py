@@ -21,6 +21,7 @@ class _GatewayMetrics:
         for name, value, help_text in (
             ("fast_path_served", fast.served, "Cache hits answered from a kept copy"),
             ("fast_path_loaded", fast.loaded, "Reads of images with no kept copy, answered"),
+            ("fast_path_not_found", fast.not_found, "Reads of keys with no image, answered 404"),
             ("fast_path_handed_over", fast.handed_over, "Connections given to aiohttp"),
             ("version_checks", fast.checks, "CHECKs of kept copies sent to cache nodes"),
             ("cache_hits", counters.hits, "Reads answered by a cache node"),
