@@ -78,14 +78,29 @@ def test_the_counts_age_so_what_was_hot_long_ago_gives_way() -> None:
     for key in "abc":
         for _ in range(3):
             read(copies, key)
-    # Loads of other keys, none kept (each once), until the counts were
-    # halved twice: "a" (3) is down to 0, below a key now loaded twice.
+    # Loads of other keys, none kept (each once), for two periods of
+    # counting: the reads of "a" (3) are forgotten, below a key now loaded twice.
     for number in range(2 * MIN_FREQUENCY_SAMPLE):
         read(copies, f"other-{number}")
     read(copies, "d")
     read(copies, "d")
     assert "d" in kept(copies)
     assert "a" not in kept(copies)
+
+
+def test_the_period_before_weighs_half() -> None:
+    copies = KeptCopies(FITS_THREE)
+    for key in "abc":
+        for _ in range(4):
+            read(copies, key)
+    # One period of counting ends: "a", "b" and "c" now weigh 4 // 2 = 2 each.
+    for number in range(MIN_FREQUENCY_SAMPLE - 12):
+        read(copies, f"other-{number}")
+    read(copies, "d")
+    read(copies, "d")  # weighs 2: not more than "a", the next to go
+    assert kept(copies) == {"a", "b", "c"}
+    read(copies, "d")  # 3
+    assert kept(copies) == {"b", "c", "d"}
 
 
 def test_reads_of_keys_with_no_image_are_not_counted() -> None:
