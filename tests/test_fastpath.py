@@ -512,6 +512,29 @@ async def test_a_key_with_no_image_gets_404_on_the_fast_path_read_once(
     assert counters.not_found == 2
 
 
+async def node_lookups(node_server: NodeServer) -> int:
+    host, port = node_server.address
+    async with NodeClient(host, port) as client:
+        lookups = (await client.stats())["lookups"]
+    assert isinstance(lookups, int)
+    return lookups
+
+
+async def test_a_read_of_a_replaced_copy_is_one_lookup_on_the_node(
+    gateway: Gateway, gateway_config: Config, node_server: NodeServer
+) -> None:
+    """The CHECK that finds a newer version, and the read that follows it, are
+    one read: the node's hit rate, which sizes the pool, counts it once."""
+    async with running(gateway_config) as other:
+        await gateway.upload("cat", PNG)
+        await exchange(gateway.port, get("/image/cat"))  # kept
+        await other.upload("cat", PNG_2)  # the node now holds version 2
+        before = await node_lookups(node_server)
+        (reply,) = await exchange(gateway.port, get("/image/cat"))
+        assert reply.body == PNG_2
+        assert await node_lookups(node_server) - before == 1
+
+
 async def test_a_copy_its_node_no_longer_confirms_is_read_again_on_the_fast_path(
     gateway: Gateway, gateway_config: Config
 ) -> None:

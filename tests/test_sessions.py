@@ -1131,6 +1131,18 @@ def test_check_gives_the_version_without_the_value_and_counts_the_reads_it_answe
     assert (stats["lookups"], stats["hits"], stats["misses"]) == (3, 3, 0)
 
 
+def test_a_check_naming_another_version_counts_nothing() -> None:
+    """A CHECK may name the version the client's copy holds: when the node holds
+    another, the client reads the key anew (a GET, which counts), so the CHECK
+    must not count those reads as hits too."""
+    session = BinarySession(make_node())
+    call(session, Opcode.SET, b"k", b"v" * 1000, flags=1, version=12)
+    assert call(session, Opcode.CHECK, b"k", flags=2, version=12).version == 12
+    assert call(session, Opcode.CHECK, b"k", flags=3, version=11).version == 12
+    stats = session._node.stats()
+    assert (stats["lookups"], stats["hits"], stats["misses"]) == (2, 2, 0)
+
+
 def test_an_oversized_write_ends_the_lease() -> None:
     node = make_node(max_item_size=100)
     binary, text_session = BinarySession(node), TextSession(node)

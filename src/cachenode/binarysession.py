@@ -282,10 +282,13 @@ class BinarySession(DecodingSession):
     def _check(self, frame: Frame) -> list[Value]:
         # A hit counts as many lookups as the reads the CHECK answers (flags);
         # a miss counts none: those reads go on to a GET, which counts them.
+        # So does a CHECK naming another version than the item's (the
+        # client's copy is outdated: it reads the key anew); 0 names none.
         item = self._node.store.peek(frame.key)
         if item is None:
             return [encode_response(Opcode.CHECK, frame.request_id, Status.NOT_FOUND)]
-        self._node.store.count_hits(max(1, frame.flags))
+        if frame.version in (0, item.version):
+            self._node.store.count_hits(max(1, frame.flags))
         granted = b""
         if frame.extras:
             if len(frame.extras) != MILLISECONDS.size:

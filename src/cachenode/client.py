@@ -200,12 +200,15 @@ class NodeClient:
         return None if frame.status == Status.NOT_FOUND else frame.version
 
     def check_soon(
-        self, key: bytes, requests: int = 1, lease_ms: int = 0
+        self, key: bytes, requests: int = 1, lease_ms: int = 0, version: int = 0
     ) -> asyncio.Future[Frame] | None:
         """Send a CHECK of ``key`` on behalf of ``requests`` reads now, without
         awaiting anything, on a connection that is open and idle enough; None
         when there is none (then use ``check``). With ``lease_ms``, ask for a
         read lease that long (``read_lease_of`` the reply: what was granted).
+        With ``version`` (the caller's copy's), the node counts the reads as
+        hits only if it holds that version: else they go on to a read, which
+        counts them.
 
         For callers that cannot afford a task per request (the gateway's fast
         path). The future gives the reply frame (OK with the version, or
@@ -215,7 +218,9 @@ class NodeClient:
         extras = MILLISECONDS.pack(min(lease_ms, _MAX_U32)) if lease_ms > 0 else b""
         for connection in self._connections:
             if connection.ready and connection.in_flight < _SEND_SOON_MAX_IN_FLIGHT:
-                future = connection.send(Opcode.CHECK, key, b"", min(requests, _MAX_U32), 0, extras)
+                future = connection.send(
+                    Opcode.CHECK, key, b"", min(requests, _MAX_U32), version, extras
+                )
                 future.add_done_callback(functools.partial(abandon_if_cancelled, connection))
                 return future
         return None

@@ -160,7 +160,7 @@ class FastConnection(asyncio.Protocol):
         if fast.checks.leased(request.key, kept.version):
             return self._respond(request, kept, size, hit=True)
         if not fast.checks.ask(
-            request.key, lambda version: self._checked(version, request, kept, size)
+            request.key, kept.version, lambda version: self._checked(version, request, kept, size)
         ):
             self._hand_over()
             return False

@@ -81,6 +81,7 @@ class VersionChecks:
         self._lease_ms = round(read_lease_seconds * 1000)
         self._in_flight: dict[str, list[VersionCallback]] = {}  # key -> who waits for it
         self._next: dict[str, list[VersionCallback]] = {}  # key -> who waits for the next
+        self._asked_version: dict[str, int] = {}  # key -> the copy's version, as last asked
         self._leases: dict[str, ReadLease] = {}
         self._report_timer: asyncio.TimerHandle | None = None
 
@@ -100,13 +101,16 @@ class VersionChecks:
         lease.reads += 1
         return True
 
-    def ask(self, key: str, callback: VersionCallback) -> bool:
-        """Call ``callback`` with what a CHECK of ``key`` sent from now on tells;
-        False when no node can be asked without waiting (then it is never called)."""
+    def ask(self, key: str, version: int, callback: VersionCallback) -> bool:
+        """Call ``callback`` with what a CHECK of ``key`` sent from now on tells
+        of the copy of ``version``; False when no node can be asked without
+        waiting (then it is never called)."""
+        self._asked_version[key] = version
         if key in self._in_flight:
             self._next.setdefault(key, []).append(callback)
             return True
         if not self._send(key, 1):
+            del self._asked_version[key]
             return False
         self._in_flight[key] = [callback]
         return True
@@ -119,18 +123,22 @@ class VersionChecks:
             self._report_timer = None
 
     def _send(self, key: str, requests: int) -> bool:
+        """A CHECK of ``key`` for ``requests`` reads of the copy last asked about.
+
+        The reads already served under a lease are reported apart
+        (``_report``): this CHECK counts as hits only if the node still holds
+        the copy's version, and those were hits whatever it holds now.
+        """
         node = self._pool.usable_owner(key)
         if node is None:
             return False
-        lease = self._leases.get(key)
-        reported = lease.reads if lease is not None else 0
         sent_at = time.monotonic()
         view = self._pool.view_generation
-        check = node.client.check_soon(key.encode(), requests + reported, self._lease_ms)
+        check = node.client.check_soon(
+            key.encode(), requests, self._lease_ms, self._asked_version[key]
+        )
         if check is None:
             return False
-        if lease is not None:
-            lease.reads = 0
         self._counters.checks += 1
         timeout = self._loop.call_later(self._timeout, check.cancel)
         check.add_done_callback(
@@ -161,6 +169,7 @@ class VersionChecks:
             self._in_flight[key] = waiting
         else:
             callbacks += waiting
+            del self._asked_version[key]
         for callback in callbacks:
             try:
                 callback(version)
