@@ -387,12 +387,13 @@ async def test_a_connection_alternating_between_images_gets_each_right(gateway: 
 # -- read leases and loads -----------------------------------------------------------------
 
 
-async def node_hits(node_server: NodeServer) -> int:
+async def node_count(node_server: NodeServer, name: str) -> int:
+    """One of the node's counters (STATS): "hits", "lookups", "missing_lookups"."""
     host, port = node_server.address
     async with NodeClient(host, port) as client:
-        hits = (await client.stats())["hits"]
-    assert isinstance(hits, int)
-    return hits
+        count = (await client.stats())[name]
+    assert isinstance(count, int)
+    return count
 
 
 async def test_a_hot_key_is_checked_once_per_read_lease_not_once_per_read(
@@ -425,12 +426,12 @@ async def test_reads_served_under_read_leases_count_as_hits_on_the_node(
     reached the node must still count there."""
     await gateway.upload("cat", PNG)
     await exchange(gateway.port, get("/image/cat"))  # a hit of the write-through: 1
-    before = await node_hits(node_server)
+    before = await node_count(node_server, "hits")
     for _ in range(6):  # across several leases: renewals report, and so does the timer
         await exchange(gateway.port, *[get("/image/cat")] * 5)
         await asyncio.sleep(0.12)
     await asyncio.sleep(REPORT_SECONDS + 0.5)
-    assert await node_hits(node_server) - before == 30
+    assert await node_count(node_server, "hits") - before == 30
 
 
 async def test_a_new_view_of_the_pool_voids_the_read_leases(
@@ -483,14 +484,6 @@ async def test_a_connection_whose_first_image_has_no_copy_stays_on_the_fast_path
     assert len(gateway.app[KEPT_COPIES]) == 2
 
 
-async def node_missing_lookups(node_server: NodeServer) -> int:
-    host, port = node_server.address
-    async with NodeClient(host, port) as client:
-        missing = (await client.stats())["missing_lookups"]
-    assert isinstance(missing, int)
-    return missing
-
-
 async def test_a_key_with_no_image_gets_404_on_the_fast_path_read_once(
     gateway: Gateway, node_server: NodeServer
 ) -> None:
@@ -499,7 +492,7 @@ async def test_a_key_with_no_image_gets_404_on_the_fast_path_read_once(
     await gateway.upload("cat", PNG)
     counters = gateway.counters
     handed_over = counters.handed_over  # the upload's connection
-    missing_before = await node_missing_lookups(node_server)
+    missing_before = await node_count(node_server, "missing_lookups")
     replies = await exchange(
         gateway.port, get("/image/ghost"), get("/image/cat"), get("/image/ghost")
     )
@@ -507,17 +500,9 @@ async def test_a_key_with_no_image_gets_404_on_the_fast_path_read_once(
     assert replies[0].body == b"no image for key 'ghost'"
     assert replies[0].headers["content-type"] == "text/plain; charset=utf-8"
     assert replies[1].body == PNG
-    assert await node_missing_lookups(node_server) == missing_before + 2
+    assert await node_count(node_server, "missing_lookups") == missing_before + 2
     assert counters.handed_over == handed_over
     assert counters.not_found == 2
-
-
-async def node_lookups(node_server: NodeServer) -> int:
-    host, port = node_server.address
-    async with NodeClient(host, port) as client:
-        lookups = (await client.stats())["lookups"]
-    assert isinstance(lookups, int)
-    return lookups
 
 
 async def test_a_read_of_a_replaced_copy_is_one_lookup_on_the_node(
@@ -529,10 +514,10 @@ async def test_a_read_of_a_replaced_copy_is_one_lookup_on_the_node(
         await gateway.upload("cat", PNG)
         await exchange(gateway.port, get("/image/cat"))  # kept
         await other.upload("cat", PNG_2)  # the node now holds version 2
-        before = await node_lookups(node_server)
+        before = await node_count(node_server, "lookups")
         (reply,) = await exchange(gateway.port, get("/image/cat"))
         assert reply.body == PNG_2
-        assert await node_lookups(node_server) - before == 1
+        assert await node_count(node_server, "lookups") - before == 1
 
 
 async def test_a_copy_its_node_no_longer_confirms_is_read_again_on_the_fast_path(
