@@ -84,13 +84,24 @@ def node_process() -> Iterator[NodeProcess]:
 # -- the gateway ----------------------------------------------------------------
 
 
+IN_LOOP_NODE_TIMEOUT_SECONDS = 5.0
+
+
 @pytest.fixture
 def gateway_config(tmp_path: Path, node_server: NodeServer) -> Config:
     """The embedded default in a temporary folder, routing to the in-process node."""
     host, port = node_server.address
     base = with_data_dir(Config(), tmp_path / "data")
+    # The node answers from the test's own event loop, which also runs the
+    # gateway: a loop held up on a busy machine must not make it look failed.
     return replace(
-        base, gateway=replace(base.gateway, nodes=(f"{host}:{port}",), manager_url=DEAD_URL)
+        base,
+        gateway=replace(
+            base.gateway,
+            nodes=(f"{host}:{port}",),
+            manager_url=DEAD_URL,
+            node_timeout=IN_LOOP_NODE_TIMEOUT_SECONDS,
+        ),
     )
 
 
