@@ -61,6 +61,13 @@ class Gateway:
         ):
             assert reply.status == 200, await reply.text()
 
+    async def delete_all(self) -> None:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"http://127.0.0.1:{self.port}/api/delete_all") as reply,
+        ):
+            assert reply.status == 200, await reply.text()
+
 
 @asynccontextmanager
 async def running(config: Config, idle_timeout: float = 75.0) -> AsyncIterator[Gateway]:
@@ -503,6 +510,53 @@ async def test_a_key_with_no_image_gets_404_on_the_fast_path_read_once(
     assert await node_count(node_server, "missing_lookups") == missing_before + 2
     assert counters.handed_over == handed_over
     assert counters.not_found == 2
+
+
+async def test_an_image_deleted_through_another_gateway_gets_404_and_its_copy_goes(
+    gateway: Gateway, gateway_config: Config
+) -> None:
+    await gateway.upload("cat", PNG)
+    await exchange(gateway.port, get("/image/cat"))
+    assert "cat" in gateway.app[KEPT_COPIES]
+    async with running(gateway_config) as other:
+        await other.delete_all()
+        (missing,) = await exchange(gateway.port, get("/image/cat"))
+        assert missing.status == 404
+        assert "cat" not in gateway.app[KEPT_COPIES]
+
+
+async def test_a_404_closes_the_connection_when_asked(gateway: Gateway) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(get("/image/ghost", "Connection: close"))
+        reply = await read_reply(reader)
+        assert (reply.status, reply.headers["connection"]) == (404, "close")
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed by the gateway
+    finally:
+        writer.close()
+
+
+async def test_reads_served_under_a_lease_count_even_when_the_image_changed_since(
+    gateway: Gateway, gateway_config: Config, node_server: NodeServer
+) -> None:
+    """Reads served under a read lease are reported as hits apart from the
+    CHECK that follows it, which counts nothing when it finds a newer version."""
+    async with running(gateway_config) as other:
+        await gateway.upload("cat", PNG)
+        await exchange(gateway.port, get("/image/cat"))  # kept
+        await exchange(gateway.port, get("/image/cat"))  # its CHECK takes a read lease
+        before = await node_count(node_server, "hits")
+        served = gateway.counters.served
+        await exchange(gateway.port, *[get("/image/cat")] * 5)
+        assert gateway.counters.served == served + 5  # under the lease: not reported yet
+        await other.upload("cat", PNG_2)  # waits the lease out
+        (reply,) = await exchange(gateway.port, get("/image/cat"))
+        assert reply.body == PNG_2
+        await asyncio.sleep(REPORT_SECONDS + 0.5)
+        # The five under the lease, and the last read's LOOKUP: its CHECK, naming
+        # the replaced version, counted nothing.
+        assert await node_count(node_server, "hits") - before == 6
 
 
 async def test_a_read_of_a_replaced_copy_is_one_lookup_on_the_node(

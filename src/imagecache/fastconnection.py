@@ -212,7 +212,9 @@ class FastConnection(asyncio.Protocol):
                 return
             if isinstance(failure, ImageNotFound):
                 # Answered here: handed over, the key would be read (and its
-                # miss counted on the node) a second time.
+                # miss counted on the node) a second time. A copy kept of the
+                # key is of an image deleted since: it goes.
+                self._fast.copies.drop(request.key)
                 if self._respond_not_found(request, size, str(failure)):
                     self._serve_next()
                 return

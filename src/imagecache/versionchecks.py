@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # item, or NO_ANSWER when the node failed or did not answer in time.
 NO_ANSWER = -1
 VersionCallback = Callable[[int | None], None]
+# A request waiting for a CHECK: the version of the copy it would be served, and who to tell.
+Waiter = tuple[int, VersionCallback]
 # Reads served under read leases are reported to their nodes (as CHECK's
 # count of reads), so that the nodes' hit rates stay true, at least this often.
 REPORT_SECONDS = 1.0
@@ -79,9 +81,9 @@ class VersionChecks:
         self._timeout = timeout
         self._counters = counters
         self._lease_ms = round(read_lease_seconds * 1000)
-        self._in_flight: dict[str, list[VersionCallback]] = {}  # key -> who waits for it
-        self._next: dict[str, list[VersionCallback]] = {}  # key -> who waits for the next
-        self._asked_version: dict[str, int] = {}  # key -> the copy's version, as last asked
+        # key -> the version the CHECK in flight names, and who waits for it
+        self._in_flight: dict[str, tuple[int, list[Waiter]]] = {}
+        self._next: dict[str, list[Waiter]] = {}  # key -> who waits for the next
         self._leases: dict[str, ReadLease] = {}
         self._report_timer: asyncio.TimerHandle | None = None
 
@@ -105,14 +107,12 @@ class VersionChecks:
         """Call ``callback`` with what a CHECK of ``key`` sent from now on tells
         of the copy of ``version``; False when no node can be asked without
         waiting (then it is never called)."""
-        self._asked_version[key] = version
         if key in self._in_flight:
-            self._next.setdefault(key, []).append(callback)
+            self._next.setdefault(key, []).append((version, callback))
             return True
-        if not self._send(key, 1):
-            del self._asked_version[key]
+        if not self._send(key, version, 1):
             return False
-        self._in_flight[key] = [callback]
+        self._in_flight[key] = (version, [(version, callback)])
         return True
 
     def close(self) -> None:
@@ -122,21 +122,19 @@ class VersionChecks:
             self._report_timer.cancel()
             self._report_timer = None
 
-    def _send(self, key: str, requests: int) -> bool:
-        """A CHECK of ``key`` for ``requests`` reads of the copy last asked about.
+    def _send(self, key: str, version: int, requests: int) -> bool:
+        """A CHECK of ``key`` for ``requests`` reads of its copy of ``version``.
 
         The reads already served under a lease are reported apart
         (``_report``): this CHECK counts as hits only if the node still holds
-        the copy's version, and those were hits whatever it holds now.
+        that version, and those were hits whatever it holds now.
         """
         node = self._pool.usable_owner(key)
         if node is None:
             return False
         sent_at = time.monotonic()
         view = self._pool.view_generation
-        check = node.client.check_soon(
-            key.encode(), requests, self._lease_ms, self._asked_version[key]
-        )
+        check = node.client.check_soon(key.encode(), requests, self._lease_ms, version)
         if check is None:
             return False
         self._counters.checks += 1
@@ -161,16 +159,20 @@ class VersionChecks:
             reply = check.result()
             version = reply.version if reply.status == Status.OK else None
             self._take_lease(key, reply, node, view, sent_at)
-        callbacks = self._in_flight.pop(key)
+        named, answered = self._in_flight.pop(key)
+        if version not in (None, NO_ANSWER, named):
+            # Requests for a copy kept meanwhile, of the version the node holds:
+            # served, but this CHECK (naming another) did not count them.
+            self._report_reads(node, key, sum(1 for v, _ in answered if v == version))
         waiting = self._next.pop(key, None) or []
         # After a failure the waiting requests go the full way at once, which
         # reads around the node, rather than waiting on it once more.
-        if waiting and version != NO_ANSWER and self._send(key, len(waiting)):
-            self._in_flight[key] = waiting
-        else:
-            callbacks += waiting
-            del self._asked_version[key]
-        for callback in callbacks:
+        if waiting and version != NO_ANSWER:
+            newest = waiting[-1][0]  # the copy now kept, as a rule theirs
+            if self._send(key, newest, sum(1 for v, _ in waiting if v == newest)):
+                self._in_flight[key] = (newest, waiting)
+                waiting = []
+        for _, callback in answered + waiting:
             try:
                 callback(version)
             except Exception:  # one connection's failure must not strand the others
@@ -205,14 +207,22 @@ class VersionChecks:
         best effort), and forget leases that have ended."""
         now = time.monotonic()
         for key, lease in list(self._leases.items()):
-            if lease.reads:
-                report = lease.node.client.check_soon(key.encode(), lease.reads)
-                if report is not None:
-                    lease.reads = 0
-                    timeout = self._loop.call_later(self._timeout, report.cancel)
-                    report.add_done_callback(functools.partial(_settled, timeout))
+            if lease.reads and self._report_reads(lease.node, key, lease.reads):
+                lease.reads = 0
             if lease.until <= now and (not lease.reads or lease.view != self._pool.view_generation):
                 del self._leases[key]
+
+    def _report_reads(self, node: PoolMember, key: str, reads: int) -> bool:
+        """Tell ``node`` of ``reads`` hits of ``key`` served without its count
+        (a CHECK naming no version); False when it could not be sent now."""
+        if not reads:
+            return True
+        report = node.client.check_soon(key.encode(), reads)
+        if report is None:
+            return False
+        timeout = self._loop.call_later(self._timeout, report.cancel)
+        report.add_done_callback(functools.partial(_settled, timeout))
+        return True
 
 
 def _settled(timeout: asyncio.TimerHandle, report: asyncio.Future[Frame]) -> None:
