@@ -81,8 +81,9 @@ class VersionChecks:
         self._timeout = timeout
         self._counters = counters
         self._lease_ms = round(read_lease_seconds * 1000)
-        # key -> the version the CHECK in flight names, and who waits for it
-        self._in_flight: dict[str, tuple[int, list[Waiter]]] = {}
+        # key -> who waits for the CHECK in flight, which names the last one's
+        # copy (the newest: a request finds the copy kept when it arrives)
+        self._in_flight: dict[str, list[Waiter]] = {}
         self._next: dict[str, list[Waiter]] = {}  # key -> who waits for the next
         self._leases: dict[str, ReadLease] = {}
         self._report_timer: asyncio.TimerHandle | None = None
@@ -112,7 +113,7 @@ class VersionChecks:
             return True
         if not self._send(key, version, 1):
             return False
-        self._in_flight[key] = (version, [(version, callback)])
+        self._in_flight[key] = [(version, callback)]
         return True
 
     def close(self) -> None:
@@ -159,8 +160,8 @@ class VersionChecks:
             reply = check.result()
             version = reply.version if reply.status == Status.OK else None
             self._take_lease(key, reply, node, view, sent_at)
-        named, answered = self._in_flight.pop(key)
-        if version not in (None, NO_ANSWER, named):
+        answered = self._in_flight.pop(key)
+        if version not in (None, NO_ANSWER, answered[-1][0]):
             # Requests for a copy kept meanwhile, of the version the node holds:
             # served, but this CHECK (naming another) did not count them.
             self._report_reads(node, key, sum(1 for v, _ in answered if v == version))
@@ -168,9 +169,9 @@ class VersionChecks:
         # After a failure the waiting requests go the full way at once, which
         # reads around the node, rather than waiting on it once more.
         if waiting and version != NO_ANSWER:
-            newest = waiting[-1][0]  # the copy now kept, as a rule theirs
+            newest = waiting[-1][0]
             if self._send(key, newest, sum(1 for v, _ in waiting if v == newest)):
-                self._in_flight[key] = (newest, waiting)
+                self._in_flight[key] = waiting
                 waiting = []
         for _, callback in answered + waiting:
             try:
