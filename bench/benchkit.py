@@ -389,6 +389,50 @@ def read_ready_line(
             received += chunk
 
 
+MEMCACHED_INSTALL_HINT: Final = "apt-get install -y memcached libmemcached-tools"
+
+
+def memcached_binary() -> str:
+    found = shutil.which("memcached")
+    if found is None:
+        print(
+            f"memcached is not installed; install it with:\n    {MEMCACHED_INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return found
+
+
+def start_memcached(
+    children: Children,
+    memory_mb: int,
+    largest_value: int,
+    core: Cores,
+    *,
+    smallest_item_limit: int = 2 * MIB,
+) -> Server:
+    """``memcached -t 1`` on ``core`` and a free port of 127.0.0.1.
+
+    Its item size limit (-I) must hold the largest value with its key and
+    header: the first power of two from ``smallest_item_limit`` that does.
+    memcached refuses a limit over half its memory, so ``memory_mb`` grows to
+    twice the limit where it is less.
+    """
+    binary = memcached_binary()
+    item_limit = smallest_item_limit
+    while item_limit < largest_value + 64 * KIB:
+        item_limit *= 2
+    memory_mb = max(memory_mb, math.ceil(2 * item_limit / MIB))
+    port = free_port()
+    argv = [binary, "-l", HOST, "-p", str(port), "-U", "0", "-t", "1", "-c", "1024"]
+    argv += ["-m", str(memory_mb), "-I", f"{item_limit // KIB}k"]
+    if os.geteuid() == 0:
+        argv += ["-u", "root"]
+    process = children.start(argv, core=core, stdout=subprocess.DEVNULL)
+    wait_until_listening(process, port, "memcached", timeout=10)
+    return Server("memcached", port, process.pid)
+
+
 def pin_load_generator(cores: Cores, usable_cores: int) -> bool:
     """Pin this process (the load generator) to ``cores`` when 2 or more cores are usable.
 

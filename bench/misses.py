@@ -20,6 +20,13 @@ checks that every response was a whole image.
 blob store is S3 on a moto server (no goal: moto is not S3; it shows the S3
 path is not pathological).
 
+Unless ``--no-floor``, three more systems show the floor under any Python
+gateway (bench/floorserver.py: a bare uvloop server with no versions, leases
+or error handling) on the same files, core and load: the row and the blob
+alone, then with a memcached GET first, then with every miss also stored in
+memcached (``set ... noreply``), as a cache that admits every miss must.
+memcached gets the node's capacity; its CPU counts in the node column.
+
 ``--py-spy PATH`` then profiles the gateway under the same load and prints
 where its time goes.
 
@@ -30,8 +37,10 @@ Ctrl-C or SIGTERM (and, through PR_SET_PDEATHSIG, if this process is killed).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -53,8 +62,10 @@ from benchkit import (
     print_table_header,
     progress,
     ratio_of,
+    read_ready_line,
     run_guarded,
     show_log_tails,
+    start_memcached,
     verdict,
     wait_until_listening,
 )
@@ -83,6 +94,17 @@ IMAGE_SEED: Final = 20261205
 GOAL_CPU_PER_MISS_US: Final = 500.0
 GOAL_RATIO: Final = 0.3
 UPLOAD_THREADS: Final = 8
+# memcached's least item size limit (-I) without -o slab_chunk_max: its default chunk.
+MEMCACHED_SLAB_CHUNK: Final = 512 * KIB
+FLOOR_SERVER: Final = Path(__file__).with_name("floorserver.py")
+FLOOR_READY: Final = rb"floor server listening on port (\d+)"
+# The floor's variants: their names, and whether each asks memcached first
+# and whether it also stores every miss there.
+FLOOR_VARIANTS: Final = {
+    "floor: row + blob": (False, False),
+    "floor: + memcached GET": (True, False),
+    "floor: + GET + fill": (True, True),
+}
 MOTO_REGION: Final = "us-east-1"
 BUCKET: Final = "imagecache-bench"
 
@@ -156,6 +178,27 @@ def start_nginx(children: Children, workdir: Path, data_dir: Path, cores: Cores)
     return nginx
 
 
+def start_floor(
+    children: Children, workdir: Path, data_dir: Path, cores: Cores, node_mb: float, largest: int
+) -> dict[str, System]:
+    """memcached and the floor servers (bench/floorserver.py) on the gateway's files."""
+    memcached = start_memcached(
+        children, math.ceil(node_mb), largest, cores, smallest_item_limit=MEMCACHED_SLAB_CHUNK
+    )
+    systems = {}
+    for name, (asks_memcached, fills) in FLOOR_VARIANTS.items():
+        argv = [sys.executable, str(FLOOR_SERVER), "--database", str(data_dir / "imagecache.db")]
+        argv += ["--blobs", str(data_dir / "blobs")]
+        argv += ["--memcached", str(memcached.port)] if asks_memcached else []
+        argv += ["--fill"] if fills else []
+        with open(workdir / "floor.log", "ab") as log:
+            process = children.start(argv, core=cores, stdout=subprocess.PIPE, stderr=log)
+        port = int(read_ready_line(process, FLOOR_READY, name).group(1))
+        pids = {"floor": process.pid} | ({"memcached": memcached.pid} if asks_memcached else {})
+        systems[name] = System(name, port, "/", pids, 0)
+    return systems
+
+
 def counter(values: dict[int, dict[str, float]], pid: int, name: str) -> float:
     return values[pid].get(f"imagecache_gateway_{name}_total", 0.0)
 
@@ -196,6 +239,11 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
         for name, (server, its_node) in gateways.items()
     }
     systems["nginx"] = System("nginx", nginx.port, "/", {"nginx": nginx.pid}, 0)
+    if args.floor:
+        floor = start_floor(children, workdir, data_dir, cores, args.node_mb, max(sizes))
+        for name, system in floor.items():
+            check_response(Server(name, system.port, 0), f"/image/{key_of(0)}", images[0])
+        systems |= floor
     script = workdir / "random-keys.lua"
     script.write_text(random_keys_script(args.images))
     wrk = Wrk(wrk_binary, script, args.connections, 1)
@@ -212,9 +260,7 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
         for name, system in systems.items():
             sample = run_wrk(children, wrk, system, args.duration, args.client_cores)
             cells[name].samples.append(sample)
-            per_request = sample.server_cpu.get("gateway", sample.cpu_total) / max(
-                1, sample.wrk.requests
-            )
+            per_request = sample.server_cpu[next(iter(system.pids))] / max(1, sample.wrk.requests)
             progress(
                 f"round {number}/{args.rounds}  {name:<14} {sample.wrk.requests_per_second:>8,.0f}"
                 f" req/s  p99 {sample.wrk.latency[99] * 1000:.1f} ms"
@@ -239,8 +285,9 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
     ok = True
     for name, cell in cells.items():
         requests = cell.requests
-        server_cpu = cell.cpu("gateway") if name != "nginx" else cell.cpu("nginx")
-        node_cpu = f"{cell.cpu('node') / requests * 1e6:,.0f}" if name != "nginx" else "-"
+        serving, *helpers = cell.system.pids  # the gateway, nginx or the floor; its cache
+        server_cpu = cell.cpu(serving)
+        node_cpu = f"{cell.cpu(helpers[0]) / requests * 1e6:,.0f}" if helpers else "-"
         misses = "-"
         if name in gateways:
             pid = gateways[name][0].pid
@@ -280,6 +327,13 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
         f"goal: at least {GOAL_RATIO}x nginx's throughput: {ratio:.2f}x, "
         f"{verdict(ratio >= GOAL_RATIO)}"
     )
+    if args.floor:
+        filled = ratio_of(cells["floor: + GET + fill"].throughput, nginx_cell.throughput)
+        unfilled = ratio_of(cells["floor: + memcached GET"].throughput, nginx_cell.throughput)
+        print(
+            f"floor: a bare Python server that asks memcached reaches {unfilled:.2f}x nginx, "
+            f"{filled:.2f}x when it also stores every miss there"
+        )
     sizes_ok = all(
         min(sizes) * cell.requests <= sum(s.wrk.bytes_read for s in cell.samples)
         for cell in cells.values()
@@ -314,6 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the gateways' kept copies (IMAGECACHE_KEPT_COPIES_MB; default: the gateway's)",
     )
     parser.add_argument("--s3", action="store_true", help="also through S3 on a moto server")
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="leave out the floor (bench/floorserver.py with memcached)",
+    )
     parser.add_argument("--py-spy", metavar="PATH", help="afterwards, profile the gateway")
     parser.add_argument("--profile-seconds", type=float, default=10.0)
     parser.add_argument("--profile-rate", type=int, default=100)
@@ -328,7 +388,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cleanup=children.close,
         stopped="every server stopped",
         on_failure=lambda directory: show_log_tails(
-            directory, "node.log", "gateway.log", "s3-gateway.log", "moto.log", "nginx/error.log"
+            directory,
+            "node.log",
+            "gateway.log",
+            "s3-gateway.log",
+            "moto.log",
+            "nginx/error.log",
+            "floor.log",
         ),
     )
 

@@ -39,13 +39,14 @@ from typing import IO, Final, cast
 from benchkit import (
     HOST,
     KIB,
+    MEMCACHED_INSTALL_HINT,
     MIB,
     NODE_READY,
     Children,
     Server,
     cpu_seconds,
-    free_port,
     machine_cpu,
+    memcached_binary,
     node_argv,
     parse_size,
     pin_load_generator,
@@ -56,6 +57,7 @@ from benchkit import (
     run_guarded,
     run_on_uvloop,
     show_log_tails,
+    start_memcached,
     verdict,
     wait_until_listening,
 )
@@ -65,7 +67,6 @@ from cachenode.status import Status
 
 SERVER_CORE: Final = 0
 CLIENT_CORE: Final = 1
-INSTALL_HINT: Final = "apt-get install -y memcached libmemcached-tools"
 CRLF: Final = b"\r\n"
 # Values up to this size are sent in one buffer with their request line or
 # header; bigger ones go out as separate buffers so they are never copied.
@@ -97,51 +98,8 @@ class Proto(Enum):
 # -- child processes -----------------------------------------------------------
 
 
-def _memcached_binary() -> str:
-    found = shutil.which("memcached")
-    if found is None:
-        print(
-            f"memcached is not installed; install it with:\n    {INSTALL_HINT}",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
-    return found
-
-
 def _memaslap_binary() -> str | None:
     return shutil.which("memcaslap") or shutil.which("memaslap")
-
-
-def start_memcached(children: Children, memory_mb: int, largest_value: int) -> Server:
-    binary = _memcached_binary()
-    # memcached's item size limit (-I) must hold the largest value with its
-    # key and header; it wants a power of two, at least 2 MB for 1 MB values.
-    item_max_mb = 2
-    while item_max_mb * MIB < largest_value + 64 * KIB:
-        item_max_mb *= 2
-    port = free_port()
-    argv = [
-        binary,
-        "-l",
-        HOST,
-        "-p",
-        str(port),
-        "-U",
-        "0",
-        "-t",
-        "1",
-        "-m",
-        str(memory_mb),
-        "-I",
-        f"{item_max_mb}m",
-        "-c",
-        "1024",
-    ]
-    if os.geteuid() == 0:
-        argv += ["-u", "root"]
-    process = children.start(argv, core=SERVER_CORE, stdout=subprocess.DEVNULL)
-    wait_until_listening(process, port, "memcached", timeout=10)
-    return Server("memcached", port, process.pid)
 
 
 def start_node(children: Children, capacity_mb: int, max_item_mb: int, log: IO[bytes]) -> Server:
@@ -955,14 +913,14 @@ def print_memaslap(
 def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> None:
     sizes: list[int] = args.sizes
     memaslap_sizes: list[int] = [] if args.no_memaslap else args.memaslap_sizes
-    memcached = start_memcached(children, 1024, max(sizes))
+    memcached = start_memcached(children, 1024, max(sizes), SERVER_CORE)
     node_log = open(workdir / "node.log", "wb")  # noqa: SIM115 - closed with the node
     try:
         node = start_node(children, 2048, max(16, math.ceil(max(sizes) / MIB) + 1), node_log)
     finally:
         node_log.close()
     version = subprocess.run(
-        [_memcached_binary(), "-V"], capture_output=True, text=True, check=False
+        [memcached_binary(), "-V"], capture_output=True, text=True, check=False
     ).stdout.strip()
     progress(
         f"{version} (pid {memcached.pid}) on port {memcached.port}; "
@@ -982,7 +940,9 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> No
     if not memaslap_sizes:
         return
     if memaslap is None:
-        progress(f"memcaslap is not installed, skipping it; install it with: {INSTALL_HINT}")
+        progress(
+            f"memcaslap is not installed, skipping it; install it with: {MEMCACHED_INSTALL_HINT}"
+        )
         return
     runs: dict[tuple[str, int], list[MemaslapRun]] = {}
     seconds: int = args.memaslap_seconds
