@@ -345,12 +345,63 @@ class NodeClient:
     ) -> Frame:
         """The reply to one request: OK, or one of the statuses it ``accept``s;
         any other status raises NodeReplyError."""
+        connection = self._ready_connection()
+        if connection is None:
+            frame = await self._connect_and_call(opcode, key, value, flags, version, extras)
+        else:
+            # Sent at once, the timeout a timer rather than asyncio.timeout and
+            # no coroutine in between: a cache miss makes two of these calls,
+            # and this way costs each about 10 us less of the gateway's CPU.
+            future = connection.send(opcode, key, value, flags, version, extras)
+            timer = asyncio.get_running_loop().call_later(
+                self.timeout, self._time_out, connection, future
+            )
+            try:
+                frame = await future
+            except asyncio.CancelledError:
+                connection.abandon()  # as ``_connect_and_call`` does
+                raise
+            finally:
+                timer.cancel()
+        if frame.status != Status.OK and frame.status not in accept:
+            raise NodeReplyError(
+                _status(frame.status), bytes(frame.value).decode("utf-8", "replace")
+            )
+        return frame
+
+    def _ready_connection(self) -> Connection | None:
+        """The connection ``_connection`` would pick, when it is open and may
+        be sent on at once; None when one must be opened or waited for."""
+        least_busy: Connection | None = None
+        for connection in self._connections:
+            if connection.closed:
+                return None  # ``_connection`` lets it go
+            if least_busy is None or connection.in_flight < least_busy.in_flight:
+                least_busy = connection
+        if least_busy is None or not least_busy.ready:
+            return None
+        if least_busy.in_flight == 0 or len(self._connections) >= self._pool_size:
+            return least_busy
+        return None
+
+    def _time_out(self, connection: Connection, future: asyncio.Future[Frame]) -> None:
+        if not future.done():
+            future.set_exception(
+                NodeTimeout(f"{self.address} did not answer within {self.timeout} s")
+            )
+            connection.abandon()
+
+    async def _connect_and_call(
+        self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int, extras: bytes
+    ) -> Frame:
+        """``_call`` when a connection must be opened first, or waited for
+        until it takes more; the timeout covers both."""
         try:
             async with asyncio.timeout(self.timeout):
                 connection = await self._connection()
                 future = await connection.request(opcode, key, value, flags, version, extras)
                 try:
-                    frame = await future
+                    return await future
                 except asyncio.CancelledError:
                     # Timed out or cancelled: the request may still be queued
                     # on the connection, so the connection goes (``abandon``).
@@ -358,11 +409,6 @@ class NodeClient:
                     raise
         except TimeoutError:
             raise NodeTimeout(f"{self.address} did not answer within {self.timeout} s") from None
-        if frame.status != Status.OK and frame.status not in accept:
-            raise NodeReplyError(
-                _status(frame.status), bytes(frame.value).decode("utf-8", "replace")
-            )
-        return frame
 
     async def _connection(self) -> Connection:
         self._connections = [c for c in self._connections if not c.closed]
