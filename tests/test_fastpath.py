@@ -596,9 +596,38 @@ async def test_a_copy_its_node_no_longer_confirms_is_read_again_on_the_fast_path
         (evicted,) = await exchange(gateway.port, get("/image/cat"))
     assert (replaced.body, evicted.body) == (PNG_2, PNG_2)
     assert (counters.loaded, counters.handed_over) == (loaded + 2, handed_over)
-    # The evicted copy was still that version's bytes: kept, not made again.
+    # A copy its node evicted goes too: until the node holds the key again,
+    # every read of it would pay a CHECK that fails. The load filled the
+    # node, so the next read is a hit, which keeps a copy anew.
     assert kept is not None
-    assert gateway.app[KEPT_COPIES].get("cat") is kept
+    assert "cat" not in gateway.app[KEPT_COPIES]
+    (again,) = await exchange(gateway.port, get("/image/cat"))
+    assert again.body == PNG_2
+    anew = gateway.app[KEPT_COPIES].get("cat")
+    assert anew is not None
+    assert anew is not kept
+
+
+async def test_an_image_loaded_from_the_store_is_kept_only_once_its_node_serves_it(
+    gateway: Gateway, gateway_config: Config, node_server: NodeServer
+) -> None:
+    """A read that missed the node does not keep a copy (on a pool smaller than
+    the working set the node drops the key again before its next read, and
+    each read would pay a CHECK that fails); the next read, a hit, does."""
+    await gateway.upload("cat", PNG)
+    async with NodeClient.at(gateway_config.gateway.nodes[0]) as node:
+        await node.delete(b"cat")  # evicted before its first read
+    misses = await node_count(node_server, "misses")
+    (loaded,) = await exchange(gateway.port, get("/image/cat"))
+    assert (loaded.body, await node_count(node_server, "misses") - misses) == (PNG, 1)
+    assert "cat" not in gateway.app[KEPT_COPIES]
+    hits = await node_count(node_server, "hits")
+    (hit,) = await exchange(gateway.port, get("/image/cat"))
+    assert (hit.body, await node_count(node_server, "hits") - hits) == (PNG, 1)
+    assert "cat" in gateway.app[KEPT_COPIES]
+    served = gateway.counters.served
+    (third,) = await exchange(gateway.port, get("/image/cat"))
+    assert (third.body, gateway.counters.served - served) == (PNG, 1)  # from the copy
 
 
 async def test_requests_pipelined_during_a_load_are_all_answered_and_reading_resumes(

@@ -130,3 +130,26 @@ def test_a_new_copy_must_outweigh_every_copy_it_would_evict() -> None:
     assert "big" not in copies
     assert "a0" in copies
     assert "a1" in copies
+
+
+def test_an_image_that_missed_its_node_is_answered_but_not_kept_its_read_counted() -> None:
+    copies = KeptCopies(FITS_THREE)
+    for key in "abc":
+        read(copies, key)
+    for _ in range(3):
+        answer = copies.keep("d", 1, "image/png", BODY, from_node=False)
+        assert (answer.body, answer.version) == (BODY, 1)
+    assert kept(copies) == {"a", "b", "c"}
+    # Its reads counted all the same: read often, its next hit takes a place.
+    read(copies, "d")
+    assert "d" in copies
+
+
+def test_dropping_a_version_leaves_a_copy_of_another() -> None:
+    copies = KeptCopies(FITS_THREE)
+    read(copies, "a", version=2)
+    copies.drop("a", 1)  # a CHECK that came back about an older copy
+    assert "a" in copies
+    copies.drop("a", 2)
+    assert "a" not in copies
+    assert copies.used == 0

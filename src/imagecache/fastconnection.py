@@ -178,12 +178,13 @@ class FastConnection(asyncio.Protocol):
             return
         if version != kept.version:
             # Replaced, gone from the node, or the node failed: read it the
-            # full way (around a failed node), as for a key with no copy. Only
-            # a copy of a version the node has replaced goes: one the node
-            # merely evicted is still that version's bytes (served again only
-            # once the node vouches for it), and is not made anew by the load.
-            if version is not None and version != NO_ANSWER:
-                self._fast.copies.drop(request.key)
+            # full way (around a failed node), as for a key with no copy. The
+            # copy goes unless the node merely failed to answer: one its node
+            # replaced is outdated, and one its node evicted would cost every
+            # later read a CHECK that fails, until its node holds it again;
+            # then a read of it is a hit, which keeps it anew.
+            if version != NO_ANSWER:
+                self._fast.copies.drop(request.key, kept.version)
             self._load(request, size)
             return
         if self._respond(request, kept, size, hit=True):
@@ -221,7 +222,9 @@ class FastConnection(asyncio.Protocol):
             self._hand_over()
             return
         image = load.result()
-        kept = self._fast.copies.keep(image.key, image.version, image.content_type, image.data)
+        kept = self._fast.copies.keep(
+            image.key, image.version, image.content_type, image.data, from_node=image.from_node
+        )
         self._fast.counters.loaded += 1
         transport = self._transport
         if (

@@ -167,13 +167,24 @@ class KeptCopies:
             self._count_read(key)
         return image
 
-    def keep(self, key: str, version: int, content_type: str, body: bytes) -> KeptImage:
-        """Keep this image of ``key`` if it is worth keeping; returns it prepared either way."""
+    def keep(
+        self, key: str, version: int, content_type: str, body: bytes, *, from_node: bool = True
+    ) -> KeptImage:
+        """Keep this image of ``key`` if it is worth keeping; returns it prepared either way.
+
+        ``from_node`` False: the image missed its node and was loaded from the
+        blob store. It is not kept: a node keeps a key that missed it no longer
+        than its other keys, and on a pool smaller than the working set, not
+        until the next read, so every read of such a copy would pay a CHECK
+        that fails and then the full read anyway (on bench/misses.py, a fifth
+        of the throughput). A hot key is kept at its next read, a hit.
+        """
         current = self._images.get(key)
         bucket = NEVER_SAMPLED if self._sample_bucket is None else self._sample_bucket(key)
         self._count_read(key)  # the load's read
         if (
-            version <= 0  # unversioned (a text protocol write): CHECK could not tell it apart
+            not from_node
+            or version <= 0  # unversioned (a text protocol write): CHECK could not tell it apart
             or (current is not None and current.version >= version)
             or len(body) >= self.capacity // 4  # one image must not flush the rest
             or not self._admits(key, len(body), replacing=current is not None)
@@ -216,9 +227,11 @@ class KeptCopies:
                 break
         return True
 
-    def drop(self, key: str) -> None:
-        image = self._images.pop(key, None)
-        if image is not None:
+    def drop(self, key: str, version: int | None = None) -> None:
+        """Forget the copy of ``key``; with ``version``, only a copy of that version."""
+        image = self._images.get(key)
+        if image is not None and version in (None, image.version):
+            del self._images[key]
             self._used -= image.size
 
     def clear(self) -> None:

@@ -97,7 +97,9 @@ async def image(request: web.Request) -> web.StreamResponse:
         raise _http_error(error) from error
     request.app[KEY_SAMPLER].looked_up(found.key, len(found.data))
     # The fast path serves later hits of this key from this copy (fastpath.py).
-    request.app[KEPT_COPIES].keep(found.key, found.version, found.content_type, found.data)
+    request.app[KEPT_COPIES].keep(
+        found.key, found.version, found.content_type, found.data, from_node=found.from_node
+    )
     # The same headers as the fast path's (keptcopies.image_header_fields).
     etag = etag_of(found.version)
     if etag_matches(request.headers.get("If-None-Match", "").encode(), etag.encode()):

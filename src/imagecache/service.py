@@ -64,6 +64,8 @@ class Image:
     # Read from the store and refused by the cache as over its item size:
     # every read it answers reports its miss as one no pool size fixes.
     too_large_to_cache: bool = False
+    # Read from the key's cache node (a hit), not loaded from the blob store.
+    from_node: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,4 +326,4 @@ def _cached_image(key: str, item: CachedItem) -> Image | None:
     content_type = content_type_for(item.flags)
     if content_type is None or not item.version:
         return None
-    return Image(key, item.value, content_type, item.version)
+    return Image(key, item.value, content_type, item.version, from_node=True)
