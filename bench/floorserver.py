@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import os
 import sqlite3
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import cycle
@@ -61,8 +62,18 @@ class Memcached(asyncio.Protocol):
             (b"set %s 0 0 %d noreply\r\n" % (key, len(value)), value, b"\r\n")
         )
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        stop(f"memcached closed a connection ({exc or 'at its end'})")
+
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        try:
+            self.answer_waiting()
+        except (ValueError, IndexError) as error:
+            head = bytes(self.buffer[:80])
+            stop(f"memcached sent what a GET's reply cannot be ({error}): {head!r}")
+
+    def answer_waiting(self) -> None:
         while self.waiting:
             if self.buffer.startswith(END):
                 del self.buffer[: len(END)]
@@ -79,6 +90,12 @@ class Memcached(asyncio.Protocol):
             value = bytes(self.buffer[start : start + length])
             del self.buffer[: start + length + 2 + len(END)]
             self.waiting.popleft()(value)
+
+
+def stop(reason: str) -> None:
+    """End the process at once: a floor that went wrong must not be measured."""
+    print(f"floor server: {reason}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 class FloorServer:

@@ -239,6 +239,7 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
         for name, (server, its_node) in gateways.items()
     }
     systems["nginx"] = System("nginx", nginx.port, "/", {"nginx": nginx.pid}, 0)
+    floor: dict[str, System] = {}
     if args.floor:
         floor = start_floor(children, workdir, data_dir, cores, args.node_mb, max(sizes))
         for name, system in floor.items():
@@ -334,6 +335,8 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
             f"floor: a bare Python server that asks memcached reaches {unfilled:.2f}x nginx, "
             f"{filled:.2f}x when it also stores every miss there"
         )
+    if any(cell.bad_status + cell.socket_errors for name, cell in cells.items() if name in floor):
+        show_log_tails(workdir, "floor.log")
     sizes_ok = all(
         min(sizes) * cell.requests <= sum(s.wrk.bytes_read for s in cell.samples)
         for cell in cells.values()
