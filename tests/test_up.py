@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -23,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, ClientTimeout, FormData
+from aiohttp import ClientSession, ClientTimeout, FormData, web
 
 from cachenode.client import NodeClient
 from imagecache.config import MIB
+from launcher.up import serving
 from tests import processes
 from tests.conftest import NodeProcess, image_bytes
 
@@ -371,3 +373,14 @@ async def test_up_stops_a_node_that_a_crashed_run_left_on_its_ports(tmp_path: Pa
 async def test_a_node_with_a_living_parent_is_not_an_orphan(node_process: NodeProcess) -> None:
     async with NodeClient(node_process.host, node_process.port) as client:
         assert (await client.stats())["orphaned"] is False
+
+
+async def test_what_start_up_made_is_frozen_out_of_full_collections() -> None:
+    """Once an app listens, start-up's objects are no longer scanned by the
+    cyclic collector (each full collection over them paused the loop)."""
+    gc.unfreeze()
+    try:
+        async with serving(web.Application(), "127.0.0.1", 0):
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
