@@ -129,15 +129,15 @@ MAX_FREQUENCY_SAMPLE = 100_000
 class KeptCopies:
     """Least recently used images up to ``capacity`` bytes; 0 keeps nothing.
 
-    Admission as in TinyLFU (Einziger et al.; Caffeine): every read of an
-    image is counted (a hit in ``get``, a load in ``keep``), older periods
-    weighing less; while there is
-    room every image loaded is kept; once a new copy would evict copies, it is
-    kept only if its key was read more often lately than each of theirs. A
-    working set larger than the capacity (every read a miss)
-    then leaves the copies alone instead of replacing one with every load:
-    making a copy (an in-memory file, mapped) costs a miss about 40% of its
-    CPU (bench/misses.py), and the hot images stay kept.
+    Only images their node served are kept (``keep``). Admission as in
+    TinyLFU (Einziger et al.; Caffeine): every read of an image is counted
+    (a hit in ``get``, a load in ``keep``), older periods weighing less;
+    while there is room every image its node served is kept; once a new copy
+    would evict copies, it is kept only if its key was read more often lately
+    than each of theirs. A working set larger than the capacity then leaves
+    the copies alone instead of replacing one with every read: making a copy
+    (an in-memory file, mapped) costs a miss about 40% of its CPU
+    (bench/misses.py), and the hot images stay kept.
 
     With ``files``, big images are kept in in-memory files (``memfiles``);
     ``sample_bucket`` gives each copy its key's bucket in the miss curve's sample.
@@ -173,11 +173,11 @@ class KeptCopies:
         """Keep this image of ``key`` if it is worth keeping; returns it prepared either way.
 
         ``from_node`` False: the image missed its node and was loaded from the
-        blob store. It is not kept: a node keeps a key that missed it no longer
-        than its other keys, and on a pool smaller than the working set, not
-        until the next read, so every read of such a copy would pay a CHECK
-        that fails and then the full read anyway (on bench/misses.py, a fifth
-        of the throughput). A hot key is kept at its next read, a hit.
+        blob store. It is not kept: on a pool smaller than the working set the
+        node drops such a key again before its next read, so every read of its
+        copy would pay a CHECK that fails and then the full read anyway (on
+        bench/misses.py, a fifth of the throughput). A hot key is kept at its
+        next read, a hit. Its read counts for admission either way.
         """
         current = self._images.get(key)
         bucket = NEVER_SAMPLED if self._sample_bucket is None else self._sample_bucket(key)
