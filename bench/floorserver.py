@@ -122,6 +122,9 @@ class FloorConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None  # an answer still on its way is dropped (``answer``)
+
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         self.next_request()
@@ -141,7 +144,8 @@ class FloorConnection(asyncio.Protocol):
             via.get(key, lambda value: self.answer(key, value, via))
 
     def answer(self, key: bytes, cached: bytes | None, via: Memcached | None = None) -> None:
-        assert self.transport is not None
+        if self.transport is None:  # the client left (wrk, at the end of a run)
+            return
         server = self.server
         row = server.rows.execute(ROW_QUERY, (key.decode(),)).fetchone()
         if row is None:

@@ -14,7 +14,7 @@ def read(copies: KeptCopies, key: str, version: int = 1) -> None:
     the full way, kept if worth it."""
     image = copies.get(key)
     if image is None or image.version < version:
-        copies.keep(key, version, "image/png", BODY)
+        copies.keep(key, version, "image/png", BODY, from_node=True)
 
 
 def kept(copies: KeptCopies) -> set[str]:
@@ -126,7 +126,7 @@ def test_a_new_copy_must_outweigh_every_copy_it_would_evict() -> None:
         read(copies, f"a{number}")  # "a0" and then "a1" are the next to go
     for _ in range(2):  # twice: more than "a0", less than "a1"
         if copies.get("big") is None:
-            copies.keep("big", 1, "image/png", big)
+            copies.keep("big", 1, "image/png", big, from_node=True)
     assert "big" not in copies
     assert "a0" in copies
     assert "a1" in copies
@@ -152,4 +152,12 @@ def test_dropping_a_version_leaves_a_copy_of_another() -> None:
     assert "a" in copies
     copies.drop("a", 2)
     assert "a" not in copies
+    assert copies.used == 0
+
+
+def test_a_newer_image_loaded_from_the_store_takes_the_older_copy_away() -> None:
+    copies = KeptCopies(FITS_THREE)
+    read(copies, "a", version=1)
+    copies.keep("a", 2, "image/png", BODY, from_node=False)
+    assert "a" not in copies  # outdated, and the newer one not kept
     assert copies.used == 0

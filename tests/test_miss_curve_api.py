@@ -266,7 +266,8 @@ def test_kept_copies_carry_the_sampling_decision() -> None:
     copies = KeptCopies(1 << 20, sample_bucket=sampler.bucket)
     keys = [f"key-{n}" for n in range(500)]
     marked = {
-        key: copies.keep(key, 1, "image/png", b"x").sample_bucket < sampler.threshold
+        key: copies.keep(key, 1, "image/png", b"x", from_node=True).sample_bucket
+        < sampler.threshold
         for key in keys
     }
     assert any(marked.values())

@@ -163,6 +163,27 @@ async def test_the_next_call_after_a_timeout_takes_a_new_connection(
         assert stats["total_connections"] == 2  # the timed-out one was not used again
 
 
+async def test_a_call_cancelled_while_waiting_for_its_reply_gives_up_its_connection(
+    node_process: NodeProcess,
+) -> None:
+    """Cancelled, a call may have left its request on the connection: the
+    connection is not used again (its next call opens another)."""
+    async with client_of(node_process, pool_size=1, timeout=30) as client:
+        await client.ping()
+        await pause(node_process)
+        try:
+            call = asyncio.ensure_future(client.set(b"k", b"late"))
+            await asyncio.sleep(0.1)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        finally:
+            resume(node_process)
+        assert await client.set(b"after", b"ok") is True
+        stats = await settled_stats(client)
+        assert stats["total_connections"] == 2
+
+
 @pytest.mark.parametrize("write", ["fill", "write-through"])
 @pytest.mark.parametrize("seconds_left", [None, 0.2], ids=["fresh-ticket", "ticket-expiring"])
 async def test_a_timed_out_write_that_lands_late_is_refused_once_its_ticket_expired(

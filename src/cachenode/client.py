@@ -349,6 +349,8 @@ class NodeClient:
                 frame = await future
             except asyncio.CancelledError:
                 connection.abandon()  # as ``_connect_and_call`` does
+                if future.done() and not future.cancelled():
+                    future.exception()  # timed out as well: retrieved, not logged
                 raise
             finally:
                 timer.cancel()
@@ -368,8 +370,8 @@ class NodeClient:
     async def _connect_and_call(
         self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int, extras: bytes
     ) -> Frame:
-        """``_call`` when a connection must be opened first, or waited for
-        until it takes more; the timeout covers both."""
+        """``_call`` when no connection may be sent on at once: the first one
+        is opened, or the one chosen pushes back; the timeout covers the wait."""
         try:
             async with asyncio.timeout(self.timeout):
                 connection = await self._connections.get()

@@ -3,9 +3,9 @@
 A ``NodeClient`` keeps up to ``size`` connections to its node, each of which
 pipelines any number of requests (``cachenode.connection``). ``ready`` gives
 one that may be sent on at once, without awaiting anything: the two calls of
-a cache miss and the fast path's CHECKs take it. ``get`` may wait: for a new
-connection when every open one is busy and there is room for another, or
-for the one chosen to take more when it pushes back.
+a cache miss and the fast path's CHECKs take it. ``get`` starts another
+connection when every open one is busy and there is room for it, and waits
+only for the first one.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ class Connections:
         return None
 
     async def get(self) -> Connection:
-        """The least busy connection; a new one when every open one is busy
-        and there is room (also when none is open yet)."""
+        """The least busy open connection, or the first one once it is open.
+        When every open one is busy and there is room, another is opened for
+        later calls."""
         self._open = [c for c in self._open if not c.closed]
         idle = min(self._open, key=lambda c: c.in_flight, default=None)
         if idle is not None and (idle.in_flight == 0 or len(self._open) >= self._size):

@@ -191,8 +191,9 @@ class FastConnection(asyncio.Protocol):
             self._serve_next()
 
     def _load(self, request: ImageRequest, size: int) -> None:
-        """Read an image this gateway keeps no copy of the full way, keep it,
-        and answer; a key with no image gets its 404 here too, and anything
+        """Read an image this gateway keeps no copy of the full way, keep it
+        if its node served it, and answer; a key with no image gets its 404
+        here too, and anything
         else (a failure) goes to aiohttp, which reads it again and answers as
         it would have."""
         fast = self._fast

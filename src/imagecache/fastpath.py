@@ -7,8 +7,8 @@ read lease the node granted, or else once a CHECK round trip of a few dozen
 bytes confirms it; the image's bytes neither cross from the node nor go
 through aiohttp's request machinery. A cache miss (a key with no copy, or
 whose copy its node no longer confirms) is read the full way (the image
-service's read: the node, the metadata, the blob store) and answered here as
-well, kept when its node served it; so is the 404 of a key with no image.
+service's read: the node, the metadata, the blob store), kept when its node
+served it, and answered here as well; so is the 404 of a key with no image.
 Anything else (another path or method, a body, an unusual header, a
 failure) hands the connection, with every byte not yet answered,
 to aiohttp's own protocol, which then serves it for the rest of its life

@@ -168,7 +168,7 @@ class KeptCopies:
         return image
 
     def keep(
-        self, key: str, version: int, content_type: str, body: bytes, *, from_node: bool = True
+        self, key: str, version: int, content_type: str, body: bytes, *, from_node: bool
     ) -> KeptImage:
         """Keep this image of ``key`` if it is worth keeping; returns it prepared either way.
 
@@ -177,11 +177,15 @@ class KeptCopies:
         node drops such a key again before its next read, so every read of its
         copy would pay a CHECK that fails and then the full read anyway (on
         bench/misses.py, a fifth of the throughput). A hot key is kept at its
-        next read, a hit. Its read counts for admission either way.
+        next read, a hit. Its read counts for admission either way, and a copy
+        of an older version goes.
         """
         current = self._images.get(key)
         bucket = NEVER_SAMPLED if self._sample_bucket is None else self._sample_bucket(key)
         self._count_read(key)  # the load's read
+        if not from_node and current is not None and current.version < version:
+            self.drop(key)
+            current = None
         if (
             not from_node
             or version <= 0  # unversioned (a text protocol write): CHECK could not tell it apart

@@ -56,7 +56,8 @@ class VersionChecks:
     A request may rely on a read lease (cachenode.readleases) that still
     holds, or else on a CHECK sent after it arrived. So per key, one CHECK is
     in flight for the requests that came before it was sent; those arriving
-    meanwhile wait for the next one, sent when it returns. Each CHECK asks for
+    meanwhile wait for the next one, sent when it returns (when none can be
+    sent then, they get NO_ANSWER, never the earlier one's). Each CHECK asks for
     a read lease, under which the key's requests are answered at once: a hot
     key costs one round trip per lease, whatever its request rate.
 
@@ -173,9 +174,14 @@ class VersionChecks:
             if self._send(key, newest, sum(1 for v, _ in waiting if v == newest)):
                 self._in_flight[key] = waiting
                 waiting = []
-        for _, callback in answered + waiting:
+        # Requests still waiting arrived after this CHECK was sent, so its
+        # answer cannot vouch for them (an upload acknowledged meanwhile may
+        # have outdated it): with no CHECK of their own, they get no word.
+        told = [(callback, version) for _, callback in answered]
+        told += [(callback, NO_ANSWER) for _, callback in waiting]
+        for callback, word in told:
             try:
-                callback(version)
+                callback(word)
             except Exception:  # one connection's failure must not strand the others
                 log.exception("fast path: answering a request failed")
 
