@@ -292,21 +292,20 @@ def benchmark(children: Children, args: argparse.Namespace, workdir: Path) -> bo
         misses = "-"
         if name in gateways:
             pid = gateways[name][0].pid
-            hits = counter(after[name], pid, "cache_hits") - counter(
-                before[name], pid, "cache_hits"
-            )
-            missed = counter(after[name], pid, "cache_misses") - counter(
-                before[name], pid, "cache_misses"
-            )
-            misses = f"{ratio_of(missed, hits + missed):.1%}"
-            handed_over = counter(after[name], pid, "fast_path_handed_over") - counter(
-                before[name], pid, "fast_path_handed_over"
-            )
-            errors_read_around = counter(after[name], pid, "cache_node_errors") - counter(
-                before[name], pid, "cache_node_errors"
-            )
-            misses += (
-                f" ({handed_over:,.0f} handed to aiohttp, {errors_read_around:,.0f} node errors)"
+            counts = {
+                metric: counter(after[name], pid, metric) - counter(before[name], pid, metric)
+                for metric in (
+                    "cache_hits",
+                    "cache_misses",
+                    "fast_path_handed_over",
+                    "cache_node_errors",
+                )
+            }
+            hits, missed = counts["cache_hits"], counts["cache_misses"]
+            misses = (
+                f"{ratio_of(missed, hits + missed):.1%} "
+                f"({counts['fast_path_handed_over']:,.0f} handed to aiohttp, "
+                f"{counts['cache_node_errors']:,.0f} node errors)"
             )
         errors = cell.bad_status + cell.socket_errors
         ok = ok and errors == 0 and requests > 0

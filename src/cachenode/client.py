@@ -362,10 +362,11 @@ class NodeClient:
 
     def _time_out(self, connection: Connection, future: asyncio.Future[Frame]) -> None:
         if not future.done():
-            future.set_exception(
-                NodeTimeout(f"{self.address} did not answer within {self.timeout} s")
-            )
+            future.set_exception(self._timeout_error())
             connection.abandon()
+
+    def _timeout_error(self) -> NodeTimeout:
+        return NodeTimeout(f"{self.address} did not answer within {self.timeout} s")
 
     async def _connect_and_call(
         self, opcode: Opcode, key: bytes, value: bytes, flags: int, version: int, extras: bytes
@@ -384,7 +385,7 @@ class NodeClient:
                     connection.abandon()
                     raise
         except TimeoutError:
-            raise NodeTimeout(f"{self.address} did not answer within {self.timeout} s") from None
+            raise self._timeout_error() from None
 
 
 def read_lease_of(frame: Frame) -> float:

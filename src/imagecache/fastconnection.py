@@ -193,9 +193,8 @@ class FastConnection(asyncio.Protocol):
     def _load(self, request: ImageRequest, size: int) -> None:
         """Read an image this gateway keeps no copy of the full way, keep it
         if its node served it, and answer; a key with no image gets its 404
-        here too, and anything
-        else (a failure) goes to aiohttp, which reads it again and answers as
-        it would have."""
+        here too, and anything else (a failure) goes to aiohttp, which reads
+        it again and answers as it would have."""
         fast = self._fast
         if fast.load is None:
             self._hand_over()

@@ -183,12 +183,12 @@ class KeptCopies:
         current = self._images.get(key)
         bucket = NEVER_SAMPLED if self._sample_bucket is None else self._sample_bucket(key)
         self._count_read(key)  # the load's read
-        if not from_node and current is not None and current.version < version:
-            self.drop(key)
-            current = None
+        if not from_node:
+            if current is not None and current.version < version:
+                self.drop(key)
+            return prepared(version, content_type, body, sample_bucket=bucket)
         if (
-            not from_node
-            or version <= 0  # unversioned (a text protocol write): CHECK could not tell it apart
+            version <= 0  # unversioned (a text protocol write): CHECK could not tell it apart
             or (current is not None and current.version >= version)
             or len(body) >= self.capacity // 4  # one image must not flush the rest
             or not self._admits(key, len(body), replacing=current is not None)
